@@ -1,0 +1,251 @@
+//! Typed readers for `/proc/PID/{maps,stat,status,task}`.
+//!
+//! Everything read here comes from the kernel about a process we do not trust; parsers return
+//! `ProcError::Parse` on anything unexpected and never panic.
+
+use std::fmt;
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcError {
+    #[error("no process with pid {0}")]
+    NoProcess(i32),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: cannot parse {what}")]
+    Parse { path: PathBuf, what: String },
+}
+
+pub type Result<T> = std::result::Result<T, ProcError>;
+
+pub const PROT_READ: u32 = 1;
+pub const PROT_WRITE: u32 = 2;
+pub const PROT_EXEC: u32 = 4;
+
+/// One line of /proc/PID/maps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Vma {
+    pub start: u64,
+    pub end: u64,
+    /// PROT_* bits.
+    pub prot: u32,
+    /// `p` (private) or `s` (shared) in the permissions column.
+    pub shared: bool,
+    pub offset: u64,
+    pub dev: (u32, u32),
+    pub inode: u64,
+    /// Path or special name (`[heap]`, `[vdso]`…); empty for anonymous memory.
+    pub name: String,
+}
+
+impl Vma {
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+
+    pub fn contains(&self, addr: u64) -> bool {
+        self.start <= addr && addr < self.end
+    }
+}
+
+impl fmt::Display for Vma {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:x}-{:x} {}", self.start, self.end, self.name)
+    }
+}
+
+fn path(pid: i32, file: &str) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/{file}"))
+}
+
+fn read(pid: i32, file: &str) -> Result<String> {
+    let p = path(pid, file);
+    std::fs::read_to_string(&p).map_err(|e| match e.raw_os_error() {
+        Some(libc_enoent) if libc_enoent == 2 || libc_enoent == 3 => ProcError::NoProcess(pid),
+        _ => ProcError::Io { path: p, source: e },
+    })
+}
+
+/// Parses the text of a maps file.
+pub fn parse_maps(text: &str) -> std::result::Result<Vec<Vma>, String> {
+    text.lines().filter(|l| !l.is_empty()).map(parse_maps_line).collect()
+}
+
+fn parse_maps_line(line: &str) -> std::result::Result<Vma, String> {
+    let bad = || format!("maps line {line:?}");
+    let mut it = line.splitn(6, ' ');
+    let range = it.next().ok_or_else(bad)?;
+    let perms = it.next().ok_or_else(bad)?.as_bytes();
+    let offset = it.next().ok_or_else(bad)?;
+    let dev = it.next().ok_or_else(bad)?;
+    let inode = it.next().ok_or_else(bad)?;
+    let name = it.next().unwrap_or("").trim_start().to_string();
+    let (s, e) = range.split_once('-').ok_or_else(bad)?;
+    let start = u64::from_str_radix(s, 16).map_err(|_| bad())?;
+    let end = u64::from_str_radix(e, 16).map_err(|_| bad())?;
+    if end < start || perms.len() != 4 {
+        return Err(bad());
+    }
+    let (maj, min) = dev.split_once(':').ok_or_else(bad)?;
+    let mut prot = 0;
+    if perms[0] == b'r' {
+        prot |= PROT_READ;
+    }
+    if perms[1] == b'w' {
+        prot |= PROT_WRITE;
+    }
+    if perms[2] == b'x' {
+        prot |= PROT_EXEC;
+    }
+    Ok(Vma {
+        start,
+        end,
+        prot,
+        shared: perms[3] == b's',
+        offset: u64::from_str_radix(offset, 16).map_err(|_| bad())?,
+        dev: (
+            u32::from_str_radix(maj, 16).map_err(|_| bad())?,
+            u32::from_str_radix(min, 16).map_err(|_| bad())?,
+        ),
+        inode: inode.parse().map_err(|_| bad())?,
+        name,
+    })
+}
+
+/// All mappings of `pid`, in address order.
+pub fn maps(pid: i32) -> Result<Vec<Vma>> {
+    let text = read(pid, "maps")?;
+    parse_maps(&text).map_err(|what| ProcError::Parse { path: path(pid, "maps"), what })
+}
+
+/// Fields of /proc/PID/stat that stasis needs.
+#[derive(Clone, Debug)]
+pub struct Stat {
+    pub comm: String,
+    /// R, S, D, T, t, Z, X, I…
+    pub state: char,
+    pub ppid: i32,
+    /// `task->flags` (PF_*).
+    pub flags: u64,
+}
+
+/// Set in `Stat::flags` for kernel threads.
+pub const PF_KTHREAD: u64 = 0x0020_0000;
+
+impl Stat {
+    pub fn is_kernel_thread(&self) -> bool {
+        self.flags & PF_KTHREAD != 0
+    }
+
+    pub fn is_zombie(&self) -> bool {
+        matches!(self.state, 'Z' | 'X')
+    }
+}
+
+pub fn stat(pid: i32) -> Result<Stat> {
+    let text = read(pid, "stat")?;
+    parse_stat(&text).ok_or_else(|| ProcError::Parse {
+        path: path(pid, "stat"),
+        what: "stat".into(),
+    })
+}
+
+fn parse_stat(text: &str) -> Option<Stat> {
+    // comm may contain spaces and parentheses: it runs from the first '(' to the last ')'.
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    let comm = text.get(open + 1..close)?.to_string();
+    let rest: Vec<&str> = text.get(close + 2..)?.split(' ').collect();
+    // rest[0] = state (field 3), rest[1] = ppid (4), rest[6] = flags (9)
+    Some(Stat {
+        comm,
+        state: rest.first()?.chars().next()?,
+        ppid: rest.get(1)?.parse().ok()?,
+        flags: rest.get(6)?.parse().ok()?,
+    })
+}
+
+/// `TracerPid` from /proc/PID/status: 0 when nobody traces the process.
+pub fn tracer_pid(pid: i32) -> Result<i32> {
+    let text = read(pid, "status")?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("TracerPid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| ProcError::Parse {
+            path: path(pid, "status"),
+            what: "TracerPid".into(),
+        })
+}
+
+/// Thread ids in /proc/PID/task, sorted.
+pub fn tasks(pid: i32) -> Result<Vec<i32>> {
+    let p = path(pid, "task");
+    let dir = std::fs::read_dir(&p).map_err(|e| match e.raw_os_error() {
+        Some(2) | Some(3) => ProcError::NoProcess(pid),
+        _ => ProcError::Io { path: p.clone(), source: e },
+    })?;
+    let mut tids = Vec::new();
+    for entry in dir {
+        let entry = entry.map_err(|e| ProcError::Io { path: p.clone(), source: e })?;
+        if let Some(tid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) {
+            tids.push(tid);
+        }
+    }
+    tids.sort_unstable();
+    Ok(tids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_maps_lines() {
+        let text = "7ffd1000-7ffd5000 r--p 00000000 00:00 0                          [vvar]\n\
+                    55e0a000-55e0b000 r-xp 00001000 fd:01 1234  /usr/bin/a b\n\
+                    7f00-8000 rw-s 00000000 00:05 77 /memfd:x (deleted)\n\
+                    9000-a000 ---p 00000000 00:00 0 \n";
+        let v = parse_maps(text).unwrap();
+        assert_eq!(v[0].name, "[vvar]");
+        assert_eq!(v[0].prot, PROT_READ);
+        assert_eq!(v[1].name, "/usr/bin/a b");
+        assert_eq!(v[1].offset, 0x1000);
+        assert_eq!(v[1].dev, (0xfd, 1));
+        assert!(v[2].shared);
+        assert_eq!(v[3].name, "");
+        assert_eq!(v[3].prot, 0);
+    }
+
+    #[test]
+    fn rejects_garbage_maps() {
+        assert!(parse_maps("zz-1 r-xp 0 0:0 0\n").is_err());
+        assert!(parse_maps("2000-1000 r-xp 0 0:0 0\n").is_err());
+        assert!(parse_maps("1000-2000 r-x 0 0:0 0\n").is_err());
+    }
+
+    #[test]
+    fn parses_stat_with_odd_comm() {
+        let s = parse_stat("42 (a) b (c)) S 1 42 42 0 -1 4194560 0 0").unwrap();
+        assert_eq!(s.comm, "a) b (c)");
+        assert_eq!(s.state, 'S');
+        assert_eq!(s.ppid, 1);
+        assert_eq!(s.flags, 4194560);
+        assert!(parse_stat("garbage").is_none());
+    }
+
+    #[test]
+    fn reads_own_process() {
+        let me = std::process::id() as i32;
+        assert!(!stat(me).unwrap().is_zombie());
+        assert!(tasks(me).unwrap().contains(&me));
+        assert!(maps(me).unwrap().iter().any(|v| v.prot & PROT_EXEC != 0));
+    }
+}

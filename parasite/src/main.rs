@@ -1,0 +1,115 @@
+//! The stasis parasite: a position-independent `no_std` blob run inside a frozen target.
+//!
+//! Invariants this code lives by (it runs on a borrowed thread, in someone else's process):
+//! - The host jumps to `parasite_entry` with `rdi` = the command area of the shared region and
+//!   `rsp` at the top of the blob's own stack; every signal but SIGTRAP is blocked.
+//! - The blob returns to the host by executing `int3`; it never returns into target code.
+//! - No libc, no allocator, no TLS, no statics holding addresses (the host relocates the image,
+//!   but nothing here should need it), and no panics that do anything but trap: a panic is an
+//!   `int3` with a status the host did not expect, which it reports as a failed command.
+//! - The target's memory other than the shared region is only read, never written; the only
+//!   system calls made are those that read process state (open/read/close/prctl).
+#![no_std]
+#![no_main]
+
+mod reply;
+mod sys;
+mod vdso;
+
+use stasis_abi::{Command, CommandId, Status, MAGIC, PROTOCOL_VERSION, REPLY_OFFSET};
+
+core::arch::global_asm!(
+    ".section .text.entry,\"ax\",@progbits",
+    ".globl parasite_entry",
+    "parasite_entry:",
+    "    cld",
+    "    and rsp, -16",
+    "    call {main}",
+    "    int3",
+    "    ud2",
+    main = sym parasite_main,
+);
+
+/// Reads the command at `area` and writes a reply after it.
+///
+/// # Safety
+/// `area` is the command area of the shared region, at least `REPLY_OFFSET + reply_cap` bytes.
+unsafe extern "C" fn parasite_main(area: *mut u8) {
+    // SAFETY: the host placed a `Command` at the start of the area; read it once, unaligned,
+    // into a local so later rewrites by a hostile sibling cannot change our view mid-command.
+    let cmd: Command = unsafe { core::ptr::read_volatile(area as *const Command) };
+    let mut out = unsafe { reply::Reply::new(area.add(REPLY_OFFSET), cmd.reply_cap as usize) };
+    if cmd.magic != MAGIC || cmd.version != PROTOCOL_VERSION {
+        out.finish(Status::BadCommand, 0);
+        return;
+    }
+    match CommandId::from_u32(cmd.id) {
+        Some(CommandId::VdsoReport) => vdso::report(&mut out),
+        None => out.finish(Status::BadCommand, 0),
+    }
+}
+
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo) -> ! {
+    // SAFETY: int3 returns control to the host, which treats a trap without a valid reply as
+    // a failed command; ud2 makes sure we never fall through.
+    unsafe { core::arch::asm!("int3", "ud2", options(noreturn)) }
+}
+
+// `core` lowers copies and fills to these symbols; there is no libc to provide them.
+// `rep movsb`/`rep stosb` are short and fast on every CPU this runs on.
+
+#[no_mangle]
+unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    // SAFETY: caller guarantees non-overlapping valid ranges (memcpy contract); DF is clear.
+    unsafe {
+        core::arch::asm!("rep movsb", inout("rdi") dst => _, inout("rsi") src => _,
+            inout("rcx") n => _, options(nostack, preserves_flags));
+    }
+    dst
+}
+
+#[no_mangle]
+unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    if (dst as usize).wrapping_sub(src as usize) >= n {
+        // Forward copy is safe: dst is below src or the ranges do not overlap.
+        return unsafe { memcpy(dst, src, n) };
+    }
+    // SAFETY: backwards byte copy with DF set for the duration, cleared again afterwards.
+    unsafe {
+        core::arch::asm!("std", "rep movsb", "cld",
+            inout("rdi") dst.add(n).wrapping_sub(1) => _,
+            inout("rsi") src.add(n).wrapping_sub(1) => _,
+            inout("rcx") n => _, options(nostack));
+    }
+    dst
+}
+
+#[no_mangle]
+unsafe extern "C" fn memset(dst: *mut u8, c: i32, n: usize) -> *mut u8 {
+    // SAFETY: memset contract; DF is clear.
+    unsafe {
+        core::arch::asm!("rep stosb", inout("rdi") dst => _, inout("rcx") n => _,
+            in("al") c as u8, options(nostack, preserves_flags));
+    }
+    dst
+}
+
+#[no_mangle]
+unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    let mut i = 0;
+    while i < n {
+        // SAFETY: memcmp contract: both ranges are n readable bytes.
+        let (x, y) = unsafe { (*a.add(i), *b.add(i)) };
+        if x != y {
+            return x as i32 - y as i32;
+        }
+        i += 1;
+    }
+    0
+}
+
+#[no_mangle]
+unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    unsafe { memcmp(a, b, n) }
+}
