@@ -1,1 +1,208 @@
-fn main() {}
+//! The `stasis` command line. Verbs and options follow CRIU where the meaning is the same.
+//! Exit codes: 0 success, 1 operation failed, 2 usage error.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use stasis::collect::{self, CollectError, VdsoInfo};
+use stasis_infect::InfectError;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "stasis",
+    version,
+    about = "Checkpoint/restore for live Linux x86_64 processes"
+)]
+struct Cli {
+    /// More log output (-v: phases and timings, -vv: debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Write the log to FILE instead of stderr.
+    #[arg(long, value_name = "FILE", global = true)]
+    log_file: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Freeze a process, ask a parasite inside it where its vDSO is and what it exports, cure it.
+    Vdso {
+        /// The process to inspect.
+        #[arg(short = 't', long = "pid", allow_negative_numbers = true)]
+        pid: i32,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A small workload for `cargo xtask demo`: prints a tick with the time (read through the
+    /// vDSO) four times a second, for at most a minute.
+    #[command(hide = true)]
+    DemoWorkload,
+    /// Report the kernel features stasis relies on and the runtime vDSO layout.
+    Check {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = init_logging(cli.verbose, cli.log_file.as_deref()) {
+        eprintln!("stasis: {e:#}");
+        return ExitCode::from(2);
+    }
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("stasis: {e:#}");
+            ExitCode::from(exit_code_for(&e))
+        }
+    }
+}
+
+fn exit_code_for(e: &anyhow::Error) -> u8 {
+    let usage = matches!(
+        e.downcast_ref::<CollectError>(),
+        Some(CollectError::Infect(InfectError::InvalidPid(_)))
+    );
+    if usage {
+        2
+    } else {
+        1
+    }
+}
+
+fn run(cmd: Command) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Command::Vdso { pid, json } => {
+            let (info, _) = collect::vdso_report(pid)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&info).context("encoding JSON")?
+                );
+            } else {
+                print_vdso(&info);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::DemoWorkload => {
+            let start = std::time::Instant::now();
+            for tick in 0..240u32 {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                println!(
+                    "demo workload (pid {}): tick {tick}, time {:.3}, up {:.2}s",
+                    std::process::id(),
+                    now.as_secs_f64(),
+                    start.elapsed().as_secs_f64()
+                );
+                std::thread::sleep(std::time::Duration::from_millis(250));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { json } => {
+            let report = stasis::check::run_checks();
+            stasis::check::print_report(&report, json);
+            Ok(if report.all_required_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+    }
+}
+
+fn print_vdso(info: &VdsoInfo) {
+    let comm = stasis_proc::stat(info.pid)
+        .map(|s| s.comm)
+        .unwrap_or_default();
+    println!("pid {} ({comm})", info.pid);
+    if info.layout.is_empty() {
+        println!("  no vDSO or vvar area is mapped");
+    } else {
+        println!("  layout: {}", info.layout.describe());
+        for a in &info.layout.areas {
+            println!(
+                "  {:<14} {:#014x}-{:#014x} {:>6} {}",
+                a.name,
+                a.start,
+                a.end,
+                human(a.size()),
+                prot(a.prot)
+            );
+        }
+    }
+    let auxv = match (info.auxv_ehdr, info.vdso_mapped, info.auxv_matches) {
+        (0, _, _) => "none".to_string(),
+        (a, true, true) => format!("{a:#x} (the [vdso] above)"),
+        (a, true, false) => format!(
+            "{a:#x} (stale: the [vdso] was moved to {:#x})",
+            info.vdso_base
+        ),
+        (a, false, _) => format!("{a:#x} (stale: the vDSO was unmapped)"),
+    };
+    println!("  AT_SYSINFO_EHDR: {auxv}, read via {}", info.auxv_source);
+    if !info.vdso_mapped {
+        return;
+    }
+    println!("  {} exported symbols:", info.symbols.len());
+    for s in &info.symbols {
+        let version = if s.version.is_empty() {
+            "-"
+        } else {
+            &s.version
+        };
+        println!(
+            "    {:<40} {:<10} +{:#06x} {:>5} bytes",
+            s.name, version, s.offset, s.size
+        );
+    }
+}
+
+fn human(bytes: u64) -> String {
+    if bytes % (1 << 20) == 0 {
+        format!("{}M", bytes >> 20)
+    } else if bytes % 1024 == 0 {
+        format!("{}K", bytes >> 10)
+    } else {
+        format!("{bytes}B")
+    }
+}
+
+fn prot(p: u32) -> String {
+    let bit = |b: u32, c: char| if p & b != 0 { c } else { '-' };
+    [bit(1, 'r'), bit(2, 'w'), bit(4, 'x')].iter().collect()
+}
+
+fn init_logging(verbose: u8, file: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = EnvFilter::try_from_env("STASIS_LOG").unwrap_or_else(|_| EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    match file {
+        Some(path) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening log file {}", path.display()))?;
+            builder
+                .with_writer(std::sync::Mutex::new(f))
+                .with_ansi(false)
+                .init();
+        }
+        None => builder.with_writer(std::io::stderr).init(),
+    }
+    Ok(())
+}

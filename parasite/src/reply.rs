@@ -34,7 +34,11 @@ impl Reply {
             Some(end) if end <= self.cap => {
                 // SAFETY: [off, end) lies inside the payload we were given.
                 unsafe {
-                    core::ptr::copy_nonoverlapping(bytes.as_ptr(), self.payload.add(off), bytes.len())
+                    core::ptr::copy_nonoverlapping(
+                        bytes.as_ptr(),
+                        self.payload.add(off),
+                        bytes.len(),
+                    )
                 };
                 Ok(())
             }

@@ -58,7 +58,11 @@ impl Fd {
             if r == -4 {
                 continue;
             }
-            return if r < 0 { Err((-r) as u32) } else { Ok(r as usize) };
+            return if r < 0 {
+                Err((-r) as u32)
+            } else {
+                Ok(r as usize)
+            };
         }
     }
 }

@@ -83,7 +83,11 @@ fn build(out: &mut Reply) -> Result<usize, Fail> {
     let strtab_off = syms_off + n_syms * core::mem::size_of::<VdsoSymbol>();
 
     // String table: area names first, then symbol names and versions as met.
-    let mut strings = Strings { out, base: strtab_off, len: 0 };
+    let mut strings = Strings {
+        out,
+        base: strtab_off,
+        len: 0,
+    };
     for i in 0..areas.n {
         let len = areas.list[i].name.len as usize;
         let name = areas.names[i];
@@ -135,7 +139,10 @@ struct Strings<'a> {
 
 impl Strings<'_> {
     fn push(&mut self, s: &[u8]) -> Result<StrRef, Status> {
-        let r = StrRef { off: self.len as u32, len: s.len() as u32 };
+        let r = StrRef {
+            off: self.len as u32,
+            len: s.len() as u32,
+        };
         self.out.put_bytes(self.base + self.len, s)?;
         self.len += s.len();
         Ok(r)
@@ -148,7 +155,14 @@ fn sysinfo_ehdr() -> Result<(u64, u32), Fail> {
     let bytes = buf.len() * 8;
     // SAFETY: buf is writable for `bytes` bytes.
     let r = unsafe {
-        sys::syscall5(sys::SYS_PRCTL, sys::PR_GET_AUXV, buf.as_mut_ptr() as usize, bytes, 0, 0)
+        sys::syscall5(
+            sys::SYS_PRCTL,
+            sys::PR_GET_AUXV,
+            buf.as_mut_ptr() as usize,
+            bytes,
+            0,
+            0,
+        )
     };
     let (n, source) = if r > 0 {
         ((r as usize).min(bytes), AUXV_FROM_PRCTL)
@@ -247,7 +261,10 @@ fn parse_line(line: &[u8], areas: &mut Areas) -> Result<(), Fail> {
         start,
         end,
         prot,
-        name: StrRef { off: 0, len: name.len() as u32 },
+        name: StrRef {
+            off: 0,
+            len: name.len() as u32,
+        },
     };
     areas.n += 1;
     Ok(())
@@ -329,7 +346,8 @@ impl<'a> Dynsyms<'a> {
             let o = addr.checked_sub(link_base)? as usize;
             (o < image.len()).then_some(o)
         };
-        let (mut symtab, mut strtab, mut strsz, mut hash, mut gnu_hash) = (None, None, 0, None, None);
+        let (mut symtab, mut strtab, mut strsz, mut hash, mut gnu_hash) =
+            (None, None, 0, None, None);
         let (mut versym, mut verdef) = (None, None);
         let mut off = dyn_off;
         while off + 16 <= dyn_off.checked_add(dyn_size)? {
@@ -365,12 +383,16 @@ impl<'a> Dynsyms<'a> {
             (None, None) => return None,
         };
         // Every symbol entry must lie inside the image.
-        d.symtab.checked_add(d.count.checked_mul(SYMENT)?).filter(|&e| e <= image.len())?;
+        d.symtab
+            .checked_add(d.count.checked_mul(SYMENT)?)
+            .filter(|&e| e <= image.len())?;
         Some(d)
     }
 
     fn count_exported(&self) -> usize {
-        (0..self.count).filter(|&i| self.exported(i).is_some()).count()
+        (0..self.count)
+            .filter(|&i| self.exported(i).is_some())
+            .count()
     }
 
     fn exported(&self, i: usize) -> Option<Sym<'a>> {
@@ -455,13 +477,19 @@ fn gnu_hash_count(image: &[u8], g: usize) -> Option<usize> {
 }
 
 fn rd16(b: &[u8], off: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(off..off.checked_add(2)?)?.try_into().ok()?))
+    Some(u16::from_le_bytes(
+        b.get(off..off.checked_add(2)?)?.try_into().ok()?,
+    ))
 }
 
 fn rd32(b: &[u8], off: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(off..off.checked_add(4)?)?.try_into().ok()?))
+    Some(u32::from_le_bytes(
+        b.get(off..off.checked_add(4)?)?.try_into().ok()?,
+    ))
 }
 
 fn rd64(b: &[u8], off: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(off..off.checked_add(8)?)?.try_into().ok()?))
+    Some(u64::from_le_bytes(
+        b.get(off..off.checked_add(8)?)?.try_into().ok()?,
+    ))
 }

@@ -60,7 +60,14 @@ pub fn build_parasite(repo: &Path) -> Result<PathBuf, String> {
     let target_dir = repo.join("target").join("parasite-build");
     let mut cmd = Command::new(cargo);
     cmd.current_dir(repo.join("parasite"))
-        .args(["build", "--release", "--quiet", "--target", TARGET, "--target-dir"])
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "--target",
+            TARGET,
+            "--target-dir",
+        ])
         .arg(&target_dir);
     // Inherited build settings belong to the outer build, not to the blob.
     for (k, _) in std::env::vars_os() {
@@ -69,7 +76,8 @@ pub fn build_parasite(repo: &Path) -> Result<PathBuf, String> {
             || k == "RUSTC_WRAPPER"
             || k == "RUSTC_WORKSPACE_WRAPPER"
             || k == "RUSTDOCFLAGS"
-            || (k.starts_with("CARGO_") && !matches!(k.as_str(), "CARGO_HOME" | "CARGO_NET_OFFLINE"))
+            || (k.starts_with("CARGO_")
+                && !matches!(k.as_str(), "CARGO_HOME" | "CARGO_NET_OFFLINE"))
             || k.starts_with("DEP_")
             || k == "TARGET"
             || k == "HOST"
@@ -88,7 +96,10 @@ pub fn build_parasite(repo: &Path) -> Result<PathBuf, String> {
     if !status.success() {
         return Err(format!("building the parasite failed ({status})"));
     }
-    let built = target_dir.join(TARGET).join("release").join("stasis-parasite");
+    let built = target_dir
+        .join(TARGET)
+        .join("release")
+        .join("stasis-parasite");
     let out = blob_dir(repo);
     std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
     let dest = out.join("parasite.elf");

@@ -1,1 +1,16 @@
+//! The infection engine: freeze a live process, run a `no_std` blob inside it, cure it.
+//!
+//! Layers, bottom up: `sys` (raw ptrace/wait glue, the only place with request numbers),
+//! `seize` (freezing every thread), `blob` (the blob ELF as the host loads it), `parasite`
+//! (injected system calls, the shared memfd region, commands, cure).
 
+mod blob;
+mod error;
+mod parasite;
+mod seize;
+mod sys;
+
+pub use blob::Blob;
+pub use error::{InfectError, Result};
+pub use parasite::{Parasite, RegionSize};
+pub use seize::{check_target, Seized};

@@ -76,7 +76,10 @@ fn read(pid: i32, file: &str) -> Result<String> {
 
 /// Parses the text of a maps file.
 pub fn parse_maps(text: &str) -> std::result::Result<Vec<Vma>, String> {
-    text.lines().filter(|l| !l.is_empty()).map(parse_maps_line).collect()
+    text.lines()
+        .filter(|l| !l.is_empty())
+        .map(parse_maps_line)
+        .collect()
 }
 
 fn parse_maps_line(line: &str) -> std::result::Result<Vma, String> {
@@ -123,7 +126,10 @@ fn parse_maps_line(line: &str) -> std::result::Result<Vma, String> {
 /// All mappings of `pid`, in address order.
 pub fn maps(pid: i32) -> Result<Vec<Vma>> {
     let text = read(pid, "maps")?;
-    parse_maps(&text).map_err(|what| ProcError::Parse { path: path(pid, "maps"), what })
+    parse_maps(&text).map_err(|what| ProcError::Parse {
+        path: path(pid, "maps"),
+        what,
+    })
 }
 
 /// Fields of /proc/PID/stat that stasis needs.
@@ -190,11 +196,17 @@ pub fn tasks(pid: i32) -> Result<Vec<i32>> {
     let p = path(pid, "task");
     let dir = std::fs::read_dir(&p).map_err(|e| match e.raw_os_error() {
         Some(2) | Some(3) => ProcError::NoProcess(pid),
-        _ => ProcError::Io { path: p.clone(), source: e },
+        _ => ProcError::Io {
+            path: p.clone(),
+            source: e,
+        },
     })?;
     let mut tids = Vec::new();
     for entry in dir {
-        let entry = entry.map_err(|e| ProcError::Io { path: p.clone(), source: e })?;
+        let entry = entry.map_err(|e| ProcError::Io {
+            path: p.clone(),
+            source: e,
+        })?;
         if let Some(tid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) {
             tids.push(tid);
         }

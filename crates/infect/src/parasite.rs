@@ -1,0 +1,557 @@
+//! Running a blob inside a frozen process, and curing the process afterwards.
+//!
+//! Sequence (all system calls run by the target's main thread through `syscall; int3` written at
+//! the start of its first executable mapping, original bytes put back after each call):
+//!
+//! 1. save GPRs, the XSAVE area and the signal mask; block every signal but SIGTRAP;
+//! 2. `memfd_create` + `ftruncate` in the target; the host opens `/proc/PID/fd/N` and maps it
+//!    too; the target maps it `MAP_SHARED` RWX and closes the fd;
+//! 3. the host copies the relocated blob into its view; for each command it writes a `Command`,
+//!    points rip at the blob entry (rsp at the region's own stack, rdi at the command area) and
+//!    waits for the blob's final `int3`;
+//! 4. cure: the target unmaps the region, then GPRs, XSAVE and the signal mask are put back.
+//!
+//! Invariant: from the first change to the target until `cure` returns, `Parasite` owns the
+//! undo: dropping it without curing cures (best effort), so an error anywhere leaves the process
+//! as it was. Injected contexts carry `orig_rax = -1` so the kernel never "restarts" them; the
+//! saved registers carry the original `orig_rax`/`rax`, so a thread stopped inside an
+//! interruptible system call restarts it exactly as if it had never been touched.
+
+use crate::blob::Blob;
+use crate::error::{InfectError, Result};
+use crate::sys::{self, Regs, Wait};
+use nix::errno::Errno;
+use nix::unistd::Pid;
+use stasis_abi::{Command, CommandId, ReplyHeader, Status, MAGIC, PROTOCOL_VERSION, REPLY_OFFSET};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+
+const PAGE: usize = 4096;
+const SITE_LEN: usize = 16;
+/// `syscall; int3 ×6`, then the memfd name the target passes to `memfd_create`.
+const SITE_CODE: [u8; SITE_LEN] = *b"\x0f\x05\xcc\xcc\xcc\xcc\xcc\xccstasis\0\0";
+const MEMFD_NAME_OFF: u64 = 8;
+const STACK_SIZE: usize = 64 * 1024;
+
+const SIGTRAP: i32 = libc::SIGTRAP;
+
+/// How the region is sized. The reply area bounds what one command can return.
+#[derive(Clone, Copy, Debug)]
+pub struct RegionSize {
+    pub reply_cap: usize,
+}
+
+impl Default for RegionSize {
+    fn default() -> Self {
+        RegionSize {
+            reply_cap: 64 * 1024,
+        }
+    }
+}
+
+/// What the main thread looked like before we touched it.
+struct Saved {
+    regs: Regs,
+    xstate: Vec<u8>,
+    sigmask: u64,
+}
+
+/// The host's view of the shared memfd region.
+struct HostMap {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl HostMap {
+    fn slice_mut(&mut self) -> &mut [u8] {
+        // SAFETY: ptr/len describe a live MAP_SHARED mapping owned by self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+
+    /// Copies `len` bytes at `off` out of the region. Volatile: the target may be writing.
+    fn copy_out(&self, off: usize, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        let end = off.saturating_add(len).min(self.len);
+        for (i, slot) in v.iter_mut().enumerate().take(end.saturating_sub(off)) {
+            // SAFETY: off + i < end <= self.len, inside the mapping.
+            *slot = unsafe { std::ptr::read_volatile(self.ptr.add(off + i)) };
+        }
+        v
+    }
+}
+
+impl Drop for HostMap {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mapping exactly once.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+struct Region {
+    host: HostMap,
+    /// Where the target sees the region.
+    remote: u64,
+    len: usize,
+    cmd_off: usize,
+    reply_cap: usize,
+    stack_top: usize,
+}
+
+/// A blob living in a frozen process. Create with `Parasite::infect`, finish with `cure`.
+pub struct Parasite<'s> {
+    pid: i32,
+    tid: Pid,
+    _seized: &'s mut crate::Seized,
+    mem: File,
+    saved: Saved,
+    site: u64,
+    site_orig: [u8; SITE_LEN],
+    /// memfd number in the target while it is open there.
+    remote_fd: Option<i32>,
+    region: Option<Region>,
+    entry: u64,
+    gone: bool,
+    cured: bool,
+}
+
+impl<'s> Parasite<'s> {
+    /// Puts `blob` into the frozen process `seized`.
+    pub fn infect(seized: &'s mut crate::Seized, blob: &Blob, size: RegionSize) -> Result<Self> {
+        let pid = seized.pid();
+        let tid = Pid::from_raw(pid);
+        let ptrace_err = |op| {
+            move |errno| InfectError::Ptrace {
+                op,
+                tid: pid,
+                errno,
+            }
+        };
+        let saved = Saved {
+            regs: sys::get_regs(tid).map_err(ptrace_err("GETREGS"))?,
+            xstate: sys::get_xstate(tid).map_err(ptrace_err("GETREGSET(XSTATE)"))?,
+            sigmask: sys::get_sigmask(tid).map_err(ptrace_err("GETSIGMASK"))?,
+        };
+        let mem = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/{pid}/mem"))
+            .map_err(|source| InfectError::Io {
+                pid,
+                what: "opening memory",
+                source,
+            })?;
+        let site = injection_site(pid)?;
+        let mut site_orig = [0u8; SITE_LEN];
+        mem.read_exact_at(&mut site_orig, site)
+            .map_err(|source| InfectError::Io {
+                pid,
+                what: "reading code at the injection site",
+                source,
+            })?;
+
+        let mut p = Parasite {
+            pid,
+            tid,
+            _seized: seized,
+            mem,
+            saved,
+            site,
+            site_orig,
+            remote_fd: None,
+            region: None,
+            entry: blob.entry(),
+            gone: false,
+            cured: false,
+        };
+        // From here on, Drop undoes whatever was done.
+        let all_but_trap = !0u64 & !(1u64 << (SIGTRAP - 1));
+        sys::set_sigmask(tid, all_but_trap).map_err(ptrace_err("SETSIGMASK"))?;
+        p.map_region(blob, size)?;
+        Ok(p)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Address of the shared region in the target, and its length.
+    pub fn remote_region(&self) -> Option<(u64, usize)> {
+        self.region.as_ref().map(|r| (r.remote, r.len))
+    }
+
+    fn map_region(&mut self, blob: &Blob, size: RegionSize) -> Result<()> {
+        let blob_len = blob.len().next_multiple_of(PAGE);
+        let cmd_len = (REPLY_OFFSET + std::mem::size_of::<ReplyHeader>() + size.reply_cap)
+            .next_multiple_of(PAGE);
+        let len = blob_len + cmd_len + STACK_SIZE;
+
+        let fd = self.remote_syscall(
+            "memfd_create",
+            libc::SYS_memfd_create,
+            [
+                self.site + MEMFD_NAME_OFF,
+                libc::MFD_CLOEXEC as u64,
+                0,
+                0,
+                0,
+                0,
+            ],
+        )? as i32;
+        self.remote_fd = Some(fd);
+        self.remote_syscall(
+            "ftruncate",
+            libc::SYS_ftruncate,
+            [fd as u64, len as u64, 0, 0, 0, 0],
+        )?;
+
+        let pid = self.pid;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/{pid}/fd/{fd}"))
+            .map_err(|source| InfectError::Io {
+                pid,
+                what: "opening the shared memfd",
+                source,
+            })?;
+        // SAFETY: a fresh shared mapping of a file we hold open; nothing else aliases it here.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(InfectError::Io {
+                pid,
+                what: "mapping the shared memfd",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let mut host = HostMap {
+            ptr: ptr.cast(),
+            len,
+        };
+
+        let prot = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
+        let remote = self.remote_syscall(
+            "mmap",
+            libc::SYS_mmap,
+            [0, len as u64, prot, libc::MAP_SHARED as u64, fd as u64, 0],
+        )?;
+        blob.load_into(host.slice_mut(), remote)?;
+        self.region = Some(Region {
+            host,
+            remote,
+            len,
+            cmd_off: blob_len,
+            reply_cap: size.reply_cap,
+            stack_top: len,
+        });
+        self.remote_syscall("close", libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
+        self.remote_fd = None;
+        Ok(())
+    }
+
+    /// Runs one system call in the target's main thread and returns its result.
+    pub fn remote_syscall(&mut self, name: &'static str, nr: i64, args: [u64; 6]) -> Result<u64> {
+        let mut regs = self.saved.regs;
+        regs.rip = self.site;
+        regs.rax = nr as u64;
+        regs.orig_rax = u64::MAX;
+        regs.rdi = args[0];
+        regs.rsi = args[1];
+        regs.rdx = args[2];
+        regs.r10 = args[3];
+        regs.r8 = args[4];
+        regs.r9 = args[5];
+        self.write_site(&SITE_CODE)?;
+        let run = self.run_until_trap(&regs, None);
+        // The original code goes back whatever happened.
+        let restored = self.write_site(&self.site_orig.clone());
+        let after = run?;
+        restored?;
+        let ret = after.rax as i64;
+        if (-4095..0).contains(&ret) {
+            return Err(InfectError::RemoteSyscall {
+                pid: self.pid,
+                name,
+                errno: Errno::from_raw(-ret as i32),
+            });
+        }
+        Ok(after.rax)
+    }
+
+    fn write_site(&mut self, code: &[u8; SITE_LEN]) -> Result<()> {
+        let pid = self.pid;
+        self.mem
+            .write_all_at(code, self.site)
+            .map_err(|source| InfectError::Io {
+                pid,
+                what: "writing the injection site",
+                source,
+            })
+    }
+
+    /// Sets `regs`, lets the main thread run, and waits for the `int3` that ends injected code.
+    /// Returns the registers at the trap.
+    fn run_until_trap(&mut self, regs: &Regs, timeout: Option<Duration>) -> Result<Regs> {
+        let (pid, tid) = (self.pid, self.tid);
+        let perr = |op| {
+            move |errno| InfectError::Ptrace {
+                op,
+                tid: pid,
+                errno,
+            }
+        };
+        sys::set_regs(tid, regs).map_err(perr("SETREGS"))?;
+        sys::cont(tid, None).map_err(perr("CONT"))?;
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut spins = 0u32;
+        loop {
+            let w = match deadline {
+                None => sys::wait(tid, false),
+                Some(d) => {
+                    let w = sys::wait(tid, true);
+                    if w == Ok(Wait::Running) {
+                        if Instant::now() >= d {
+                            return Err(self.stop_runaway(timeout.unwrap_or_default()));
+                        }
+                        // Yield first (a command takes ~100 µs), then sleep briefly.
+                        spins += 1;
+                        if spins < 2000 {
+                            std::thread::yield_now();
+                        } else {
+                            std::thread::sleep(Duration::from_micros(200));
+                        }
+                        continue;
+                    }
+                    w
+                }
+            };
+            match w.map_err(perr("wait"))? {
+                Wait::Stopped {
+                    sig: SIGTRAP,
+                    event: 0,
+                } => {
+                    let info = sys::get_siginfo(tid).map_err(perr("GETSIGINFO"))?;
+                    if info.si_code == sys::SI_KERNEL {
+                        return sys::get_regs(tid).map_err(perr("GETREGS"));
+                    }
+                    return Err(self.fault(SIGTRAP, &info));
+                }
+                // A leftover interrupt (e.g. after a timeout): keep going.
+                Wait::Stopped { event, .. } if event == sys::PTRACE_EVENT_STOP => {
+                    sys::cont(tid, None).map_err(perr("CONT"))?;
+                }
+                Wait::Stopped { sig, event: 0 } => {
+                    let info = sys::get_siginfo(tid).map_err(perr("GETSIGINFO"))?;
+                    return Err(self.fault(sig, &info));
+                }
+                Wait::Stopped { sig, event } => {
+                    return Err(InfectError::UnexpectedStop { pid, sig, event })
+                }
+                Wait::Exited(code) => {
+                    self.gone = true;
+                    return Err(InfectError::TargetGone {
+                        pid,
+                        how: format!("exit status {code}"),
+                    });
+                }
+                Wait::Killed(sig) => {
+                    self.gone = true;
+                    return Err(InfectError::TargetGone {
+                        pid,
+                        how: format!("killed by signal {sig}"),
+                    });
+                }
+                Wait::Running => {}
+            }
+        }
+    }
+
+    fn fault(&self, sig: i32, info: &libc::siginfo_t) -> InfectError {
+        // SAFETY: si_addr is valid to read for the fault signals; for others it is junk we only print.
+        let addr = unsafe { info.si_addr() } as u64;
+        InfectError::ParasiteFault {
+            pid: self.pid,
+            sig,
+            addr,
+        }
+    }
+
+    /// Stops a blob that ran past its deadline.
+    fn stop_runaway(&mut self, timeout: Duration) -> InfectError {
+        let pid = self.pid;
+        if sys::interrupt(self.tid).is_ok() {
+            // The next stop is either the interrupt or a signal that raced it; both leave the
+            // thread stopped, which is all cure needs.
+            match sys::wait(self.tid, false) {
+                Ok(Wait::Exited(_)) | Ok(Wait::Killed(_)) => self.gone = true,
+                _ => {}
+            }
+        }
+        InfectError::ParasiteTimeout {
+            pid,
+            ms: timeout.as_millis() as u64,
+        }
+    }
+
+    /// Runs one blob command and returns its reply payload (a private copy, not yet trusted).
+    pub fn run(&mut self, id: CommandId, timeout: Duration) -> Result<Vec<u8>> {
+        let pid = self.pid;
+        let region = self.region.as_mut().ok_or_else(|| InfectError::BadReply {
+            pid,
+            why: "no region mapped".into(),
+        })?;
+        let cmd = Command {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            id: id as u32,
+            _pad: 0,
+            reply_cap: region.reply_cap as u64,
+        };
+        let cmd_off = region.cmd_off;
+        let area = &mut region.host.slice_mut()[cmd_off..];
+        // SAFETY: the command area starts page-aligned and is larger than both structs.
+        unsafe {
+            std::ptr::write_volatile(area.as_mut_ptr() as *mut Command, cmd);
+            std::ptr::write_volatile(
+                area.as_mut_ptr().add(REPLY_OFFSET) as *mut ReplyHeader,
+                ReplyHeader::default(),
+            );
+        }
+        let mut regs = self.saved.regs;
+        regs.rip = region.remote + self.entry;
+        regs.rsp = region.remote + region.stack_top as u64;
+        regs.rdi = region.remote + cmd_off as u64;
+        regs.orig_rax = u64::MAX;
+        // Clear TF (single-step) and DF (string direction) for code compiled for the ABI.
+        regs.eflags &= !(0x100 | 0x400);
+        let reply_cap = region.reply_cap;
+        self.run_until_trap(&regs, Some(timeout))?;
+
+        let region = self.region.as_ref().ok_or_else(|| InfectError::BadReply {
+            pid,
+            why: "no region mapped".into(),
+        })?;
+        // One copy out of shared memory; everything after works on private bytes.
+        let hdr_len = std::mem::size_of::<ReplyHeader>();
+        let raw = region.host.copy_out(cmd_off + REPLY_OFFSET, hdr_len);
+        let field = |i: usize| u32::from_le_bytes([raw[i], raw[i + 1], raw[i + 2], raw[i + 3]]);
+        let (magic, status, errno, len) = (field(0), field(4), field(8), field(12) as usize);
+        if magic != MAGIC {
+            return Err(InfectError::BadReply {
+                pid,
+                why: format!("bad magic {magic:#x}"),
+            });
+        }
+        match Status::from_u32(status) {
+            Some(Status::Ok) => {}
+            Some(s) => {
+                return Err(InfectError::ParasiteStatus {
+                    pid,
+                    status: format!("{s:?}"),
+                    errno: errno as i32,
+                })
+            }
+            None => {
+                return Err(InfectError::BadReply {
+                    pid,
+                    why: format!("unknown status {status}"),
+                })
+            }
+        }
+        if len > reply_cap {
+            return Err(InfectError::BadReply {
+                pid,
+                why: format!("length {len} exceeds the reply area ({reply_cap})"),
+            });
+        }
+        Ok(region.host.copy_out(cmd_off + REPLY_OFFSET + hdr_len, len))
+    }
+
+    /// Removes every trace of the parasite and puts the main thread back as it was.
+    pub fn cure(mut self) -> Result<()> {
+        self.cure_inner()
+    }
+
+    fn cure_inner(&mut self) -> Result<()> {
+        if self.cured {
+            return Ok(());
+        }
+        self.cured = true;
+        if self.gone {
+            return Ok(());
+        }
+        let mut first: Option<InfectError> = None;
+        let mut note = |r: Result<u64>| {
+            if let Err(e) = r {
+                first.get_or_insert(e);
+            }
+        };
+        if let Some(fd) = self.remote_fd.take() {
+            note(self.remote_syscall("close", libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0]));
+        }
+        if let Some(region) = self.region.take() {
+            note(self.remote_syscall(
+                "munmap",
+                libc::SYS_munmap,
+                [region.remote, region.len as u64, 0, 0, 0, 0],
+            ));
+        }
+        note(self.write_site(&self.site_orig.clone()).map(|_| 0));
+        let (pid, tid) = (self.pid, self.tid);
+        let perr = |op| {
+            move |errno| InfectError::Ptrace {
+                op,
+                tid: pid,
+                errno,
+            }
+        };
+        note(
+            sys::set_regs(tid, &self.saved.regs)
+                .map(|_| 0)
+                .map_err(perr("SETREGS")),
+        );
+        note(
+            sys::set_xstate(tid, &self.saved.xstate)
+                .map(|_| 0)
+                .map_err(perr("SETREGSET(XSTATE)")),
+        );
+        note(
+            sys::set_sigmask(tid, self.saved.sigmask)
+                .map(|_| 0)
+                .map_err(perr("SETSIGMASK")),
+        );
+        first.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Parasite<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.cure_inner() {
+            tracing::error!("curing pid {} failed: {e}", self.pid);
+        }
+    }
+}
+
+/// The start of the first executable mapping that is ordinary code: not the vDSO (writing there
+/// would turn a kernel page into a private copy), not `[vsyscall]`.
+fn injection_site(pid: i32) -> Result<u64> {
+    let vmas = stasis_proc::maps(pid)?;
+    vmas.iter()
+        .find(|v| {
+            v.prot & stasis_proc::PROT_EXEC != 0
+                && v.len() >= SITE_LEN as u64
+                && !stasis_abi::is_vdso_area_name(v.name.as_bytes())
+                && v.name != "[vsyscall]"
+        })
+        .map(|v| v.start)
+        .ok_or(InfectError::NoInjectionSite(pid))
+}

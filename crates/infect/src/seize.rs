@@ -1,0 +1,213 @@
+//! Freezing a whole process with `PTRACE_SEIZE` + `PTRACE_INTERRUPT`.
+//!
+//! No SIGSTOP is sent, so job control and the process's own view of signals are untouched. New
+//! threads can appear while we freeze the others: `/proc/PID/task` is rescanned until a pass
+//! finds none. A signal whose delivery stop wins the race against our interrupt is delivered
+//! (continued with that signal), never swallowed; the interrupt stays pending and stops the
+//! thread right after.
+//!
+//! Invariant: once `Seized::seize` returns, every thread of the process is in a ptrace stop and
+//! traced by this thread of ours; dropping `Seized` detaches all of them.
+
+use crate::error::{InfectError, Result};
+use crate::sys::{self, Wait};
+use nix::errno::Errno;
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use std::time::Instant;
+
+/// A process whose every thread is frozen under our ptrace.
+pub struct Seized {
+    pid: i32,
+    /// Seized threads; the leader first.
+    threads: Vec<i32>,
+    /// Signals delivered (not lost) while freezing, for the log.
+    pub signals_passed: Vec<(i32, i32)>,
+    released: bool,
+}
+
+/// Refuses targets stasis must not or cannot freeze, with a reason the user can act on.
+pub fn check_target(pid: i32) -> Result<()> {
+    if pid <= 0 {
+        return Err(InfectError::InvalidPid(pid));
+    }
+    if pid == std::process::id() as i32 {
+        return Err(InfectError::SelfTarget(pid));
+    }
+    let stat = stasis_proc::stat(pid)?;
+    if stat.is_kernel_thread() {
+        return Err(InfectError::KernelThread(pid));
+    }
+    if stat.is_zombie() {
+        return Err(InfectError::Zombie(pid));
+    }
+    // /proc/PID also resolves thread ids that are not leaders.
+    let leader_ok = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Tgid:"))
+                .and_then(|v| v.trim().parse::<i32>().ok())
+        })
+        .map(|tgid| tgid == pid)
+        .unwrap_or(true);
+    if !leader_ok {
+        return Err(InfectError::NotLeader(pid));
+    }
+    let tracer = stasis_proc::tracer_pid(pid)?;
+    if tracer != 0 {
+        return Err(InfectError::AlreadyTraced { pid, tracer });
+    }
+    Ok(())
+}
+
+impl Seized {
+    /// Freezes every thread of `pid`.
+    pub fn seize(pid: i32) -> Result<Seized> {
+        let t0 = Instant::now();
+        check_target(pid)?;
+        let mut s = Seized {
+            pid,
+            threads: Vec::new(),
+            signals_passed: Vec::new(),
+            released: false,
+        };
+        // Until every thread is stopped, any of them may create more; rescan until stable.
+        loop {
+            let tids = stasis_proc::tasks(pid)?;
+            let fresh: Vec<i32> = tids
+                .into_iter()
+                .filter(|t| !s.threads.contains(t))
+                .collect();
+            if fresh.is_empty() {
+                break;
+            }
+            for tid in fresh {
+                s.seize_thread(tid)?;
+            }
+        }
+        if s.threads.first() != Some(&pid) {
+            // The leader exited (or was never seen): nothing sensible to freeze.
+            return Err(InfectError::TargetGone {
+                pid,
+                how: "its main thread is gone".into(),
+            });
+        }
+        tracing::debug!(pid, threads = s.threads.len(), elapsed = ?t0.elapsed(), "seized");
+        Ok(s)
+    }
+
+    fn seize_thread(&mut self, tid: i32) -> Result<()> {
+        let t = Pid::from_raw(tid);
+        match sys::seize(t) {
+            Ok(()) => {}
+            // The thread exited between listing and seizing.
+            Err(Errno::ESRCH) => return Ok(()),
+            Err(Errno::EPERM) => {
+                return Err(match stasis_proc::tracer_pid(tid) {
+                    Ok(tracer) if tracer != 0 => InfectError::AlreadyTraced {
+                        pid: self.pid,
+                        tracer,
+                    },
+                    _ => InfectError::PermissionDenied(self.pid),
+                })
+            }
+            Err(errno) => {
+                return Err(InfectError::Ptrace {
+                    op: "SEIZE",
+                    tid,
+                    errno,
+                })
+            }
+        }
+        if let Err(errno) = sys::interrupt(t) {
+            let _ = sys::detach(t);
+            if errno == Errno::ESRCH {
+                return Ok(());
+            }
+            return Err(InfectError::Ptrace {
+                op: "INTERRUPT",
+                tid,
+                errno,
+            });
+        }
+        if self.wait_interrupt_stop(tid)? {
+            if tid == self.pid {
+                self.threads.insert(0, tid);
+            } else {
+                self.threads.push(tid);
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for the stop our interrupt causes. Returns false if the thread exited instead.
+    fn wait_interrupt_stop(&mut self, tid: i32) -> Result<bool> {
+        let t = Pid::from_raw(tid);
+        loop {
+            match sys::wait(t, false) {
+                Ok(Wait::Stopped { event, .. }) if event == sys::PTRACE_EVENT_STOP => {
+                    return Ok(true)
+                }
+                Ok(Wait::Stopped { sig, .. }) => {
+                    // A signal-delivery stop won the race: deliver the signal as the kernel
+                    // would have, then wait for the interrupt, which is still pending.
+                    self.signals_passed.push((tid, sig));
+                    let signal = Signal::try_from(sig).ok();
+                    sys::cont(t, signal).map_err(|errno| InfectError::Ptrace {
+                        op: "CONT",
+                        tid,
+                        errno,
+                    })?;
+                }
+                Ok(Wait::Exited(_)) | Ok(Wait::Killed(_)) | Err(Errno::ECHILD) => return Ok(false),
+                Ok(Wait::Running) => continue,
+                Err(errno) => {
+                    return Err(InfectError::Ptrace {
+                        op: "wait",
+                        tid,
+                        errno,
+                    })
+                }
+            }
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    pub fn threads(&self) -> &[i32] {
+        &self.threads
+    }
+
+    /// Detaches every thread, letting the process run on. Idempotent.
+    pub fn release(&mut self) -> Result<()> {
+        if self.released {
+            return Ok(());
+        }
+        self.released = true;
+        let mut first_err = None;
+        for &tid in &self.threads {
+            match sys::detach(Pid::from_raw(tid)) {
+                Ok(()) | Err(Errno::ESRCH) => {}
+                Err(errno) => {
+                    first_err.get_or_insert(InfectError::Ptrace {
+                        op: "DETACH",
+                        tid,
+                        errno,
+                    });
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Seized {
+    fn drop(&mut self) {
+        if let Err(e) = self.release() {
+            tracing::warn!("releasing pid {}: {e}", self.pid);
+        }
+    }
+}

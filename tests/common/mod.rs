@@ -1,0 +1,189 @@
+//! Shared harness for integration tests that drive real processes with real ptrace.
+//!
+//! Fixture protocol (see tests/fixtures/lib/fixture.h): a fixture sets up its state, writes its
+//! pid to `--pidfile`, and keeps checking itself; on SIGTERM it verifies everything once more and
+//! writes `PASS: …` or `FAIL: reason` to `--out`.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+/// Privileged tests need root (ptrace of any process, CAP_CHECKPOINT_RESTORE). Outside CI they
+/// may skip, saying why; under CI (`CI=true`) not being root is a failure.
+pub fn require_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var("CI").map(|v| v == "true").unwrap_or(false) {
+        panic!("{test}: privileged test run under CI without root");
+    }
+    eprintln!(
+        "SKIP {test}: needs root (ptrace, CAP_CHECKPOINT_RESTORE); not under CI, so skipping"
+    );
+    false
+}
+
+pub fn stasis_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_stasis")
+}
+
+pub fn fixture_bin(name: &str) -> PathBuf {
+    Path::new(env!("OUT_DIR")).join("fixtures").join(name)
+}
+
+/// A running fixture; killed on drop if the test did not finish it.
+pub struct Fixture {
+    pub child: Child,
+    pub pid: i32,
+    pub dir: tempdir::Dir,
+}
+
+pub mod tempdir {
+    use std::path::{Path, PathBuf};
+
+    /// A temporary directory removed on drop.
+    pub struct Dir(PathBuf);
+
+    impl Dir {
+        pub fn new(tag: &str) -> Dir {
+            let base = std::env::temp_dir();
+            for n in 0..1000u32 {
+                let p = base.join(format!("stasis-test-{tag}-{}-{n}", std::process::id()));
+                if std::fs::create_dir(&p).is_ok() {
+                    return Dir(p);
+                }
+            }
+            panic!("cannot create a temporary directory in {}", base.display());
+        }
+
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl Fixture {
+    /// Starts fixture `name` with extra `args` and waits for its pid file.
+    pub fn start(name: &str, args: &[&str]) -> Fixture {
+        let dir = tempdir::Dir::new(name);
+        let pidfile = dir.path().join("pid");
+        let out = dir.path().join("out");
+        let child = Command::new(fixture_bin(name))
+            .arg("--pidfile")
+            .arg(&pidfile)
+            .arg("--out")
+            .arg(&out)
+            .args(args)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting fixture {name}: {e}"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let pid = loop {
+            if let Ok(s) = std::fs::read_to_string(&pidfile) {
+                if let Ok(pid) = s.trim().parse::<i32>() {
+                    break pid;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fixture {name} did not write its pid file"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        Fixture { child, pid, dir }
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+
+    /// Sends SIGTERM and returns the fixture's verdict line (`PASS: …` / `FAIL: …`).
+    pub fn finish(mut self) -> String {
+        // SAFETY: kill on a pid we started.
+        unsafe { libc::kill(self.pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                _ => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    panic!("fixture pid {} did not finish after SIGTERM", self.pid);
+                }
+            }
+        }
+        std::fs::read_to_string(self.path("out"))
+            .unwrap_or_else(|_| "FAIL: no verdict written".into())
+    }
+
+    /// The fixture's current state letter from /proc (e.g. 'S', 'R').
+    pub fn state(&self) -> char {
+        stasis_state(self.pid)
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn stasis_state(pid: i32) -> char {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    s.rfind(')')
+        .and_then(|i| s[i + 2..].chars().next())
+        .unwrap_or('?')
+}
+
+pub fn tracer_of(pid: i32) -> i32 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("TracerPid:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(-1)
+}
+
+/// Runs `stasis ARGS…` and returns its output.
+pub fn stasis(args: &[&str]) -> Output {
+    Command::new(stasis_bin())
+        .args(args)
+        .output()
+        .expect("running stasis")
+}
+
+pub fn stderr_of(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts the fixture's verdict is PASS and returns the details after "PASS: ".
+pub fn assert_pass(verdict: &str) -> String {
+    let v = verdict.trim();
+    assert!(v.starts_with("PASS"), "fixture verdict: {v}");
+    v.trim_start_matches("PASS")
+        .trim_start_matches(':')
+        .trim()
+        .to_string()
+}
+
+/// Parses `key=value` pairs of a PASS line.
+pub fn detail(details: &str, key: &str) -> u64 {
+    details
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}= in {details:?}"))
+}

@@ -1,0 +1,85 @@
+//! Benchmarks. Figures are medians (and p95) over many runs, measured in-process.
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+#[derive(Subcommand)]
+pub enum Which {
+    /// Whole round trip on a sleeping process: seize → vDSO report → cure → detach.
+    Infect {
+        /// Number of measured runs.
+        #[arg(long, default_value_t = 200)]
+        runs: usize,
+    },
+}
+
+pub fn run(which: Which) -> Result<()> {
+    match which {
+        Which::Infect { runs } => infect(runs),
+    }
+}
+
+struct Target(Child);
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn infect(runs: usize) -> Result<()> {
+    if runs < 1 {
+        bail!("--runs must be at least 1");
+    }
+    let target = Target(
+        Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .context("starting `sleep 600`")?,
+    );
+    let pid = target.0.id() as i32;
+    std::thread::sleep(Duration::from_millis(100));
+    // Warm-up: page cache, the parsed blob, the first fault-ins.
+    for _ in 0..5 {
+        stasis::collect::vdso_report(pid)?;
+    }
+    let mut total = Vec::with_capacity(runs);
+    let mut phases = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t = std::time::Instant::now();
+        let (_, ph) = stasis::collect::vdso_report(pid)?;
+        total.push(t.elapsed());
+        phases.push(ph);
+    }
+    let med = |mut v: Vec<Duration>| -> (Duration, Duration) {
+        v.sort();
+        (v[v.len() / 2], v[(v.len() * 95 / 100).min(v.len() - 1)])
+    };
+    let (m, p95) = med(total);
+    println!(
+        "bench infect: {runs} runs on `sleep` (pid {pid}), whole round trip incl. host cross-check"
+    );
+    println!("  median {:>8.1} µs   p95 {:>8.1} µs", us(m), us(p95));
+    let phase = |name: &str, f: fn(&stasis::collect::Timings) -> Duration| {
+        let (m, p) = med(phases.iter().map(f).collect());
+        println!(
+            "  {name:<8} median {:>8.1} µs   p95 {:>8.1} µs",
+            us(m),
+            us(p)
+        );
+    };
+    phase("seize", |t| t.seize);
+    phase("infect", |t| t.infect);
+    phase("command", |t| t.command);
+    phase("cure", |t| t.cure);
+    phase("release", |t| t.release);
+    phase("verify", |t| t.verify);
+    Ok(())
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
