@@ -248,3 +248,156 @@ fn cross_check(
         _ => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stasis_abi::{AUXV_FROM_PRCTL, VDSO_AUXV_MATCHES, VDSO_MAPPED};
+
+    fn bytes_of<T: Copy>(v: &T) -> Vec<u8> {
+        // SAFETY: abi structs are plain integers; reading their bytes is fine.
+        unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }
+            .to_vec()
+    }
+
+    /// A well-formed reply: one [vvar], one [vdso], two symbols.
+    fn good() -> Vec<u8> {
+        let strtab = b"[vvar][vdso]__vdso_timeLINUX_2.6time".to_vec();
+        let s = |off: u32, len: u32| StrRef { off, len };
+        let hdr = VdsoReport {
+            auxv_ehdr: 0x2000,
+            vdso_base: 0x2000,
+            auxv_source: AUXV_FROM_PRCTL,
+            flags: VDSO_MAPPED | VDSO_AUXV_MATCHES,
+            n_areas: 2,
+            n_symbols: 2,
+            strtab_len: strtab.len() as u32,
+            _pad: 0,
+        };
+        let mut out = bytes_of(&hdr);
+        out.extend(bytes_of(&WireArea {
+            start: 0x1000,
+            end: 0x2000,
+            prot: 1,
+            name: s(0, 6),
+        }));
+        out.extend(bytes_of(&WireArea {
+            start: 0x2000,
+            end: 0x4000,
+            prot: 5,
+            name: s(6, 6),
+        }));
+        for name in [s(12, 11), s(32, 4)] {
+            out.extend(bytes_of(&WireSymbol {
+                offset: 0xac0,
+                size: 40,
+                name,
+                version: s(23, 9),
+                info: 0x12,
+                _pad: [0; 7],
+            }));
+        }
+        out.extend(strtab);
+        out
+    }
+
+    fn set_u32(b: &mut [u8], off: usize, v: u32) {
+        b[off..off + 4].copy_from_slice(&v.to_le_bytes());
+    }
+
+    const HDR: usize = std::mem::size_of::<VdsoReport>();
+    const AREA: usize = std::mem::size_of::<WireArea>();
+
+    fn err(b: &[u8]) -> String {
+        match decode(7, b) {
+            Ok(_) => panic!("corrupt reply accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn decodes_a_good_reply() {
+        let info = decode(7, &good()).expect("good reply");
+        assert_eq!(info.layout.describe(), "[vvar] 4K, [vdso] 8K");
+        assert_eq!(info.symbols[0].name, "__vdso_time");
+        assert_eq!(info.symbols[1].version, "LINUX_2.6");
+        assert!(info.auxv_matches && info.vdso_mapped);
+    }
+
+    #[test]
+    fn truncated_reply() {
+        let g = good();
+        for len in [0, 3, HDR - 1, HDR, g.len() - 1] {
+            assert!(err(&g[..len]).contains("pid 7"));
+        }
+    }
+
+    #[test]
+    fn huge_counts() {
+        let mut b = good();
+        set_u32(&mut b, 24, u32::MAX); // n_areas
+        assert!(err(&b).contains("does not match"));
+        let mut b = good();
+        set_u32(&mut b, 28, u32::MAX); // n_symbols
+        assert!(err(&b).contains("does not match"));
+        let mut b = good();
+        set_u32(&mut b, 32, u32::MAX); // strtab_len
+        assert!(err(&b).contains("does not match"));
+    }
+
+    #[test]
+    fn string_outside_the_table() {
+        let mut b = good();
+        set_u32(&mut b, HDR + 20, 1000); // first area's name.off
+        assert!(err(&b).contains("outside the string table"));
+        let mut b = good();
+        set_u32(&mut b, HDR + 2 * AREA + 16 + 4, u32::MAX); // first symbol's name.len
+        assert!(err(&b).contains("outside the string table"));
+    }
+
+    #[test]
+    fn not_utf8() {
+        let mut b = good();
+        let n = b.len();
+        b[n - 1] = 0xff;
+        assert!(err(&b).contains("UTF-8"));
+    }
+
+    #[test]
+    fn implausible_area() {
+        let mut b = good();
+        b[HDR + 8..HDR + 16].copy_from_slice(&0u64.to_le_bytes()); // end < start
+        assert!(err(&b).contains("implausible"));
+        let mut b = good();
+        let strtab = b.len() - 36;
+        b[strtab + 1] = b'x'; // "[xvar]" is not a vDSO area name
+        assert!(err(&b).contains("implausible"));
+    }
+
+    #[test]
+    fn unknown_auxv_source_and_inconsistent_flags() {
+        let mut b = good();
+        set_u32(&mut b, 16, 99);
+        assert!(err(&b).contains("auxv source"));
+        let mut b = good();
+        set_u32(&mut b, 20, 0); // VDSO_MAPPED cleared but a base given
+        assert!(err(&b).contains("disagree"));
+    }
+
+    #[test]
+    fn random_corruption_never_panics() {
+        let g = good();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..20_000 {
+            let mut b = g.clone();
+            for _ in 0..3 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let i = (x as usize) % b.len();
+                b[i] = (x >> 32) as u8;
+            }
+            let _ = decode(7, &b);
+        }
+    }
+}

@@ -132,7 +132,7 @@ fn print_vdso(info: &VdsoInfo) {
                 a.name,
                 a.start,
                 a.end,
-                human(a.size()),
+                stasis_vdso::human_size(a.size()),
                 prot(a.prot)
             );
         }
@@ -161,16 +161,6 @@ fn print_vdso(info: &VdsoInfo) {
             "    {:<40} {:<10} +{:#06x} {:>5} bytes",
             s.name, version, s.offset, s.size
         );
-    }
-}
-
-fn human(bytes: u64) -> String {
-    if bytes % (1 << 20) == 0 {
-        format!("{}M", bytes >> 20)
-    } else if bytes % 1024 == 0 {
-        format!("{}K", bytes >> 10)
-    } else {
-        format!("{bytes}B")
     }
 }
 

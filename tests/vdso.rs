@@ -138,18 +138,25 @@ fn survive(threads: &str) {
             (usr2, rt1)
         })
     };
+    let mut log = String::new();
     for i in 0..200 {
-        let o = stasis(&["vdso", "--pid", &pid.to_string()]);
+        let o = stasis(&["vdso", "--pid", &pid.to_string(), "-vv"]);
+        log.push_str(&stderr_of(&o));
         assert!(
             o.status.success(),
             "infection {i} failed: {}",
             stderr_of(&o)
         );
-        assert_eq!(fx.state() != 'Z', true, "fixture died after infection {i}");
+        assert!(fx.state() != 'Z', "fixture died after infection {i}");
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (usr2, rt1) = sender.join().expect("signal sender");
-    let d = assert_pass(&fx.finish());
+    let verdict = fx.finish();
+    if !verdict.starts_with("PASS") {
+        let raced: Vec<&str> = log.lines().filter(|l| l.contains("raced")).collect();
+        eprintln!("stasis log, signal races:\n{}", raced.join("\n"));
+    }
+    let d = assert_pass(&verdict);
     // SIGUSR2 is a standard signal: several sent while it is pending merge into one, so the
     // fixture sees at most as many. SIGRTMIN+1 queues: every one must arrive.
     assert!(
@@ -185,7 +192,7 @@ fn hostile_target_gets_a_clean_error() {
     if !require_root("hostile_target_gets_a_clean_error") {
         return;
     }
-    let fx = Fixture::start("hostile", &[]);
+    let fx = Fixture::start("hostile", &["--sibling-pidfile", "{dir}/sibling"]);
     let pid = fx.pid.to_string();
     let mut errors = Vec::new();
     for _ in 0..40 {
@@ -204,7 +211,7 @@ fn hostile_target_gets_a_clean_error() {
             }
             other => panic!("stasis exited with {other:?}: {}", stderr_of(&o)),
         }
-        assert_eq!(fx.state() != 'Z', true, "hostile fixture died");
+        assert!(fx.state() != 'Z', "hostile fixture died");
         assert_eq!(tracer_of(fx.pid), 0, "left traced");
         if errors.len() >= 5 {
             break;
@@ -320,11 +327,14 @@ fn refuses_an_already_traced_process() {
     let target = nix::unistd::Pid::from_raw(fx.pid);
     nix::sys::ptrace::seize(target, nix::sys::ptrace::Options::empty())
         .expect("seize as the other tracer");
-    let me = std::process::id().to_string();
+    // TracerPid names the tracing thread: this test's thread.
+    // SAFETY: gettid has no preconditions.
+    let me = unsafe { libc::gettid() }.to_string();
     let e = assert_refused(&["vdso", "--pid", &fx.pid.to_string()], 1, "already traced");
     assert!(e.contains(&me), "names the tracer {me}: {e}");
     // Still ours, untouched; let go and check it finishes fine.
-    assert_eq!(tracer_of(fx.pid), std::process::id() as i32);
+    // SAFETY: as above.
+    assert_eq!(tracer_of(fx.pid), unsafe { libc::gettid() });
     nix::sys::ptrace::detach(target, None).ok();
     // A seized but never stopped tracee cannot be detached with PTRACE_DETACH; interrupt first.
     if tracer_of(fx.pid) != 0 {
@@ -355,4 +365,110 @@ fn refuses_a_process_it_may_not_trace() {
     assert_eq!(e.trim().lines().count(), 1, "{e}");
     assert_eq!(tracer_of(fx.pid), 0);
     assert_pass(&fx.finish());
+}
+
+// ---- a process that rearranged its vDSO ------------------------------------------------------
+
+#[test]
+fn reports_an_unmapped_vdso_as_such() {
+    if !require_root("reports_an_unmapped_vdso_as_such") {
+        return;
+    }
+    let fx = Fixture::start("vdso_mover", &["--mode", "unmap"]);
+    assert!(
+        maps_areas(fx.pid).is_empty(),
+        "the fixture should have unmapped everything"
+    );
+    let r = json_report(fx.pid);
+    assert_eq!(r["layout"]["areas"].as_array().map(Vec::len), Some(0));
+    assert_eq!(r["vdso_mapped"].as_bool(), Some(false));
+    assert_eq!(r["symbols"].as_array().map(Vec::len), Some(0));
+    assert_ne!(
+        r["auxv_ehdr"].as_u64(),
+        Some(0),
+        "the auxv still names the old vDSO"
+    );
+    let o = stasis(&["vdso", "--pid", &fx.pid.to_string()]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("no vDSO or vvar area is mapped"), "{text}");
+    assert!(text.contains("stale: the vDSO was unmapped"), "{text}");
+    assert_pass(&fx.finish());
+}
+
+#[test]
+fn follows_a_moved_vdso() {
+    if !require_root("follows_a_moved_vdso") {
+        return;
+    }
+    let fx = Fixture::start("vdso_mover", &["--mode", "move"]);
+    let areas = maps_areas(fx.pid);
+    let r = json_report(fx.pid);
+    let vdso = areas
+        .iter()
+        .find(|a| a.0 == "[vdso]")
+        .expect("moved [vdso] still mapped");
+    assert_eq!(r["vdso_base"].as_u64(), Some(vdso.1));
+    assert_eq!(r["vdso_mapped"].as_bool(), Some(true));
+    assert_eq!(
+        r["auxv_matches"].as_bool(),
+        Some(false),
+        "auxv is stale after the move"
+    );
+    assert!(r["symbols"].as_array().is_some_and(|s| s.len() >= 5));
+    assert_pass(&fx.finish());
+}
+
+// ---- stasis check ----------------------------------------------------------------------------
+
+#[test]
+fn check_reports_required_features() {
+    if !require_root("check_reports_required_features") {
+        return;
+    }
+    let o = stasis(&["check", "--json"]);
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).expect("check --json prints JSON");
+    let features = r["features"].as_array().expect("features");
+    for name in [
+        "ptrace_seize",
+        "nt_x86_xstate",
+        "memfd_create",
+        "clone3_set_tid",
+        "pr_set_mm_map",
+        "arch_map_vdso_64",
+    ] {
+        let f = features
+            .iter()
+            .find(|f| f["name"] == name)
+            .unwrap_or_else(|| panic!("{name} not probed"));
+        assert_eq!(f["required"].as_bool(), Some(true), "{name}");
+    }
+    let all_ok = features
+        .iter()
+        .all(|f| f["ok"].as_bool() == Some(true) || f["required"].as_bool() == Some(false));
+    assert_eq!(
+        o.status.success(),
+        all_ok,
+        "exit status follows the required features: {r}"
+    );
+    assert!(r["vdso_layout"]
+        .as_array()
+        .is_some_and(|l| l.iter().any(|a| a[0] == "[vdso]")));
+}
+
+#[test]
+fn check_fails_without_the_privileges_it_needs() {
+    if !require_root("check_fails_without_the_privileges_it_needs") {
+        return;
+    }
+    // As an unprivileged user clone3 with set_tid is refused: a required feature is missing.
+    use std::os::unix::process::CommandExt;
+    let o = std::process::Command::new(stasis_bin())
+        .arg("check")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("stasis check as nobody");
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{text}");
+    assert!(text.contains("MISSING"), "{text}");
 }

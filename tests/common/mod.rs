@@ -71,7 +71,8 @@ pub mod tempdir {
 }
 
 impl Fixture {
-    /// Starts fixture `name` with extra `args` and waits for its pid file.
+    /// Starts fixture `name` with extra `args` (`{dir}` in an argument stands for the fixture's
+    /// own temporary directory) and waits for its pid file.
     pub fn start(name: &str, args: &[&str]) -> Fixture {
         let dir = tempdir::Dir::new(name);
         let pidfile = dir.path().join("pid");
@@ -81,7 +82,10 @@ impl Fixture {
             .arg(&pidfile)
             .arg("--out")
             .arg(&out)
-            .args(args)
+            .args(
+                args.iter()
+                    .map(|a| a.replace("{dir}", &dir.path().to_string_lossy())),
+            )
             .spawn()
             .unwrap_or_else(|e| panic!("starting fixture {name}: {e}"));
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -42,7 +42,16 @@ fn main() -> Result<()> {
             lint()?;
             test()
         }
-        Cmd::Bench { which } => bench::run(which),
+        Cmd::Bench { which } => {
+            // Figures from an unoptimised build mean nothing: re-run this command in release.
+            if cfg!(debug_assertions) {
+                let mut c = cargo();
+                c.args(["run", "--release", "--quiet", "--package", "xtask", "--"])
+                    .args(std::env::args_os().skip(1));
+                return run(c);
+            }
+            bench::run(which)
+        }
         Cmd::Demo => demo(),
     }
 }

@@ -165,7 +165,7 @@ impl<'s> Parasite<'s> {
             cured: false,
         };
         // From here on, Drop undoes whatever was done.
-        let all_but_trap = !0u64 & !(1u64 << (SIGTRAP - 1));
+        let all_but_trap = !(1u64 << (SIGTRAP - 1));
         sys::set_sigmask(tid, all_but_trap).map_err(ptrace_err("SETSIGMASK"))?;
         p.map_region(blob, size)?;
         Ok(p)
@@ -310,7 +310,7 @@ impl<'s> Parasite<'s> {
             }
         };
         sys::set_regs(tid, regs).map_err(perr("SETREGS"))?;
-        sys::cont(tid, None).map_err(perr("CONT"))?;
+        sys::cont(tid, 0).map_err(perr("CONT"))?;
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut spins = 0u32;
         loop {
@@ -347,7 +347,7 @@ impl<'s> Parasite<'s> {
                 }
                 // A leftover interrupt (e.g. after a timeout): keep going.
                 Wait::Stopped { event, .. } if event == sys::PTRACE_EVENT_STOP => {
-                    sys::cont(tid, None).map_err(perr("CONT"))?;
+                    sys::cont(tid, 0).map_err(perr("CONT"))?;
                 }
                 Wait::Stopped { sig, event: 0 } => {
                     let info = sys::get_siginfo(tid).map_err(perr("GETSIGINFO"))?;

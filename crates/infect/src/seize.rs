@@ -12,7 +12,6 @@
 use crate::error::{InfectError, Result};
 use crate::sys::{self, Wait};
 use nix::errno::Errno;
-use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use std::time::Instant;
 
@@ -153,8 +152,13 @@ impl Seized {
                     // A signal-delivery stop won the race: deliver the signal as the kernel
                     // would have, then wait for the interrupt, which is still pending.
                     self.signals_passed.push((tid, sig));
-                    let signal = Signal::try_from(sig).ok();
-                    sys::cont(t, signal).map_err(|errno| InfectError::Ptrace {
+                    tracing::debug!(
+                        pid = self.pid,
+                        tid,
+                        sig,
+                        "signal stop raced the interrupt; delivering it"
+                    );
+                    sys::cont(t, sig).map_err(|errno| InfectError::Ptrace {
                         op: "CONT",
                         tid,
                         errno,

@@ -29,8 +29,13 @@ pub fn interrupt(tid: Pid) -> Result<(), Errno> {
     ptrace::interrupt(tid)
 }
 
-pub fn cont(tid: Pid, sig: Option<nix::sys::signal::Signal>) -> Result<(), Errno> {
-    ptrace::cont(tid, sig)
+/// Resumes a stopped thread, delivering signal `sig` (0: none). A raw number, not nix's
+/// `Signal`: that enum cannot represent real-time signals, and a signal that cannot be
+/// represented must never turn into "no signal" (the tracee would silently lose it).
+pub fn cont(tid: Pid, sig: i32) -> Result<(), Errno> {
+    // SAFETY: PTRACE_CONT takes no pointers; `data` is the signal number.
+    let r = unsafe { libc::ptrace(libc::PTRACE_CONT, tid.as_raw(), 0usize, sig as libc::c_long) };
+    Errno::result(r).map(drop)
 }
 
 pub fn detach(tid: Pid) -> Result<(), Errno> {
@@ -149,4 +154,78 @@ pub fn wait(tid: Pid, nohang: bool) -> Result<Wait, Errno> {
     } else {
         Wait::Killed(libc::WTERMSIG(status))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    static PIPE_W: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+    extern "C" fn on_rt(_: libc::c_int) {
+        let b = 1u8;
+        // SAFETY: write(2) is async-signal-safe; the fd was set before the signal can arrive.
+        unsafe {
+            libc::write(
+                PIPE_W.load(std::sync::atomic::Ordering::Relaxed),
+                (&b as *const u8).cast(),
+                1,
+            )
+        };
+    }
+
+    /// Regression: re-injecting a real-time signal from a signal-delivery stop must deliver it.
+    /// (nix's `Signal` cannot represent RT signals; going through it dropped them silently.)
+    #[test]
+    fn realtime_signal_is_delivered_when_reinjected() {
+        let mut fds = [0; 2];
+        // SAFETY: plain pipe(2) into a valid array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        PIPE_W.store(fds[1], std::sync::atomic::Ordering::Relaxed);
+        let sig = libc::SIGRTMIN() + 1;
+        // SAFETY: the child only calls async-signal-safe functions, then loops in pause().
+        let child = unsafe { libc::fork() };
+        if child == 0 {
+            unsafe {
+                libc::signal(sig, on_rt as *const () as libc::sighandler_t);
+                loop {
+                    libc::pause();
+                }
+            }
+        }
+        let t = Pid::from_raw(child);
+        // Let the child install its handler before any signal is sent.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        seize(t).expect("seize our own child");
+        let val = libc::sigval {
+            sival_ptr: std::ptr::null_mut(),
+        };
+        // SAFETY: signalling our own child.
+        assert_eq!(unsafe { libc::sigqueue(child, sig, val) }, 0);
+        let stop = wait(t, false).expect("wait");
+        assert_eq!(
+            stop,
+            Wait::Stopped { sig, event: 0 },
+            "a signal-delivery stop for the RT signal"
+        );
+        cont(t, sig).expect("re-inject");
+        let mut pfd = libc::pollfd {
+            fd: fds[0],
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll on one valid descriptor.
+        let ready = unsafe { libc::poll(&mut pfd, 1, 5000) };
+        // SAFETY: cleaning up our own child and descriptors.
+        unsafe {
+            libc::kill(child, libc::SIGKILL);
+            libc::waitpid(child, std::ptr::null_mut(), libc::__WALL);
+            libc::close(fds[0]);
+            libc::close(fds[1]);
+        }
+        assert_eq!(
+            ready, 1,
+            "the re-injected RT signal never reached the handler"
+        );
+    }
 }

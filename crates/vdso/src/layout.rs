@@ -115,8 +115,8 @@ impl VdsoLayout {
 }
 
 /// `16K` for whole KiB (every page-sized area), exact bytes otherwise so nothing is rounded away.
-fn human_size(bytes: u64) -> String {
-    if bytes % 1024 == 0 {
+pub fn human_size(bytes: u64) -> String {
+    if bytes.is_multiple_of(1024) {
         format!("{}K", bytes / 1024)
     } else {
         format!("{bytes}B")

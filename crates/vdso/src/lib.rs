@@ -19,7 +19,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 pub use elf::{symbols_from_image, VdsoSymbol};
-pub use layout::{VdsoArea, VdsoLayout};
+pub use layout::{human_size, VdsoArea, VdsoLayout};
 
 /// Everything that can go wrong reading or parsing a vDSO.
 #[derive(Debug, thiserror::Error)]

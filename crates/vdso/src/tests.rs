@@ -52,7 +52,10 @@ fn live_vdso_is_read_parsed_and_matches_auxv() {
         .iter()
         .all(|a| stasis_abi::is_vdso_area_name(a.name.as_bytes())));
     let vdso = layout.vdso().expect("this process has a [vdso]");
-    assert!(vdso.size() > 0 && vdso.size() % 4096 == 0, "{vdso:?}");
+    assert!(
+        vdso.size() > 0 && vdso.size().is_multiple_of(4096),
+        "{vdso:?}"
+    );
 
     let image = read_image(me, vdso).expect("read own [vdso] through /proc/self/mem");
     assert_eq!(image.len() as u64, vdso.size());
