@@ -230,6 +230,39 @@ fn hostile_target_gets_a_clean_error() {
     );
 }
 
+/// The scribbler writes `jmp $` over the region: the parasite, if it runs at all, spins. stasis
+/// must stop it at its deadline, cure, and report a timeout (or another clean error).
+#[test]
+fn runaway_parasite_is_stopped_and_cured() {
+    if !require_root("runaway_parasite_is_stopped_and_cured") {
+        return;
+    }
+    let fx = Fixture::start(
+        "hostile",
+        &["--sibling-pidfile", "{dir}/sibling", "--fill", "loop"],
+    );
+    let pid = fx.pid.to_string();
+    let mut errors = Vec::new();
+    for _ in 0..10 {
+        let o = stasis(&["vdso", "--pid", &pid]);
+        if o.status.code() == Some(1) {
+            errors.push(stderr_of(&o));
+            if errors.iter().any(|e| e.contains("did not answer")) {
+                break;
+            }
+        } else {
+            assert!(o.status.success(), "{}", stderr_of(&o));
+        }
+        assert_eq!(tracer_of(fx.pid), 0, "left traced");
+    }
+    let d = assert_pass(&fx.finish());
+    assert!(detail(&d, "scribbles") > 0, "{d}");
+    assert!(
+        errors.iter().any(|e| e.contains("did not answer within")),
+        "no run hit the timeout: {errors:?}"
+    );
+}
+
 // ---- bad input -------------------------------------------------------------------------------
 
 fn assert_refused(args: &[&str], code: i32, needle: &str) -> String {
