@@ -73,12 +73,8 @@ pub fn vdso_report(pid: i32) -> Result<(VdsoInfo, Timings), CollectError> {
     t.infect = t1.elapsed();
 
     let t2 = Instant::now();
-    let reply = parasite.run(stasis_abi::CommandId::VdsoReport, COMMAND_TIMEOUT);
+    let asked = ask_vdso(&mut parasite);
     t.command = t2.elapsed();
-
-    // The host reads maps and the vDSO bytes while the process is still frozen, so both views
-    // describe the same moment. The parasite's region is excluded (it is about to go).
-    let host = host_view(pid);
 
     let t3 = Instant::now();
     parasite.cure()?;
@@ -88,13 +84,34 @@ pub fn vdso_report(pid: i32) -> Result<(VdsoInfo, Timings), CollectError> {
     t.release = t4.elapsed();
 
     let t5 = Instant::now();
-    let reply = reply?;
-    let (layout, image_syms) = host?;
-    let info = decode(pid, &reply)?;
-    cross_check(pid, &info, &layout, image_syms.as_deref())?;
+    let info = asked.and_then(|a| a.verify())?;
     t.verify = t5.elapsed();
     tracing::info!(pid, ?t, "vdso report");
     Ok((info, t))
+}
+
+/// The parasite's answer and the host's own reading, taken while the process is frozen, so
+/// both describe the same moment. Checked by `verify`, which may run after the cure.
+pub struct AskedVdso {
+    pid: i32,
+    reply: Vec<u8>,
+    host: HostView,
+}
+
+impl AskedVdso {
+    pub fn verify(self) -> Result<VdsoInfo, CollectError> {
+        let info = decode(self.pid, &self.reply)?;
+        cross_check(self.pid, &info, &self.host.0, self.host.1.as_deref())?;
+        Ok(info)
+    }
+}
+
+/// Asks an infected process for its vDSO report and reads the host's view alongside.
+pub fn ask_vdso(parasite: &mut Parasite<'_>) -> Result<AskedVdso, CollectError> {
+    let pid = parasite.pid();
+    let reply = parasite.run(stasis_abi::CommandId::VdsoReport, COMMAND_TIMEOUT)?;
+    let host = host_view(pid)?;
+    Ok(AskedVdso { pid, reply, host })
 }
 
 type HostView = (VdsoLayout, Option<Vec<VdsoSymbol>>);

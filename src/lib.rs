@@ -5,4 +5,9 @@
 
 pub mod blobs;
 pub mod check;
+mod child;
 pub mod collect;
+pub mod dump;
+pub mod plan;
+pub mod restore;
+pub mod show;

@@ -40,6 +40,36 @@ enum Command {
     /// vDSO) four times a second, for at most a minute.
     #[command(hide = true)]
     DemoWorkload,
+    /// Checkpoint a process into an image directory (the process is killed afterwards unless
+    /// --leave-running).
+    Dump {
+        /// The process to dump.
+        #[arg(short = 't', long = "pid", allow_negative_numbers = true)]
+        pid: i32,
+        /// Where to write the image (created, or an existing empty directory).
+        #[arg(short = 'D', long = "images-dir")]
+        images_dir: PathBuf,
+        /// Let the process continue after the dump.
+        #[arg(long)]
+        leave_running: bool,
+    },
+    /// Bring a dumped process back, with its pid, memory, registers and files.
+    Restore {
+        /// The image directory.
+        #[arg(short = 'D', long = "images-dir")]
+        images_dir: PathBuf,
+        /// Return once the process runs, instead of waiting for it and exiting with its status.
+        #[arg(short = 'd', long)]
+        detach: bool,
+    },
+    /// Describe an image.
+    Show {
+        /// The image directory.
+        dir: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Report the kernel features stasis relies on and the runtime vDSO layout.
     Check {
         /// Print JSON instead of a table.
@@ -87,6 +117,37 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             } else {
                 print_vdso(&info);
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dump {
+            pid,
+            images_dir,
+            leave_running,
+        } => {
+            let s = stasis::dump::dump(
+                pid,
+                &images_dir,
+                &stasis::dump::DumpOptions { leave_running },
+            )?;
+            eprintln!(
+                "dumped pid {pid} into {}: {} VMAs, {} pages ({:.1} MiB), {} fds; frozen {:.1} ms, total {:.1} ms",
+                images_dir.display(),
+                s.vmas,
+                s.pages,
+                s.bytes as f64 / (1 << 20) as f64,
+                s.fds,
+                s.frozen.as_secs_f64() * 1e3,
+                s.total.as_secs_f64() * 1e3
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Restore { images_dir, detach } => {
+            let status =
+                stasis::restore::restore(&images_dir, &stasis::restore::RestoreOptions { detach })?;
+            Ok(ExitCode::from(status.clamp(0, 255) as u8))
+        }
+        Command::Show { dir, json } => {
+            stasis::show::show(&dir, json)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::DemoWorkload => {

@@ -7,13 +7,16 @@
 //! - No libc, no allocator, no TLS, no statics holding addresses (the host relocates the image,
 //!   but nothing here should need it), and no panics that do anything but trap: a panic is an
 //!   `int3` with a status the host did not expect, which it reports as a failed command.
-//! - The target's memory other than the shared region is only read, never written; the only
-//!   system calls made are those that read process state (open/read/close/prctl).
+//! - For the dump commands, the target's memory other than the shared region is only read,
+//!   never written, and only system calls that read process state are made. The restore
+//!   command runs the host's plan, which rebuilds the address space around the region.
 #![no_std]
 #![no_main]
 
 mod reply;
+mod restore;
 mod sys;
+mod task;
 mod vdso;
 
 use stasis_abi::{Command, CommandId, Status, MAGIC, PROTOCOL_VERSION, REPLY_OFFSET};
@@ -45,6 +48,24 @@ unsafe extern "C" fn parasite_main(area: *mut u8) {
     }
     match CommandId::from_u32(cmd.id) {
         Some(CommandId::VdsoReport) => vdso::report(&mut out),
+        Some(CommandId::TaskState) => task::report(&mut out),
+        Some(CommandId::Restore) => {
+            // The plan must lie inside the command area the host gave us, after the reply.
+            let reply_end = REPLY_OFFSET as u64 + 16 + cmd.reply_cap;
+            match cmd.plan_off.checked_add(cmd.plan_len) {
+                Some(end) if cmd.plan_off >= reply_end && end <= cmd.area_len => {
+                    // SAFETY: [plan_off, plan_off + plan_len) is inside the area (checked above).
+                    unsafe {
+                        restore::run(
+                            &mut out,
+                            area.add(cmd.plan_off as usize),
+                            cmd.plan_len as usize,
+                        )
+                    }
+                }
+                _ => out.finish(Status::BadPlan, 0),
+            }
+        }
         None => out.finish(Status::BadCommand, 0),
     }
 }

@@ -32,12 +32,18 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub enum CommandId {
     /// Answer with `VdsoReport` + areas + symbols + strings.
     VdsoReport = 1,
+    /// Answer with `TaskState`: what only the task itself can read (handlers, timers, brk…).
+    TaskState = 2,
+    /// Execute the `PlanOp` list at `Command::plan_off`; answer with `RestoreResult`.
+    Restore = 3,
 }
 
 impl CommandId {
     pub fn from_u32(v: u32) -> Option<Self> {
         match v {
             1 => Some(Self::VdsoReport),
+            2 => Some(Self::TaskState),
+            3 => Some(Self::Restore),
             _ => None,
         }
     }
@@ -53,6 +59,12 @@ pub struct Command {
     pub _pad: u32,
     /// Bytes available for the reply payload after the `ReplyHeader`.
     pub reply_cap: u64,
+    /// Offset of the plan (for `Restore`) from the start of the command area, and its length
+    /// in bytes: `plan_len / size_of::<PlanOp>()` operations.
+    pub plan_off: u64,
+    pub plan_len: u64,
+    /// Bytes in the whole command area (reply and plan included).
+    pub area_len: u64,
 }
 
 /// Written by the blob right after the `Command`.
@@ -86,6 +98,10 @@ pub enum Status {
     BadVdso = 4,
     /// /proc/self/maps had a line the blob could not parse.
     BadMaps = 5,
+    /// A plan operation failed; the reply's `RestoreResult` says which.
+    PlanFailed = 6,
+    /// The plan is malformed (misaligned, outside the region, unknown operation).
+    BadPlan = 7,
 }
 
 impl Status {
@@ -97,6 +113,8 @@ impl Status {
             3 => Self::Syscall,
             4 => Self::BadVdso,
             5 => Self::BadMaps,
+            6 => Self::PlanFailed,
+            7 => Self::BadPlan,
             _ => return None,
         })
     }
@@ -186,4 +204,69 @@ pub fn is_exported_symbol(st_info: u8, st_shndx: u16, name_len: usize) -> bool {
 /// and every `[vvar…]` (`[vvar]`, `[vvar_vclock]`, and whatever a future kernel adds).
 pub fn is_vdso_area_name(name: &[u8]) -> bool {
     name == b"[vdso]" || (name.starts_with(b"[vvar") && name.ends_with(b"]"))
+}
+
+/// A kernel `struct sigaction` as `rt_sigaction` reads and writes it on x86_64.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KSigAction {
+    pub handler: u64,
+    pub flags: u64,
+    pub restorer: u64,
+    pub mask: u64,
+}
+
+/// Payload of `CommandId::TaskState`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct TaskState {
+    /// Index `i` is signal `i + 1`.
+    pub sigactions: [KSigAction; 64],
+    /// Bit `i` set: `rt_sigaction` for signal `i + 1` succeeded.
+    pub sigactions_ok: u64,
+    /// `stack_t`: ss_sp, ss_flags (low 32 bits), ss_size.
+    pub altstack: [u64; 3],
+    /// ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF as `struct itimerval` (4 × i64 each).
+    pub itimers: [[i64; 4]; 3],
+    /// `brk(0)`.
+    pub brk: u64,
+    /// `prctl(PR_GET_TID_ADDRESS)`.
+    pub tid_address: u64,
+    /// `prctl(PR_GET_DUMPABLE)`.
+    pub dumpable: i64,
+}
+
+/// One step of a restore plan: run system call `nr` with `args`, and check its result.
+/// The host encodes every pointer argument as an address inside the shared region.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PlanOp {
+    pub nr: u64,
+    pub args: [u64; 6],
+    /// One of the `EXPECT_*` rules.
+    pub expect: u32,
+    pub _pad: u32,
+}
+
+/// The result must be non-negative.
+pub const EXPECT_OK: u32 = 0;
+/// The result must equal `args[0]` (mmap/mremap at a fixed address).
+pub const EXPECT_ARG0: u32 = 1;
+/// The result must equal `args[4]` (the destination of mremap).
+pub const EXPECT_ARG4: u32 = 2;
+/// Any result is fine (best-effort cleanup).
+pub const EXPECT_ANY: u32 = 3;
+/// A pread loop: `nr` is ignored; args = (fd, addr, len, file_off); read until `len` bytes.
+pub const EXPECT_PREAD_ALL: u32 = 4;
+
+/// Payload of `CommandId::Restore`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RestoreResult {
+    /// Operations completed.
+    pub done: u64,
+    /// Index of the failing operation (meaningful when status is `PlanFailed`).
+    pub failed_op: u64,
+    /// The raw result of the failing operation.
+    pub result: i64,
 }

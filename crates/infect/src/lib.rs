@@ -8,7 +8,7 @@ mod blob;
 mod error;
 mod parasite;
 mod seize;
-mod sys;
+pub mod sys;
 
 pub use blob::Blob;
 pub use error::{InfectError, Result};

@@ -36,17 +36,43 @@ const STACK_SIZE: usize = 64 * 1024;
 
 const SIGTRAP: i32 = libc::SIGTRAP;
 
-/// How the region is sized. The reply area bounds what one command can return.
+/// How the region is sized and placed. The reply area bounds what one command can return;
+/// the plan area what a restore plan can carry.
 #[derive(Clone, Copy, Debug)]
 pub struct RegionSize {
     pub reply_cap: usize,
+    pub plan_cap: usize,
+    /// Map the region exactly here (`MAP_FIXED_NOREPLACE`) instead of where the kernel likes:
+    /// a restore must keep it clear of every address the restored process will use.
+    pub at: Option<u64>,
 }
 
 impl Default for RegionSize {
     fn default() -> Self {
         RegionSize {
             reply_cap: 64 * 1024,
+            plan_cap: 0,
+            at: None,
         }
+    }
+}
+
+impl RegionSize {
+    /// Bytes the region will take for `blob`, so a caller can find room for it.
+    pub fn total_len(&self, blob: &Blob) -> usize {
+        let (blob_len, cmd_len) = self.parts(blob);
+        blob_len + cmd_len + STACK_SIZE
+    }
+
+    fn parts(&self, blob: &Blob) -> (usize, usize) {
+        let blob_len = blob.len().next_multiple_of(PAGE);
+        let cmd_len = (self.plan_off() + self.plan_cap).next_multiple_of(PAGE);
+        (blob_len, cmd_len)
+    }
+
+    /// Offset of the plan area inside the command area.
+    fn plan_off(&self) -> usize {
+        (REPLY_OFFSET + std::mem::size_of::<ReplyHeader>() + self.reply_cap).next_multiple_of(64)
     }
 }
 
@@ -94,7 +120,10 @@ struct Region {
     remote: u64,
     len: usize,
     cmd_off: usize,
+    cmd_len: usize,
     reply_cap: usize,
+    plan_off: usize,
+    plan_cap: usize,
     stack_top: usize,
 }
 
@@ -141,7 +170,7 @@ impl<'s> Parasite<'s> {
                 what: "opening memory",
                 source,
             })?;
-        let site = injection_site(pid)?;
+        let site = injection_site(pid, None)?;
         let mut site_orig = [0u8; SITE_LEN];
         mem.read_exact_at(&mut site_orig, site)
             .map_err(|source| InfectError::Io {
@@ -181,10 +210,8 @@ impl<'s> Parasite<'s> {
     }
 
     fn map_region(&mut self, blob: &Blob, size: RegionSize) -> Result<()> {
-        let blob_len = blob.len().next_multiple_of(PAGE);
-        let cmd_len = (REPLY_OFFSET + std::mem::size_of::<ReplyHeader>() + size.reply_cap)
-            .next_multiple_of(PAGE);
-        let len = blob_len + cmd_len + STACK_SIZE;
+        let (blob_len, cmd_len) = size.parts(blob);
+        let len = size.total_len(blob);
 
         let fd = self.remote_syscall(
             "memfd_create",
@@ -239,18 +266,35 @@ impl<'s> Parasite<'s> {
         };
 
         let prot = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
+        let (addr, flags) = match size.at {
+            Some(at) => (at, libc::MAP_SHARED | libc::MAP_FIXED_NOREPLACE),
+            None => (0, libc::MAP_SHARED),
+        };
         let remote = self.remote_syscall(
             "mmap",
             libc::SYS_mmap,
-            [0, len as u64, prot, libc::MAP_SHARED as u64, fd as u64, 0],
+            [addr, len as u64, prot, flags as u64, fd as u64, 0],
         )?;
+        if size.at.is_some_and(|at| at != remote) {
+            // Old kernels ignore MAP_FIXED_NOREPLACE and treat the address as a hint.
+            let _ =
+                self.remote_syscall("munmap", libc::SYS_munmap, [remote, len as u64, 0, 0, 0, 0]);
+            return Err(InfectError::RemoteSyscall {
+                pid,
+                name: "mmap (fixed)",
+                errno: Errno::EEXIST,
+            });
+        }
         blob.load_into(host.slice_mut(), remote)?;
         self.region = Some(Region {
             host,
             remote,
             len,
             cmd_off: blob_len,
+            cmd_len,
             reply_cap: size.reply_cap,
+            plan_off: size.plan_off(),
+            plan_cap: size.plan_cap,
             stack_top: len,
         });
         self.remote_syscall("close", libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
@@ -402,21 +446,61 @@ impl<'s> Parasite<'s> {
         }
     }
 
+    /// Remote address where a plan passed to `run_plan` will start: plans encode pointers to
+    /// their own data relative to it.
+    pub fn plan_base(&self) -> Option<u64> {
+        self.region
+            .as_ref()
+            .map(|r| r.remote + (r.cmd_off + r.plan_off) as u64)
+    }
+
+    /// Bytes a plan may take.
+    pub fn plan_cap(&self) -> usize {
+        self.region.as_ref().map_or(0, |r| r.plan_cap)
+    }
+
     /// Runs one blob command and returns its reply payload (a private copy, not yet trusted).
     pub fn run(&mut self, id: CommandId, timeout: Duration) -> Result<Vec<u8>> {
+        self.run_plan(id, &[], 0, timeout)
+    }
+
+    /// Like `run`, with `plan` copied to `plan_base()` first; the blob executes its first
+    /// `ops_len` bytes as operations (the rest is data the operations point at).
+    pub fn run_plan(
+        &mut self,
+        id: CommandId,
+        plan: &[u8],
+        ops_len: usize,
+        timeout: Duration,
+    ) -> Result<Vec<u8>> {
         let pid = self.pid;
         let region = self.region.as_mut().ok_or_else(|| InfectError::BadReply {
             pid,
             why: "no region mapped".into(),
         })?;
+        if plan.len() > region.plan_cap || ops_len > plan.len() {
+            return Err(InfectError::BadReply {
+                pid,
+                why: format!(
+                    "plan of {} bytes does not fit the plan area ({})",
+                    plan.len(),
+                    region.plan_cap
+                ),
+            });
+        }
         let cmd = Command {
             magic: MAGIC,
             version: PROTOCOL_VERSION,
             id: id as u32,
             _pad: 0,
             reply_cap: region.reply_cap as u64,
+            plan_off: region.plan_off as u64,
+            plan_len: ops_len as u64,
+            area_len: region.cmd_len as u64,
         };
         let cmd_off = region.cmd_off;
+        let plan_at = cmd_off + region.plan_off;
+        region.host.slice_mut()[plan_at..plan_at + plan.len()].copy_from_slice(plan);
         let area = &mut region.host.slice_mut()[cmd_off..];
         // SAFETY: the command area starts page-aligned and is larger than both structs.
         unsafe {
@@ -476,8 +560,45 @@ impl<'s> Parasite<'s> {
         Ok(region.host.copy_out(cmd_off + REPLY_OFFSET + hdr_len, len))
     }
 
+    /// The payload of the last reply whatever its status, bounded by the reply area: for
+    /// commands whose failure replies carry details (e.g. which plan operation failed).
+    pub fn last_reply(&self) -> Vec<u8> {
+        let Some(r) = self.region.as_ref() else {
+            return Vec::new();
+        };
+        let hdr_len = std::mem::size_of::<ReplyHeader>();
+        let raw = r.host.copy_out(r.cmd_off + REPLY_OFFSET, hdr_len);
+        let len = u32::from_le_bytes([raw[12], raw[13], raw[14], raw[15]]) as usize;
+        r.host
+            .copy_out(r.cmd_off + REPLY_OFFSET + hdr_len, len.min(r.reply_cap))
+    }
+
     /// Removes every trace of the parasite and puts the main thread back as it was.
     pub fn cure(mut self) -> Result<()> {
+        self.cure_inner()
+    }
+
+    /// For a restore: the address space was rebuilt under the blob, so the thread must come
+    /// out of the cure in a new state. Injection now uses the first executable mapping of the
+    /// new layout (its original bytes are put back after each call, as always).
+    pub fn cure_into(mut self, regs: Regs, xstate: Vec<u8>, sigmask: u64) -> Result<()> {
+        let pid = self.pid;
+        let site = injection_site(pid, self.remote_region())?;
+        let mut orig = [0u8; SITE_LEN];
+        self.mem
+            .read_exact_at(&mut orig, site)
+            .map_err(|source| InfectError::Io {
+                pid,
+                what: "reading code at the injection site",
+                source,
+            })?;
+        self.site = site;
+        self.site_orig = orig;
+        self.saved = Saved {
+            regs,
+            xstate,
+            sigmask,
+        };
         self.cure_inner()
     }
 
@@ -542,12 +663,14 @@ impl Drop for Parasite<'_> {
 }
 
 /// The start of the first executable mapping that is ordinary code: not the vDSO (writing there
-/// would turn a kernel page into a private copy), not `[vsyscall]`.
-fn injection_site(pid: i32) -> Result<u64> {
+/// would turn a kernel page into a private copy), not `[vsyscall]`, not our own region (its
+/// `munmap` would pull the instruction after the `syscall` out from under the thread).
+fn injection_site(pid: i32, region: Option<(u64, usize)>) -> Result<u64> {
     let vmas = stasis_proc::maps(pid)?;
     vmas.iter()
         .find(|v| {
             v.prot & stasis_proc::PROT_EXEC != 0
+                && region.is_none_or(|(start, len)| v.end <= start || v.start >= start + len as u64)
                 && v.len() >= SITE_LEN as u64
                 && !stasis_abi::is_vdso_area_name(v.name.as_bytes())
                 && v.name != "[vsyscall]"

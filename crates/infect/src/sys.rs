@@ -112,6 +112,85 @@ pub fn set_xstate(tid: Pid, xstate: &[u8]) -> Result<(), Errno> {
     Errno::result(r).map(drop)
 }
 
+const PTRACE_PEEKSIGINFO: libc::c_uint = 0x4209;
+const PTRACE_PEEKSIGINFO_SHARED: u32 = 1;
+const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_uint = 0x420f;
+
+/// The pending signals of a thread (`shared`: of its whole process), as raw 128-byte siginfos.
+pub fn pending_signals(tid: Pid, shared: bool) -> Result<Vec<[u8; 128]>, Errno> {
+    #[repr(C)]
+    struct PeekArgs {
+        off: u64,
+        flags: u32,
+        nr: i32,
+    }
+    let mut out = Vec::new();
+    let mut buf = [[0u8; 128]; 32];
+    loop {
+        let args = PeekArgs {
+            off: out.len() as u64,
+            flags: if shared { PTRACE_PEEKSIGINFO_SHARED } else { 0 },
+            nr: buf.len() as i32,
+        };
+        // SAFETY: the kernel writes at most `nr` siginfos (128 bytes each) into buf.
+        let r = unsafe {
+            libc::ptrace(
+                PTRACE_PEEKSIGINFO,
+                tid.as_raw(),
+                &args as *const PeekArgs,
+                buf.as_mut_ptr(),
+            )
+        };
+        let n = Errno::result(r)? as usize;
+        out.extend_from_slice(&buf[..n.min(buf.len())]);
+        if n < buf.len() {
+            return Ok(out);
+        }
+    }
+}
+
+/// The thread's rseq registration: (area address, area size, signature); None when none.
+pub fn rseq_config(tid: Pid) -> Result<Option<(u64, u32, u32)>, Errno> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct Conf {
+        ptr: u64,
+        size: u32,
+        sig: u32,
+        flags: u32,
+        pad: u32,
+    }
+    let mut c = Conf::default();
+    // SAFETY: the kernel writes one struct of `addr` bytes into c.
+    let r = unsafe {
+        libc::ptrace(
+            PTRACE_GET_RSEQ_CONFIGURATION,
+            tid.as_raw(),
+            std::mem::size_of::<Conf>(),
+            &mut c as *mut Conf,
+        )
+    };
+    Errno::result(r)?;
+    Ok((c.ptr != 0).then_some((c.ptr, c.size, c.sig)))
+}
+
+/// The thread's robust futex list head and length (`get_robust_list`).
+pub fn robust_list(tid: Pid) -> Result<(u64, u64), Errno> {
+    let mut head: u64 = 0;
+    let mut len: usize = 0;
+    // SAFETY: get_robust_list writes one pointer and one size_t.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_get_robust_list,
+            tid.as_raw(),
+            &mut head as *mut u64,
+            &mut len as *mut usize,
+        )
+    };
+    Errno::result(r)?;
+    Ok((head, len as u64))
+}
+
 /// What `waitpid(tid, __WALL)` saw, decoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Wait {

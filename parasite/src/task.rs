@@ -1,0 +1,76 @@
+//! `TaskState`: what only the task itself can read — signal handlers, sigaltstack, interval
+//! timers, the current brk, the clear-child-tid address, dumpability. Read-only system calls.
+
+use crate::reply::Reply;
+use crate::sys;
+use stasis_abi::{KSigAction, Status, TaskState};
+
+const SYS_RT_SIGACTION: usize = 13;
+const SYS_SIGALTSTACK: usize = 131;
+const SYS_GETITIMER: usize = 36;
+const SYS_BRK: usize = 12;
+const PR_GET_DUMPABLE: usize = 3;
+const PR_GET_TID_ADDRESS: usize = 40;
+
+pub fn report(out: &mut Reply) {
+    let mut st = TaskState {
+        sigactions: [KSigAction::default(); 64],
+        sigactions_ok: 0,
+        altstack: [0; 3],
+        itimers: [[0; 4]; 3],
+        brk: 0,
+        tid_address: 0,
+        dumpable: 0,
+    };
+    for sig in 1..=64usize {
+        let slot = &mut st.sigactions[sig - 1];
+        // SAFETY: query only (act = NULL); oldact is a valid KSigAction; sigsetsize 8.
+        let r = unsafe {
+            sys::syscall5(
+                SYS_RT_SIGACTION,
+                sig,
+                0,
+                slot as *mut KSigAction as usize,
+                8,
+                0,
+            )
+        };
+        if r == 0 {
+            st.sigactions_ok |= 1 << (sig - 1);
+        }
+    }
+    // SAFETY: query only; the out-pointer is a valid stack_t-sized array.
+    let r = unsafe { sys::syscall3(SYS_SIGALTSTACK, 0, st.altstack.as_mut_ptr() as usize, 0) };
+    if r < 0 {
+        return out.finish(Status::Syscall, (-r) as u32);
+    }
+    for (which, t) in st.itimers.iter_mut().enumerate() {
+        // SAFETY: getitimer writes one struct itimerval (4 × i64) into t.
+        let r = unsafe { sys::syscall3(SYS_GETITIMER, which, t.as_mut_ptr() as usize, 0) };
+        if r < 0 {
+            return out.finish(Status::Syscall, (-r) as u32);
+        }
+    }
+    // SAFETY: brk(0) only reports the current break.
+    st.brk = unsafe { sys::syscall3(SYS_BRK, 0, 0, 0) } as u64;
+    // SAFETY: PR_GET_TID_ADDRESS writes one pointer-sized value to the given address.
+    let r = unsafe {
+        sys::syscall5(
+            sys::SYS_PRCTL,
+            PR_GET_TID_ADDRESS,
+            &mut st.tid_address as *mut u64 as usize,
+            0,
+            0,
+            0,
+        )
+    };
+    if r < 0 {
+        return out.finish(Status::Syscall, (-r) as u32);
+    }
+    // SAFETY: PR_GET_DUMPABLE takes no pointers.
+    st.dumpable = unsafe { sys::syscall5(sys::SYS_PRCTL, PR_GET_DUMPABLE, 0, 0, 0, 0) } as i64;
+    match out.put(0, &st) {
+        Ok(()) => out.finish_len(Status::Ok, 0, core::mem::size_of::<TaskState>()),
+        Err(s) => out.finish(s, 0),
+    }
+}

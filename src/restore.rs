@@ -1,0 +1,419 @@
+//! `stasis restore`: bring a dumped process back inside a task stasis creates and freezes.
+//!
+//! 1. Load and check the whole image (every checksum, architecture, XSAVE compatibility, the
+//!    pid being free, the vDSO matching this kernel) before anything is created.
+//! 2. `clone3` with `set_tid` = the dumped pid. The child, still running stasis's code, sets up
+//!    what plain system calls can: files at their numbers, cwd, umask, session, signal
+//!    handlers, and the helper descriptors the plan needs; then it blocks, and is seized.
+//! 3. The host plans the address space (`plan.rs`): unmap the child's own mappings, move the
+//!    kernel's vDSO areas onto the dumped addresses, map every VMA, fill pages from pages.img,
+//!    mm fields, rseq, robust list, timers, pending signals, limits, credentials. The restorer
+//!    (the parasite's `Restore` command) executes it from a region placed where the restored
+//!    process has nothing.
+//! 4. The host sets registers, XSAVE and the signal mask, removes the region, and detaches.
+//!
+//! Anything that fails before step 4 kills the half-made task: no stray process is left.
+
+use crate::plan::{Plan, PlanError};
+use anyhow::{bail, Context, Result};
+use stasis_image::model::*;
+use stasis_image::{read_record, ImageDir, PageReader, PAGE_SIZE};
+use stasis_infect::{sys, Parasite, RegionSize, Seized};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+pub struct RestoreOptions {
+    pub detach: bool,
+}
+
+/// A whole image, loaded and checked.
+pub struct Image {
+    pub dir: ImageDir,
+    pub inventory: Inventory,
+    pub core: Core,
+    pub mm: Mm,
+    pub process: Process,
+    pub files: Files,
+    pub vdso: VdsoRecord,
+    pub pages: PageReader,
+}
+
+/// Loads every record and verifies every checksum. Nothing is created.
+pub fn load(dir: &std::path::Path) -> Result<Image> {
+    let d = ImageDir::open(dir).with_context(|| format!("opening image {}", dir.display()))?;
+    let inventory: Inventory = read_record(&d, INVENTORY, KIND_INVENTORY)?;
+    if inventory.threads != [inventory.pid] {
+        bail!(
+            "image {}: {} threads; this version restores single-threaded processes only",
+            dir.display(),
+            inventory.threads.len()
+        );
+    }
+    let core: Core = read_record(&d, &core_name(inventory.pid), KIND_CORE)?;
+    let mm: Mm = read_record(&d, MM, KIND_MM)?;
+    let process: Process = read_record(&d, PROCESS, KIND_PROCESS)?;
+    let files: Files = read_record(&d, FILES, KIND_FILES)?;
+    let vdso: VdsoRecord = read_record(&d, VDSO, KIND_VDSO)?;
+    let pages = PageReader::open(&d)?;
+    if pages.data_len() != inventory.page_data_len || pages.checksum() != inventory.page_data_xxh3 {
+        bail!(
+            "image {}: pages.img does not belong to this inventory",
+            dir.display()
+        );
+    }
+    pages.verify()?;
+    let img = Image {
+        dir: d,
+        inventory,
+        core,
+        mm,
+        process,
+        files,
+        vdso,
+        pages,
+    };
+    check_consistency(&img)?;
+    Ok(img)
+}
+
+/// Cross-record checks an attacker-made image could break: every page run inside its VMA and
+/// inside pages.img, VMAs sorted and disjoint, the thread's ids agreeing.
+fn check_consistency(img: &Image) -> Result<()> {
+    let bad = |why: String| anyhow::anyhow!("image {}: {why}", img.dir.path().display());
+    if img.core.tid != img.inventory.pid {
+        return Err(bad("core record belongs to another thread".into()));
+    }
+    let page = PAGE_SIZE as u64;
+    let data_end = stasis_image::DATA_OFFSET + img.pages.data_len();
+    let mut prev_end = 0;
+    for v in &img.mm.vmas {
+        if v.start % page != 0 || v.end % page != 0 || v.end <= v.start || v.start < prev_end {
+            return Err(bad(format!(
+                "VMA {:#x}-{:#x} is misaligned or overlaps",
+                v.start, v.end
+            )));
+        }
+        prev_end = v.end;
+        for r in &v.pages {
+            let len = r
+                .pages
+                .checked_mul(page)
+                .ok_or_else(|| bad("page run overflow".into()))?;
+            let in_vma = r.addr >= v.start && r.addr.checked_add(len).is_some_and(|e| e <= v.end);
+            let in_file = r.file_off >= stasis_image::DATA_OFFSET
+                && r.file_off % page == 0
+                && r.file_off.checked_add(len).is_some_and(|e| e <= data_end);
+            if !in_vma || !in_file {
+                return Err(bad(format!(
+                    "page run at {:#x} lies outside its VMA or pages.img",
+                    r.addr
+                )));
+            }
+        }
+    }
+    if img.process.sigactions.len() != 64 {
+        return Err(bad("signal handler table of the wrong size".into()));
+    }
+    Ok(())
+}
+
+/// Refuses an image whose XSAVE area this CPU/kernel cannot take as is. `runtime` is the
+/// XSAVE area of the freshly created task: its size and XCR0 (bytes 464..472) are this
+/// kernel's own.
+fn check_cpu(img: &Image, runtime: &[u8]) -> Result<()> {
+    let xcr0 = runtime
+        .get(464..472)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .unwrap_or(0);
+    if img.inventory.xcr0 & !xcr0 != 0 {
+        bail!(
+            "image {}: made on a CPU with XSAVE features {:#x}; this one enables {:#x}",
+            img.dir.path().display(),
+            img.inventory.xcr0,
+            xcr0
+        );
+    }
+    if img.core.xsave.len() != runtime.len() {
+        bail!(
+            "image {}: XSAVE area of {} bytes; this CPU uses {} (cross-CPU translation is not implemented yet)",
+            img.dir.path().display(),
+            img.core.xsave.len(),
+            runtime.len()
+        );
+    }
+    Ok(())
+}
+
+/// The fds the restoring stasis passes on (`Tty`, external stdio pipes), by number.
+fn inherited(img: &Image) -> Vec<i32> {
+    let mut pipe_ends = std::collections::HashMap::<u64, usize>::new();
+    for f in &img.files.fds {
+        if let FdKind::Pipe { id, .. } = f.kind {
+            *pipe_ends.entry(id).or_default() += 1;
+        }
+    }
+    img.files
+        .fds
+        .iter()
+        .filter(|f| match f.kind {
+            FdKind::Tty { .. } => true,
+            FdKind::Pipe { id, .. } => f.fd <= 2 && pipe_ends.get(&id) == Some(&1),
+            _ => false,
+        })
+        .map(|f| f.fd)
+        .collect()
+}
+
+pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
+    let t0 = Instant::now();
+    let img = load(dir)?;
+    let pid = img.inventory.pid;
+    if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        bail!("pid {pid} is in use: the restored process needs its old pid (kill the process using it, or wait for it to be reaped)");
+    }
+    let vdso = crate::plan::VdsoPlan::decide(&img.vdso)?;
+    for fd in inherited(&img) {
+        // SAFETY: fcntl(F_GETFD) only checks that the descriptor exists.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            bail!("image {}: fd {fd} is a terminal or an outside pipe, taken over from stasis's own fd {fd}, which is not open", dir.display());
+        }
+    }
+    let helpers = crate::plan::Helpers::new(&img)?;
+    let loaded = t0.elapsed();
+
+    let child = spawn_child(&img, &helpers)?;
+    let mut guard = ChildGuard { pid, armed: true };
+    let t1 = Instant::now();
+    let mut seized = Seized::seize(pid)?;
+    check_cpu(&img, &sys::get_xstate(nix::unistd::Pid::from_raw(pid))?)?;
+    let child_maps = stasis_proc::maps(pid)?;
+    let child_rseq = sys::rseq_config(nix::unistd::Pid::from_raw(pid))?;
+
+    let blob = crate::blobs::parasite()?;
+    let plan = Plan::build(&img, &helpers, &vdso, &child_maps, child_rseq, &child)?;
+    let mut size = RegionSize {
+        reply_cap: 4096,
+        plan_cap: plan.byte_len(),
+        at: None,
+    };
+    size.at = Some(crate::plan::free_range(
+        &img.mm,
+        &child_maps,
+        &plan.reserved,
+        size.total_len(blob) as u64,
+    )?);
+    let mut parasite = Parasite::infect(&mut seized, blob, size)?;
+    let base = parasite.plan_base().context("no plan area")?;
+    let (bytes, ops_len) = plan.encode(base);
+    tracing::debug!(region = ?parasite.remote_region(), "restorer region");
+    plan.log();
+    let reply = parasite.run_plan(
+        stasis_abi::CommandId::Restore,
+        &bytes,
+        ops_len,
+        Duration::from_secs(60),
+    );
+    if reply.is_err() {
+        tracing::debug!(maps = %std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default(), "task at failure");
+    }
+    let reply = match reply {
+        Ok(r) => r,
+        Err(stasis_infect::InfectError::ParasiteStatus { .. })
+        | Err(stasis_infect::InfectError::BadReply { .. }) => {
+            // The reply carries which operation failed; fetch it for the message.
+            bail!(
+                "pid {pid}: the restorer failed: {}",
+                plan.describe_failure(&parasite.last_reply())
+            )
+        }
+        Err(e) => return Err(e.into()),
+    };
+    plan.check_result(&reply)
+        .map_err(|e: PlanError| anyhow::anyhow!("pid {pid}: {e}"))?;
+
+    let regs = regs_for_resume(&img.core.gpr);
+    parasite.cure_into(regs, img.core.xsave.clone(), img.core.sigmask)?;
+    seized.release()?;
+    guard.armed = false;
+    drop(child);
+    tracing::info!(pid, loaded = ?loaded, frozen = ?t1.elapsed(), total = ?t0.elapsed(), "restored");
+    if opts.detach {
+        return Ok(0);
+    }
+    wait_exit(pid)
+}
+
+/// Registers for the resumed thread. A thread stopped inside a system call carries
+/// `orig_rax` = the call and `rax` = -ERESTART*; detaching lets the kernel restart it, except
+/// for -ERESTART_RESTARTBLOCK, whose restart state (`restart_block`) belonged to the old task:
+/// that call is re-issued from the start with its original arguments (still in the registers).
+fn regs_for_resume(g: &Gpr) -> sys::Regs {
+    const ERESTART_RESTARTBLOCK: i64 = -516;
+    // SAFETY: user_regs_struct is plain integers; all-zero is a valid value.
+    let mut r: sys::Regs = unsafe { std::mem::zeroed() };
+    r.r15 = g.r15;
+    r.r14 = g.r14;
+    r.r13 = g.r13;
+    r.r12 = g.r12;
+    r.rbp = g.rbp;
+    r.rbx = g.rbx;
+    r.r11 = g.r11;
+    r.r10 = g.r10;
+    r.r9 = g.r9;
+    r.r8 = g.r8;
+    r.rax = g.rax;
+    r.rcx = g.rcx;
+    r.rdx = g.rdx;
+    r.rsi = g.rsi;
+    r.rdi = g.rdi;
+    r.orig_rax = g.orig_rax;
+    r.rip = g.rip;
+    r.cs = g.cs;
+    r.eflags = g.eflags;
+    r.rsp = g.rsp;
+    r.ss = g.ss;
+    r.fs_base = g.fs_base;
+    r.gs_base = g.gs_base;
+    r.ds = g.ds;
+    r.es = g.es;
+    r.fs = g.fs;
+    r.gs = g.gs;
+    if (g.orig_rax as i64) >= 0 && g.rax as i64 == ERESTART_RESTARTBLOCK {
+        r.rax = g.orig_rax;
+        r.rip = g.rip.wrapping_sub(2);
+        r.orig_rax = u64::MAX;
+    }
+    r
+}
+
+fn wait_exit(pid: i32) -> Result<i32> {
+    use nix::sys::wait::{waitpid, WaitStatus};
+    loop {
+        match waitpid(nix::unistd::Pid::from_raw(pid), None) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => bail!("waiting for restored pid {pid}: {e}"),
+        }
+    }
+}
+
+/// Kills the half-made task unless the restore got to the end.
+struct ChildGuard {
+    pid: i32,
+    armed: bool,
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            // SAFETY: killing and reaping our own child.
+            unsafe {
+                libc::kill(self.pid, libc::SIGKILL);
+                libc::waitpid(self.pid, std::ptr::null_mut(), libc::__WALL);
+            }
+        }
+    }
+}
+
+/// The child's end of the handshake; the descriptors it must close once restored.
+pub struct Child {
+    /// Parent's end of the hold pipe: the child blocks reading it until it is seized.
+    _hold_w: OwnedFd,
+    /// fd numbers inside the child to close at the end of the plan.
+    pub leftover_fds: Vec<RawFd>,
+}
+
+/// Creates the task with the dumped pid and lets it prepare itself; returns once it is blocked
+/// waiting to be seized.
+fn spawn_child(img: &Image, helpers: &crate::plan::Helpers) -> Result<Child> {
+    let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let (hold_r, hold_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let pid = img.inventory.pid;
+    let mut tid = pid as libc::pid_t;
+    #[repr(C)]
+    struct CloneArgs {
+        flags: u64,
+        pidfd: u64,
+        child_tid: u64,
+        parent_tid: u64,
+        exit_signal: u64,
+        stack: u64,
+        stack_size: u64,
+        tls: u64,
+        set_tid: u64,
+        set_tid_size: u64,
+        cgroup: u64,
+    }
+    let args = CloneArgs {
+        flags: 0,
+        pidfd: 0,
+        child_tid: 0,
+        parent_tid: 0,
+        exit_signal: libc::SIGCHLD as u64,
+        stack: 0,
+        stack_size: 0,
+        tls: 0,
+        set_tid: &mut tid as *mut libc::pid_t as u64,
+        set_tid_size: 1,
+        cgroup: 0,
+    };
+    // SAFETY: clone3 without CLONE_VM behaves like fork; stasis is single-threaded here, so
+    // the child may keep running ordinary Rust code (it never returns from child_main).
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        bail!(
+            "creating pid {pid} with clone3(set_tid): {e}{}",
+            if e.raw_os_error() == Some(libc::EPERM) {
+                " (needs root or CAP_CHECKPOINT_RESTORE)"
+            } else {
+                ""
+            }
+        );
+    }
+    if r == 0 {
+        drop(ready_r);
+        drop(hold_w);
+        crate::child::child_main(img, helpers, ready_w, hold_r);
+    }
+    drop(ready_w);
+    drop(hold_r);
+    let mut guard = ChildGuard { pid, armed: true };
+    // The child reports "OK" or an error message, then blocks.
+    let mut msg = Vec::new();
+    let mut f = std::fs::File::from(ready_r);
+    use std::io::Read;
+    let _ = f.read_to_end(&mut msg);
+    let text = String::from_utf8_lossy(&msg).into_owned();
+    if text != "OK" {
+        bail!(
+            "preparing pid {pid}: {}",
+            if text.is_empty() {
+                "the new task died"
+            } else {
+                text.as_str()
+            }
+        );
+    }
+    guard.armed = false;
+    let _ = hold_w.as_raw_fd();
+    Ok(Child {
+        _hold_w: hold_w,
+        leftover_fds: crate::child::leftover_fds(),
+    })
+}
+
+/// Closes a raw fd we were handed by number.
+pub fn own(fd: RawFd) -> OwnedFd {
+    // SAFETY: callers pass descriptors they own and nobody else closes.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}

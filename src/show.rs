@@ -1,0 +1,106 @@
+//! `stasis show DIR`: what an image holds, checked as thoroughly as a restore would check it.
+
+use anyhow::Result;
+use serde::Serialize;
+
+#[derive(Serialize)]
+struct Summary<'a> {
+    pid: i32,
+    comm: &'a str,
+    kernel: &'a str,
+    created: u64,
+    threads: &'a [i32],
+    vmas: usize,
+    pages: u64,
+    page_bytes: u64,
+    fds: Vec<String>,
+    vdso: Vec<String>,
+    vdso_symbols: usize,
+    vdso_strategy: String,
+    mappings: Vec<String>,
+}
+
+pub fn show(dir: &std::path::Path, json: bool) -> Result<()> {
+    let img = crate::restore::load(dir)?;
+    let pages: u64 = img
+        .mm
+        .vmas
+        .iter()
+        .flat_map(|v| &v.pages)
+        .map(|r| r.pages)
+        .sum();
+    let strategy = match crate::plan::VdsoPlan::decide(&img.vdso) {
+        Ok(crate::plan::VdsoPlan::Remap { .. }) => "remap: this kernel's vDSO is identical (layout and code); its areas are moved onto the dumped addresses".to_string(),
+        Ok(crate::plan::VdsoPlan::Unmap { .. }) => "none: the process had unmapped its vDSO; the new task's is removed".to_string(),
+        Err(e) => format!("cannot restore here: {e:#}"),
+    };
+    let s = Summary {
+        pid: img.inventory.pid,
+        comm: &img.inventory.comm,
+        kernel: &img.inventory.kernel,
+        created: img.inventory.created,
+        threads: &img.inventory.threads,
+        vmas: img.mm.vmas.len(),
+        pages,
+        page_bytes: img.pages.data_len(),
+        fds: img
+            .files
+            .fds
+            .iter()
+            .map(|f| format!("{}: {:?}", f.fd, f.kind))
+            .collect(),
+        vdso: img
+            .vdso
+            .areas
+            .iter()
+            .map(|a| format!("{} {:#x}-{:#x}", a.0, a.1, a.2))
+            .collect(),
+        vdso_symbols: img.vdso.symbols.len(),
+        vdso_strategy: strategy,
+        mappings: img
+            .mm
+            .vmas
+            .iter()
+            .map(|v| {
+                format!(
+                    "{:#014x}-{:#014x} {} {} pages {}",
+                    v.start,
+                    v.end,
+                    prot(v.prot),
+                    v.pages.iter().map(|r| r.pages).sum::<u64>(),
+                    v.name
+                )
+            })
+            .collect(),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    println!(
+        "image of pid {} ({}) made under kernel {}",
+        s.pid, s.comm, s.kernel
+    );
+    println!("  threads: {:?}", s.threads);
+    println!(
+        "  memory: {} VMAs, {} pages dumped ({:.1} MiB of page data)",
+        s.vmas,
+        s.pages,
+        s.page_bytes as f64 / (1 << 20) as f64
+    );
+    for m in &s.mappings {
+        println!("    {m}");
+    }
+    println!("  files:");
+    for f in &s.fds {
+        println!("    {f}");
+    }
+    println!("  vDSO: {} ({} symbols)", s.vdso.join(", "), s.vdso_symbols);
+    println!("  restore here: {}", s.vdso_strategy);
+    Ok(())
+}
+
+fn prot(p: u32) -> String {
+    let bit = |b: u32, c: char| if p & b != 0 { c } else { '-' };
+    [bit(1, 'r'), bit(2, 'w'), bit(4, 'x')].iter().collect()
+}
