@@ -301,6 +301,7 @@ fn collect_mm(
         .with_context(|| format!("opening /proc/{pid}/mem"))?;
     let mut out = Vec::with_capacity(vmas.len());
     let mut buf = vec![0u8; CHUNK];
+    let (mut t_read, mut t_write) = (Duration::ZERO, Duration::ZERO);
     let mut entries = Vec::new();
     for v in &vmas {
         let Some(backing) = backing_of(v)? else {
@@ -327,9 +328,12 @@ fn collect_mm(
             }
             let addr = v.start + (i * PAGE_SIZE) as u64;
             let len = (j - i) * PAGE_SIZE;
-            mem.read_exact_at(&mut buf[..len], addr)
-                .with_context(|| format!("reading memory at {addr:#x} of {v}"))?;
+            let tr = Instant::now();
+            read_remote(pid, &mem, v, addr, &mut buf[..len])?;
+            t_read += tr.elapsed();
+            let tw = Instant::now();
             let file_off = pages.append(&buf[..len])?;
+            t_write += tw.elapsed();
             match runs.last_mut() {
                 Some(PageRun {
                     addr: a,
@@ -360,6 +364,7 @@ fn collect_mm(
         });
     }
 
+    tracing::info!(pid, read = ?t_read, write = ?t_write, "memory copied");
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
     let f = stat_fields(&stat).with_context(|| format!("parsing /proc/{pid}/stat"))?;
@@ -416,6 +421,35 @@ fn collect_mm(
         },
         vdso,
     ))
+}
+
+/// Reads target memory: `process_vm_readv` (one copy, pages pinned in batches) where the VMA
+/// is readable, /proc/PID/mem (which may read through PROT_NONE) where it is not.
+fn read_remote(
+    pid: i32,
+    mem: &File,
+    v: &stasis_proc::Vma,
+    addr: u64,
+    buf: &mut [u8],
+) -> Result<()> {
+    if v.prot & stasis_proc::PROT_READ != 0 {
+        let local = [std::io::IoSliceMut::new(buf)];
+        let len = local[0].len();
+        let remote = [nix::sys::uio::RemoteIoVec {
+            base: addr as usize,
+            len,
+        }];
+        match nix::sys::uio::process_vm_readv(
+            nix::unistd::Pid::from_raw(pid),
+            &mut [std::io::IoSliceMut::new(buf)],
+            &remote,
+        ) {
+            Ok(n) if n == len => return Ok(()),
+            _ => {}
+        }
+    }
+    mem.read_exact_at(buf, addr)
+        .with_context(|| format!("reading memory at {addr:#x} of {v}"))
 }
 
 /// Numeric fields of /proc/PID/stat after the comm, numbered as in proc(5) (field 3 = state

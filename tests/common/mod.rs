@@ -202,3 +202,133 @@ pub fn detail(details: &str, key: &str) -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no {key}= in {details:?}"))
 }
+
+/// A fixture started with `--daemon`: reparented away from the harness, as a dumped and
+/// restored process is. Its verdict is read from its out file.
+pub struct Daemon {
+    pub pid: i32,
+    pub dir: tempdir::Dir,
+    pub name: String,
+}
+
+impl Daemon {
+    pub fn start(name: &str, args: &[&str]) -> Daemon {
+        let dir = tempdir::Dir::new(name);
+        let pidfile = dir.path().join("pid");
+        let status = Command::new(fixture_bin(name))
+            .arg("--pidfile")
+            .arg(&pidfile)
+            .arg("--out")
+            .arg(dir.path().join("out"))
+            .arg("--daemon")
+            .args(
+                args.iter()
+                    .map(|a| a.replace("{dir}", &dir.path().to_string_lossy())),
+            )
+            .status()
+            .unwrap_or_else(|e| panic!("starting fixture {name}: {e}"));
+        assert!(
+            status.success(),
+            "fixture {name} did not get ready ({status})"
+        );
+        let pid = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or_else(|| panic!("fixture {name}: no pid file"));
+        Daemon {
+            pid,
+            dir,
+            name: name.to_string(),
+        }
+    }
+
+    pub fn image(&self, n: u32) -> PathBuf {
+        self.dir.path().join(format!("img{n}"))
+    }
+
+    /// `stasis dump -t PID -D img<n>`; asserts success and that the process is gone.
+    pub fn dump(&self, n: u32) {
+        let img = self.image(n);
+        let o = stasis(&[
+            "dump",
+            "-t",
+            &self.pid.to_string(),
+            "-D",
+            &img.to_string_lossy(),
+        ]);
+        assert!(
+            o.status.success(),
+            "dump of {} failed: {}",
+            self.name,
+            stderr_of(&o)
+        );
+        wait_gone(self.pid);
+    }
+
+    /// `stasis restore -D img<n> --detach`; asserts success and that the process runs.
+    pub fn restore(&self, n: u32) {
+        let img = self.image(n);
+        let o = stasis(&["restore", "-D", &img.to_string_lossy(), "--detach"]);
+        assert!(
+            o.status.success(),
+            "restore of {} failed: {}",
+            self.name,
+            stderr_of(&o)
+        );
+        let st = stasis_state(self.pid);
+        assert!(
+            matches!(st, 'S' | 'R' | 'D'),
+            "restored {} is in state {st}",
+            self.name
+        );
+        assert_eq!(
+            tracer_of(self.pid),
+            0,
+            "restored {} is still traced",
+            self.name
+        );
+    }
+
+    /// SIGTERM, then the verdict the fixture writes.
+    pub fn finish(self) -> String {
+        let out = self.dir.path().join("out");
+        let _ = std::fs::remove_file(&out);
+        // SAFETY: signalling the fixture's pid.
+        unsafe { libc::kill(self.pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(v) = std::fs::read_to_string(&out) {
+                if v.ends_with('\n') {
+                    return v;
+                }
+            }
+            if Instant::now() > deadline {
+                return format!(
+                    "FAIL: no verdict from {} (state {})",
+                    self.name,
+                    stasis_state(self.pid)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: best-effort cleanup of the fixture's pid if the test failed half-way.
+        if stasis_state(self.pid) != '?' && stasis_state(self.pid) != 'Z' {
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Waits until `pid` has disappeared entirely (a killed daemon stays a zombie until init
+/// reaps it, which takes a moment here): restoring needs the pid free.
+pub fn wait_gone(pid: i32) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(Instant::now() < deadline, "pid {pid} did not go away");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

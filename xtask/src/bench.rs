@@ -13,11 +13,26 @@ pub enum Which {
         #[arg(long, default_value_t = 200)]
         runs: usize,
     },
+    /// Dump and restore of a process holding N MiB of distinct pages, against CRIU if found.
+    DumpRestore {
+        /// Sizes in MiB.
+        #[arg(long, value_delimiter = ',', default_value = "16,256,1024")]
+        sizes: Vec<u64>,
+        /// Measured runs per size and tool.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// A CRIU (>= 4.1) binary to measure in the same run; default: `criu` on PATH.
+        #[arg(long)]
+        criu: Option<std::path::PathBuf>,
+    },
 }
 
 pub fn run(which: Which) -> Result<()> {
     match which {
         Which::Infect { runs } => infect(runs),
+        Which::DumpRestore { sizes, runs, criu } => {
+            crate::bench_cr::run(&sizes, runs, crate::bench_cr::find_criu(criu))
+        }
     }
 }
 

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod bench;
+mod bench_cr;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -24,7 +25,7 @@ enum Cmd {
     Lint,
     /// What CI runs: lint, then test.
     Ci,
-    /// Benchmarks: `infect` (seize → vDSO report → cure → detach round trip).
+    /// Benchmarks: `infect` (seize → vDSO report → cure → detach round trip), `dump-restore`.
     Bench {
         #[command(subcommand)]
         which: bench::Which,

@@ -30,8 +30,10 @@ pub(crate) const HEADER_XXH3_AT: usize = 32;
 /// Chunks smaller than this are gathered before being written; larger ones are written as they
 /// come. Bounds the writer's memory.
 const WRITE_BUFFER: usize = 4 << 20;
-/// Read size of [`PageReader::verify`].
-const VERIFY_CHUNK: usize = 8 << 20;
+/// Read size of [`PageReader::verify`]: small enough that the hash reads what pread just copied
+/// while it is still in the core's L2 cache (1 MiB verified 1 GiB in ~100 ms here, 8 MiB in
+/// ~175 ms).
+const VERIFY_CHUNK: usize = 1 << 20;
 
 /// What [`PageWriter::finish`] wrote.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,0 +1,243 @@
+//! `cargo xtask bench dump-restore`: dump and restore of a process holding N MiB of distinct
+//! pages, stasis and (when found) CRIU measured in the same run on the same workload.
+//!
+//! Each round: start `memhold N` in its own session, wait until it is ready, time the dump
+//! (as a separate process, so its peak RSS is its own), reap the killed original, time the
+//! restore (`-d`), then ask the restored process to verify every word of its memory. A round
+//! whose restored copy does not verify is an error, not a figure.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+pub struct Tool {
+    pub name: &'static str,
+    pub bin: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Round {
+    pub dump: Duration,
+    pub restore: Duration,
+    pub dump_rss_kib: u64,
+    pub restore_rss_kib: u64,
+}
+
+fn memhold(work: &Path) -> Result<PathBuf> {
+    let src = crate::repo_root().join("xtask/workloads/memhold.c");
+    let exe = work.join("memhold");
+    let status = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
+        .args(["-O2", "-Wall", "-o"])
+        .arg(&exe)
+        .arg(&src)
+        .status()
+        .context("compiling memhold")?;
+    if !status.success() {
+        bail!("compiling {} failed", src.display());
+    }
+    Ok(exe)
+}
+
+/// Runs a command to completion; returns its wall time and peak RSS (KiB).
+fn timed(cmd: &mut Command, what: &str) -> Result<(Duration, u64)> {
+    let t = Instant::now();
+    let child = cmd.spawn().with_context(|| format!("starting {what}"))?;
+    let mut status = 0;
+    // SAFETY: rusage is plain data, filled by wait4 for our own child.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waiting for the child we just spawned.
+    let r = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    let elapsed = t.elapsed();
+    if r < 0 || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        bail!("{what} failed (status {status:#x})");
+    }
+    Ok((elapsed, ru.ru_maxrss as u64))
+}
+
+fn wait_until(deadline: Duration, mut f: impl FnMut() -> bool, what: &str) -> Result<()> {
+    let end = Instant::now() + deadline;
+    while !f() {
+        if Instant::now() > end {
+            bail!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+fn gone(pid: i32) -> bool {
+    !Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// One dump + restore of a fresh `memhold mib` with `tool`.
+pub fn round(tool: &Tool, memhold: &Path, work: &Path, mib: u64) -> Result<Round> {
+    let dir = work.join(format!("{}-{mib}", tool.name));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let state = dir.join("state");
+    let img = dir.join("img");
+    std::fs::create_dir_all(&img)?;
+    let mut launcher = Command::new("setsid");
+    launcher
+        .arg("-f")
+        .arg(memhold)
+        .arg(mib.to_string())
+        .arg(&state)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    if !launcher.status()?.success() {
+        bail!("starting memhold");
+    }
+    let read_state = || std::fs::read_to_string(&state).unwrap_or_default();
+    wait_until(
+        Duration::from_secs(120),
+        || read_state().starts_with("READY"),
+        "memhold to fill its memory",
+    )?;
+    let pid: i32 = read_state()
+        .trim()
+        .trim_start_matches("READY pid=")
+        .parse()
+        .context("memhold state")?;
+
+    let img_s = img.to_string_lossy().into_owned();
+    let pid_s = pid.to_string();
+    let mut dump = Command::new(&tool.bin);
+    let mut restore = Command::new(&tool.bin);
+    if tool.name == "criu" {
+        dump.args(["dump", "-t", &pid_s, "-D", &img_s, "-o", "dump.log"]);
+        restore.args(["restore", "-D", &img_s, "-d", "-o", "restore.log"]);
+    } else {
+        dump.args(["dump", "-t", &pid_s, "-D", &img_s]);
+        restore.args(["restore", "-D", &img_s, "-d"]);
+    }
+    for c in [&mut dump, &mut restore] {
+        c.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+    }
+    let (dump_t, dump_rss) = timed(&mut dump, &format!("{} dump of pid {pid}", tool.name))?;
+    wait_until(
+        Duration::from_secs(60),
+        || gone(pid),
+        "the dumped process to be reaped",
+    )?;
+    let (restore_t, restore_rss) =
+        timed(&mut restore, &format!("{} restore of pid {pid}", tool.name))?;
+    let _ = std::fs::remove_file(&state);
+    // SAFETY: asking our restored workload to verify itself.
+    unsafe { libc::kill(pid, libc::SIGUSR1) };
+    wait_until(
+        Duration::from_secs(120),
+        || !read_state().is_empty(),
+        "the restored process to verify its memory",
+    )?;
+    let verdict = read_state();
+    // SAFETY: the workload's job is done.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    if !verdict.starts_with("OK") {
+        bail!("{}: restored memory did not verify: {verdict}", tool.name);
+    }
+    wait_until(
+        Duration::from_secs(60),
+        || gone(pid),
+        "the restored process to be reaped",
+    )?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(Round {
+        dump: dump_t,
+        restore: restore_t,
+        dump_rss_kib: dump_rss,
+        restore_rss_kib: restore_rss,
+    })
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+pub fn run(sizes: &[u64], runs: usize, criu: Option<PathBuf>) -> Result<()> {
+    if runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let root = crate::repo_root();
+    let mut b = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    b.current_dir(&root)
+        .args(["build", "--release", "--quiet", "--bin", "stasis"]);
+    if !b.status()?.success() {
+        bail!("building stasis");
+    }
+    let work = root.join("target/bench");
+    std::fs::create_dir_all(&work)?;
+    let memhold = memhold(&work)?;
+    let mut tools = vec![Tool {
+        name: "stasis",
+        bin: root.join("target/release/stasis"),
+    }];
+    match criu {
+        Some(bin) => tools.push(Tool { name: "criu", bin }),
+        None => println!(
+            "(no CRIU >= 4.1 found: pass --criu PATH or put it on PATH to measure the peer)"
+        ),
+    }
+    println!(
+        "bench dump-restore: {runs} runs per size, medians; memory verified after every restore"
+    );
+    println!(
+        "{:<8} {:<7} {:>10} {:>10} {:>13} {:>13}",
+        "size", "tool", "dump", "restore", "dump peak RSS", "restore RSS"
+    );
+    for &mib in sizes {
+        let mut medians = Vec::new();
+        for tool in &tools {
+            // One warm-up round: the first touch of fresh memory is far slower on this VM.
+            round(tool, &memhold, &work, mib.min(64))?;
+            let rounds: Vec<Round> = (0..runs)
+                .map(|_| round(tool, &memhold, &work, mib))
+                .collect::<Result<_>>()?;
+            let d = median(rounds.iter().map(|r| r.dump).collect());
+            let r = median(rounds.iter().map(|r| r.restore).collect());
+            let drss = rounds.iter().map(|r| r.dump_rss_kib).max().unwrap_or(0);
+            let rrss = rounds.iter().map(|r| r.restore_rss_kib).max().unwrap_or(0);
+            println!(
+                "{:<8} {:<7} {:>9.3}s {:>9.3}s {:>10.1} MiB {:>10.1} MiB",
+                format!("{mib}MiB"),
+                tool.name,
+                d.as_secs_f64(),
+                r.as_secs_f64(),
+                drss as f64 / 1024.0,
+                rrss as f64 / 1024.0
+            );
+            medians.push((d, r));
+        }
+        if let [(sd, sr), (cd, cr)] = medians[..] {
+            println!(
+                "{:<8} ratio   stasis/criu: dump {:.2}x, restore {:.2}x",
+                format!("{mib}MiB"),
+                sd.as_secs_f64() / cd.as_secs_f64(),
+                sr.as_secs_f64() / cr.as_secs_f64()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A CRIU >= 4.1 to compare with: `--criu PATH`, else `criu` on PATH if its version fits.
+pub fn find_criu(explicit: Option<PathBuf>) -> Option<PathBuf> {
+    if explicit.is_some() {
+        return explicit;
+    }
+    let out = Command::new("criu").arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Version: "))?
+        .trim()
+        .to_string();
+    let mut parts = version.split('.').map(|x| x.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    ((major, minor) >= (4, 1)).then(|| PathBuf::from("criu"))
+}
