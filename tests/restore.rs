@@ -117,3 +117,87 @@ fn memory_of_every_vma_kind_comes_back() {
         roundtrip("memory", &[]);
     }
 }
+
+// ---- bad images: refused before anything is created ------------------------------------------
+
+/// Dumps a sleeper, damages the image with `damage`, and checks the restore is refused with a
+/// message containing `needle`, leaving no process behind.
+fn refused_after(needle: &str, damage: impl Fn(&std::path::Path)) {
+    let d = Daemon::start("sleeper", &[]);
+    d.dump(1);
+    let img = d.image(1);
+    damage(&img);
+    let o = stasis(&["restore", "-D", &img.to_string_lossy(), "--detach"]);
+    let e = stderr_of(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert_eq!(e.trim().lines().count(), 1, "one-line error: {e}");
+    assert!(e.to_lowercase().contains(needle), "{e:?} should mention {needle:?}");
+    assert!(!std::path::Path::new(&format!("/proc/{}", d.pid)).exists(), "a process was left at pid {}", d.pid);
+}
+
+fn flip(path: &std::path::Path, off: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).expect("open image file");
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, off).expect("read");
+    b[0] ^= 0x40;
+    f.write_all_at(&b, off).expect("write");
+}
+
+/// Rewrites a u32 header field of a record file and re-seals the header checksum, so only
+/// that field is wrong.
+fn set_header_u32(path: &std::path::Path, off: usize, value: u32) {
+    let mut bytes = std::fs::read(path).expect("read record");
+    bytes[off..off + 4].copy_from_slice(&value.to_le_bytes());
+    let mut header = bytes[..64].to_vec();
+    header[40..48].fill(0);
+    let sum = xxhash_rust::xxh3::xxh3_64(&header);
+    bytes[40..48].copy_from_slice(&sum.to_le_bytes());
+    std::fs::write(path, bytes).expect("write record");
+}
+
+#[test]
+fn bad_checksum_is_refused() {
+    if require_root("bad_checksum_is_refused") {
+        refused_after("checksum", |img| flip(&img.join("mm.img"), 100));
+    }
+}
+
+#[test]
+fn bad_page_data_is_refused() {
+    if require_root("bad_page_data_is_refused") {
+        refused_after("checksum", |img| flip(&img.join("pages.img"), 4096 + 17));
+    }
+}
+
+#[test]
+fn truncated_page_file_is_refused() {
+    if require_root("truncated_page_file_is_refused") {
+        refused_after("truncated", |img| {
+            let f = std::fs::OpenOptions::new().write(true).open(img.join("pages.img")).expect("open");
+            let len = f.metadata().expect("stat").len();
+            f.set_len(len - 4096).expect("truncate");
+        });
+    }
+}
+
+#[test]
+fn missing_file_is_refused() {
+    if require_root("missing_file_is_refused") {
+        refused_after("files.img", |img| std::fs::remove_file(img.join("files.img")).expect("remove"));
+    }
+}
+
+#[test]
+fn other_format_version_is_refused() {
+    if require_root("other_format_version_is_refused") {
+        refused_after("version", |img| set_header_u32(&img.join("inventory.img"), 8, 99));
+    }
+}
+
+#[test]
+fn other_architecture_is_refused() {
+    if require_root("other_architecture_is_refused") {
+        refused_after("arch", |img| set_header_u32(&img.join("process.img"), 12, 2));
+    }
+}
