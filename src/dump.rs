@@ -217,7 +217,7 @@ const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAPPED: u64 = 1 << 62;
 const PM_FILE: u64 = 1 << 61;
 /// Pages are read and written in chunks of at most this many bytes: bounds peak memory.
-const CHUNK: usize = 4 << 20;
+const CHUNK: usize = 1 << 20;
 
 fn growsdown_set(pid: i32) -> Result<std::collections::HashSet<u64>> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
@@ -299,11 +299,13 @@ fn collect_mm(
         .with_context(|| format!("opening /proc/{pid}/pagemap"))?;
     let mem = File::open(format!("/proc/{pid}/mem"))
         .with_context(|| format!("opening /proc/{pid}/mem"))?;
+    // Pass 1: which pages of which VMA go where in pages.img. Appends are sequential, so every
+    // chunk's file offset is known before a byte is copied.
     let mut out = Vec::with_capacity(vmas.len());
-    let mut buf = vec![0u8; CHUNK];
-    let (mut t_read, mut t_write) = (Duration::ZERO, Duration::ZERO);
+    let mut chunks: Vec<(usize, u64, usize)> = Vec::new(); // (index into vmas, address, length)
+    let mut next_off = stasis_image::DATA_OFFSET + pages.data_len();
     let mut entries = Vec::new();
-    for v in &vmas {
+    for (vi, v) in vmas.iter().enumerate() {
         let Some(backing) = backing_of(v)? else {
             continue;
         };
@@ -312,12 +314,11 @@ fn collect_mm(
         pagemap
             .read_exact_at(&mut entries, v.start / PAGE_SIZE as u64 * 8)
             .with_context(|| format!("reading the pagemap of {v}"))?;
-        let mut runs = Vec::new();
+        let e =
+            |k: usize| u64::from_le_bytes(entries[k * 8..k * 8 + 8].try_into().unwrap_or([0; 8]));
+        let mut runs: Vec<PageRun> = Vec::new();
         let mut i = 0;
         while i < npages {
-            let e = |k: usize| {
-                u64::from_le_bytes(entries[k * 8..k * 8 + 8].try_into().unwrap_or([0; 8]))
-            };
             if !wants_page(&backing, v.shared, e(i)) {
                 i += 1;
                 continue;
@@ -328,28 +329,21 @@ fn collect_mm(
             }
             let addr = v.start + (i * PAGE_SIZE) as u64;
             let len = (j - i) * PAGE_SIZE;
-            let tr = Instant::now();
-            read_remote(pid, &mem, v, addr, &mut buf[..len])?;
-            t_read += tr.elapsed();
-            let tw = Instant::now();
-            let file_off = pages.append(&buf[..len])?;
-            t_write += tw.elapsed();
+            chunks.push((vi, addr, len));
             match runs.last_mut() {
-                Some(PageRun {
-                    addr: a,
-                    pages: n,
-                    file_off: f,
-                }) if *a + *n * PAGE_SIZE as u64 == addr
-                    && *f + *n * PAGE_SIZE as u64 == file_off =>
+                Some(r)
+                    if r.addr + r.pages * PAGE_SIZE as u64 == addr
+                        && r.file_off + r.pages * PAGE_SIZE as u64 == next_off =>
                 {
-                    *n += (j - i) as u64;
+                    r.pages += (j - i) as u64;
                 }
                 _ => runs.push(PageRun {
                     addr,
                     pages: (j - i) as u64,
-                    file_off,
+                    file_off: next_off,
                 }),
             }
+            next_off += len as u64;
             i = j;
         }
         out.push(Vma {
@@ -363,7 +357,8 @@ fn collect_mm(
             pages: runs,
         });
     }
-
+    // Pass 2: copy, reading on this thread and writing on another, so both cores work.
+    let (t_read, t_write) = copy_chunks(pid, &mem, &vmas, &chunks, pages)?;
     tracing::info!(pid, read = ?t_read, write = ?t_write, "memory copied");
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
@@ -421,6 +416,60 @@ fn collect_mm(
         },
         vdso,
     ))
+}
+
+/// Copies `chunks` of the target's memory into `pages`: a reader (this thread) and a writer
+/// thread hand a few buffers back and forth. Returns the time each side spent working.
+fn copy_chunks(
+    pid: i32,
+    mem: &File,
+    vmas: &[stasis_proc::Vma],
+    chunks: &[(usize, u64, usize)],
+    pages: &mut PageWriter,
+) -> Result<(Duration, Duration)> {
+    use std::sync::mpsc::sync_channel;
+    const BUFFERS: usize = 3;
+    let (full_tx, full_rx) = sync_channel::<(Vec<u8>, usize)>(BUFFERS);
+    let (empty_tx, empty_rx) = sync_channel::<Vec<u8>>(BUFFERS);
+    for _ in 0..BUFFERS {
+        empty_tx
+            .send(vec![0u8; CHUNK])
+            .map_err(|_| anyhow::anyhow!("buffer pool"))?;
+    }
+    std::thread::scope(|s| {
+        let writer = s.spawn(move || -> Result<Duration> {
+            let mut busy = Duration::ZERO;
+            for (buf, len) in full_rx {
+                let t = Instant::now();
+                pages.append(&buf[..len])?;
+                busy += t.elapsed();
+                // The reader may have finished and dropped its end: nothing left to recycle for.
+                let _ = empty_tx.send(buf);
+            }
+            Ok(busy)
+        });
+        let mut reading = Duration::ZERO;
+        let mut result = Ok(());
+        for &(vi, addr, len) in chunks {
+            let Ok(mut buf) = empty_rx.recv() else {
+                break; // the writer stopped early: its error is reported below
+            };
+            let t = Instant::now();
+            if let Err(e) = read_remote(pid, mem, &vmas[vi], addr, &mut buf[..len]) {
+                result = Err(e);
+                break;
+            }
+            reading += t.elapsed();
+            if full_tx.send((buf, len)).is_err() {
+                break;
+            }
+        }
+        drop(full_tx);
+        let writing = writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("the page writer thread panicked"))??;
+        result.map(|()| (reading, writing))
+    })
 }
 
 /// Reads target memory: `process_vm_readv` (one copy, pages pinned in batches) where the VMA

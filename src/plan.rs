@@ -322,6 +322,7 @@ pub fn free_range(
 }
 
 const SYS_MMAP: i64 = libc::SYS_mmap;
+const MADV_POPULATE_WRITE: u64 = 23;
 
 impl Plan {
     pub fn build(
@@ -681,6 +682,22 @@ impl Plan {
             }
         }
         for r in &v.pages {
+            // Fault the destination in first, in one batch: far cheaper than taking one page
+            // fault per 4 KiB inside the copy. Only the dumped pages: sparse memory stays sparse.
+            // (Best effort: kernels before 5.14 lack MADV_POPULATE_WRITE; the read still works.)
+            self.op(
+                libc::SYS_madvise,
+                [
+                    V(r.addr),
+                    V(r.pages * PAGE),
+                    V(MADV_POPULATE_WRITE),
+                    V(0),
+                    V(0),
+                    V(0),
+                ],
+                EXPECT_ANY,
+                format!("populate {} pages at {:#x}", r.pages, r.addr),
+            );
             self.op(
                 0,
                 [

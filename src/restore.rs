@@ -168,6 +168,7 @@ fn inherited(img: &Image) -> Vec<i32> {
 pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
     let t0 = Instant::now();
     let img = load(dir)?;
+    tracing::info!(elapsed = ?t0.elapsed(), "image loaded and verified");
     let pid = img.inventory.pid;
     if std::path::Path::new(&format!("/proc/{pid}")).exists() {
         bail!("pid {pid} is in use: the restored process needs its old pid (kill the process using it, or wait for it to be reaped)");
@@ -208,12 +209,14 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
     let (bytes, ops_len) = plan.encode(base);
     tracing::debug!(region = ?parasite.remote_region(), "restorer region");
     plan.log();
+    let t_plan = Instant::now();
     let reply = parasite.run_plan(
         stasis_abi::CommandId::Restore,
         &bytes,
         ops_len,
         Duration::from_secs(60),
     );
+    tracing::info!(pid, elapsed = ?t_plan.elapsed(), ops = plan.len(), "restorer ran the plan");
     if reply.is_err() {
         tracing::debug!(maps = %std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default(), "task at failure");
     }

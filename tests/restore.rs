@@ -131,13 +131,24 @@ fn refused_after(needle: &str, damage: impl Fn(&std::path::Path)) {
     let e = stderr_of(&o);
     assert_eq!(o.status.code(), Some(1), "{e}");
     assert_eq!(e.trim().lines().count(), 1, "one-line error: {e}");
-    assert!(e.to_lowercase().contains(needle), "{e:?} should mention {needle:?}");
-    assert!(!std::path::Path::new(&format!("/proc/{}", d.pid)).exists(), "a process was left at pid {}", d.pid);
+    assert!(
+        e.to_lowercase().contains(needle),
+        "{e:?} should mention {needle:?}"
+    );
+    assert!(
+        !std::path::Path::new(&format!("/proc/{}", d.pid)).exists(),
+        "a process was left at pid {}",
+        d.pid
+    );
 }
 
 fn flip(path: &std::path::Path, off: u64) {
     use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).expect("open image file");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open image file");
     let mut b = [0u8];
     f.read_exact_at(&mut b, off).expect("read");
     b[0] ^= 0x40;
@@ -174,7 +185,10 @@ fn bad_page_data_is_refused() {
 fn truncated_page_file_is_refused() {
     if require_root("truncated_page_file_is_refused") {
         refused_after("truncated", |img| {
-            let f = std::fs::OpenOptions::new().write(true).open(img.join("pages.img")).expect("open");
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(img.join("pages.img"))
+                .expect("open");
             let len = f.metadata().expect("stat").len();
             f.set_len(len - 4096).expect("truncate");
         });
@@ -184,20 +198,26 @@ fn truncated_page_file_is_refused() {
 #[test]
 fn missing_file_is_refused() {
     if require_root("missing_file_is_refused") {
-        refused_after("files.img", |img| std::fs::remove_file(img.join("files.img")).expect("remove"));
+        refused_after("files.img", |img| {
+            std::fs::remove_file(img.join("files.img")).expect("remove")
+        });
     }
 }
 
 #[test]
 fn other_format_version_is_refused() {
     if require_root("other_format_version_is_refused") {
-        refused_after("version", |img| set_header_u32(&img.join("inventory.img"), 8, 99));
+        refused_after("version", |img| {
+            set_header_u32(&img.join("inventory.img"), 8, 99)
+        });
     }
 }
 
 #[test]
 fn other_architecture_is_refused() {
     if require_root("other_architecture_is_refused") {
-        refused_after("arch", |img| set_header_u32(&img.join("process.img"), 12, 2));
+        refused_after("arch", |img| {
+            set_header_u32(&img.join("process.img"), 12, 2)
+        });
     }
 }

@@ -39,8 +39,10 @@ fn memhold(work: &Path) -> Result<PathBuf> {
     Ok(exe)
 }
 
-/// Runs a command to completion; returns its wall time and peak RSS (KiB).
-fn timed(cmd: &mut Command, what: &str) -> Result<(Duration, u64)> {
+/// Runs a command to completion; returns its wall time and peak RSS (KiB). Its stderr goes to
+/// `log` and is shown if it fails.
+fn timed(cmd: &mut Command, what: &str, log: &Path) -> Result<(Duration, u64)> {
+    cmd.stderr(std::fs::File::create(log)?);
     let t = Instant::now();
     let child = cmd.spawn().with_context(|| format!("starting {what}"))?;
     let mut status = 0;
@@ -50,7 +52,8 @@ fn timed(cmd: &mut Command, what: &str) -> Result<(Duration, u64)> {
     let r = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
     let elapsed = t.elapsed();
     if r < 0 || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
-        bail!("{what} failed (status {status:#x})");
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        bail!("{what} failed (status {status:#x}): {}", text.trim());
     }
     Ok((elapsed, ru.ru_maxrss as u64))
 }
@@ -118,14 +121,21 @@ pub fn round(tool: &Tool, memhold: &Path, work: &Path, mib: u64) -> Result<Round
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
     }
-    let (dump_t, dump_rss) = timed(&mut dump, &format!("{} dump of pid {pid}", tool.name))?;
+    let (dump_t, dump_rss) = timed(
+        &mut dump,
+        &format!("{} dump of pid {pid}", tool.name),
+        &dir.join("dump.err"),
+    )?;
     wait_until(
         Duration::from_secs(60),
         || gone(pid),
         "the dumped process to be reaped",
     )?;
-    let (restore_t, restore_rss) =
-        timed(&mut restore, &format!("{} restore of pid {pid}", tool.name))?;
+    let (restore_t, restore_rss) = timed(
+        &mut restore,
+        &format!("{} restore of pid {pid}", tool.name),
+        &dir.join("restore.err"),
+    )?;
     let _ = std::fs::remove_file(&state);
     // SAFETY: asking our restored workload to verify itself.
     unsafe { libc::kill(pid, libc::SIGUSR1) };
