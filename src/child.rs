@@ -19,10 +19,16 @@ pub fn leftover_fds() -> Vec<RawFd> {
     Vec::new()
 }
 
-pub fn child_main(img: &Image, h: &Helpers, ready: OwnedFd, hold: OwnedFd) -> ! {
+pub fn child_main(
+    img: &Image,
+    h: &Helpers,
+    data: &HashMap<i32, Vec<u8>>,
+    ready: OwnedFd,
+    hold: OwnedFd,
+) -> ! {
     let ready_fd = ready.into_raw_fd();
     let hold_fd = hold.into_raw_fd();
-    let outcome = prepare(img, h, ready_fd, hold_fd);
+    let outcome = prepare(img, h, data, ready_fd, hold_fd);
     let msg = match &outcome {
         Ok(()) => "OK".to_string(),
         Err(e) => format!("{e:#}"),
@@ -103,7 +109,13 @@ fn open_at(path: &str, flags: i32, mode: u32, target: RawFd, cloexec: bool) -> R
     place(fd, target, cloexec)
 }
 
-fn prepare(img: &Image, h: &Helpers, ready: RawFd, hold: RawFd) -> Result<()> {
+fn prepare(
+    img: &Image,
+    h: &Helpers,
+    data: &HashMap<i32, Vec<u8>>,
+    ready: RawFd,
+    hold: RawFd,
+) -> Result<()> {
     // SAFETY: plain libc calls on our own process; arguments are valid.
     unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
@@ -150,24 +162,14 @@ fn prepare(img: &Image, h: &Helpers, ready: RawFd, hold: RawFd) -> Result<()> {
                 open_at(path, status, 0, f.fd, f.cloexec)?;
                 seek(f.fd, f.pos)?;
             }
-            FdKind::Deleted {
-                path,
-                data_off,
-                len,
-                mode,
-            } => {
-                restore_deleted(img, f, path, *data_off, *len, *mode, status)?;
+            FdKind::Deleted { path, mode, .. } => {
+                restore_deleted(f, path, data_of(data, f.fd), *mode, status)?;
             }
             FdKind::Tty { .. } => {
                 let tmp = inherit[&f.fd];
                 place(tmp, f.fd, f.cloexec)?;
             }
-            FdKind::Pipe {
-                id,
-                data_off,
-                len,
-                size,
-            } => {
+            FdKind::Pipe { id, size, .. } => {
                 if let Some(&tmp) = inherit.get(&f.fd) {
                     place(tmp, f.fd, f.cloexec)?;
                     continue;
@@ -175,7 +177,7 @@ fn prepare(img: &Image, h: &Helpers, ready: RawFd, hold: RawFd) -> Result<()> {
                 let (r, w) = match pipes.get(id) {
                     Some(&ends) => ends,
                     None => {
-                        let ends = new_pipe(img, *data_off, *len, *size, h)?;
+                        let ends = new_pipe(data_of(data, f.fd), *size, h)?;
                         pipes.insert(*id, ends);
                         ends
                     }
@@ -294,12 +296,28 @@ fn is_outside_pipe(img: &Image, f: &Fd) -> bool {
             == 1
 }
 
-fn read_data(img: &Image, off: u64, len: u64) -> Result<Vec<u8>> {
-    let mut buf = vec![0u8; len as usize];
-    if len > 0 {
-        img.pages.read_at(off, &mut buf)?;
+/// The buffered data of pipes and the contents of deleted files, read by the parent before
+/// the child exists: the child closes every low descriptor, the image reader's among them.
+pub fn file_data(img: &Image) -> Result<HashMap<i32, Vec<u8>>> {
+    let mut out = HashMap::new();
+    for f in &img.files.fds {
+        let (off, len) = match f.kind {
+            FdKind::Pipe { data_off, len, .. } | FdKind::Deleted { data_off, len, .. } => {
+                (data_off, len)
+            }
+            _ => continue,
+        };
+        let mut buf = vec![0u8; len as usize];
+        if len > 0 {
+            img.pages.read_at(off, &mut buf)?;
+        }
+        out.insert(f.fd, buf);
     }
-    Ok(buf)
+    Ok(out)
+}
+
+fn data_of(data: &HashMap<i32, Vec<u8>>, fd: i32) -> &[u8] {
+    data.get(&fd).map_or(&[], Vec::as_slice)
 }
 
 fn write_all(fd: RawFd, mut data: &[u8]) -> Result<()> {
@@ -315,7 +333,7 @@ fn write_all(fd: RawFd, mut data: &[u8]) -> Result<()> {
 }
 
 /// A pipe with the dumped data already in it; both ends above the helpers' base.
-fn new_pipe(img: &Image, off: u64, len: u64, size: u32, h: &Helpers) -> Result<(RawFd, RawFd)> {
+fn new_pipe(contents: &[u8], size: u32, h: &Helpers) -> Result<(RawFd, RawFd)> {
     let mut ends = [0; 2];
     // SAFETY: pipe2 into a valid array.
     check(
@@ -334,38 +352,50 @@ fn new_pipe(img: &Image, off: u64, len: u64, size: u32, h: &Helpers) -> Result<(
         // SAFETY: fcntl on our pipe.
         unsafe { libc::fcntl(w, libc::F_SETPIPE_SZ, size as libc::c_int) };
     }
-    write_all(w, &read_data(img, off, len)?)?;
+    write_all(w, contents)?;
     Ok((r, w))
 }
 
-fn restore_deleted(
-    img: &Image,
-    f: &Fd,
-    path: &str,
-    off: u64,
-    len: u64,
-    mode: u32,
-    status: i32,
-) -> Result<()> {
-    let dir = std::path::Path::new(path)
-        .parent()
-        .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "/tmp".into());
-    let c = cstr(&dir)?;
-    // An unnamed file in the same directory (same filesystem), like the deleted original.
-    // SAFETY: open with O_TMPFILE on a valid directory path.
-    let tmp = check(
-        unsafe {
-            libc::open(
-                c.as_ptr(),
-                libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC,
-                mode,
-            )
-        },
-        || format!("creating an unnamed file in {dir} for deleted {path}"),
-    )?;
-    let file = crate::restore::own(tmp);
-    write_all(file.as_raw_fd(), &read_data(img, off, len)?)?;
+/// A deleted-but-open file: recreated under its old name (so /proc shows the same
+/// "path (deleted)"), filled, opened with the dumped flags, and unlinked again. If another
+/// file has taken that name meanwhile, an unnamed file in the same directory stands in.
+fn restore_deleted(f: &Fd, path: &str, contents: &[u8], mode: u32, status: i32) -> Result<()> {
+    let c = cstr(path)?;
+    // SAFETY: open with a valid path; O_EXCL never touches an existing file.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | libc::O_CLOEXEC,
+            mode,
+        )
+    };
+    let file = if fd >= 0 {
+        let file = crate::restore::own(fd);
+        // SAFETY: removing the name we just created.
+        unsafe { libc::unlink(c.as_ptr()) };
+        file
+    } else {
+        let dir = std::path::Path::new(path)
+            .parent()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "/tmp".into());
+        let d = cstr(&dir)?;
+        // SAFETY: open with O_TMPFILE on a valid directory path.
+        let tmp = check(
+            unsafe {
+                libc::open(
+                    d.as_ptr(),
+                    libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC,
+                    mode,
+                )
+            },
+            || format!("creating an unnamed file in {dir} for deleted {path}"),
+        )?;
+        crate::restore::own(tmp)
+    };
+    write_all(file.as_raw_fd(), contents)?;
+    // SAFETY: fchmod on our file: O_CREAT's mode was filtered by the umask.
+    unsafe { libc::fchmod(file.as_raw_fd(), mode as libc::mode_t) };
     // Reopen with the dumped flags through /proc (works for unlinked files).
     open_at(
         &format!("/proc/self/fd/{}", file.as_raw_fd()),

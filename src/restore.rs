@@ -181,9 +181,10 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
         }
     }
     let helpers = crate::plan::Helpers::new(&img)?;
+    let file_data = crate::child::file_data(&img)?;
     let loaded = t0.elapsed();
 
-    let child = spawn_child(&img, &helpers)?;
+    let child = spawn_child(&img, &helpers, &file_data)?;
     let mut guard = ChildGuard { pid, armed: true };
     let t1 = Instant::now();
     let mut seized = Seized::seize(pid)?;
@@ -331,7 +332,11 @@ pub struct Child {
 
 /// Creates the task with the dumped pid and lets it prepare itself; returns once it is blocked
 /// waiting to be seized.
-fn spawn_child(img: &Image, helpers: &crate::plan::Helpers) -> Result<Child> {
+fn spawn_child(
+    img: &Image,
+    helpers: &crate::plan::Helpers,
+    file_data: &std::collections::HashMap<i32, Vec<u8>>,
+) -> Result<Child> {
     let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let (hold_r, hold_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let pid = img.inventory.pid;
@@ -386,7 +391,7 @@ fn spawn_child(img: &Image, helpers: &crate::plan::Helpers) -> Result<Child> {
     if r == 0 {
         drop(ready_r);
         drop(hold_w);
-        crate::child::child_main(img, helpers, ready_w, hold_r);
+        crate::child::child_main(img, helpers, file_data, ready_w, hold_r);
     }
     drop(ready_w);
     drop(hold_r);

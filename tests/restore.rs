@@ -221,3 +221,31 @@ fn other_architecture_is_refused() {
         });
     }
 }
+
+#[test]
+fn registers_gprs_ymm_x87_and_flags_come_back() {
+    if require_root("registers_gprs_ymm_x87_and_flags_come_back") {
+        roundtrip("registers", &[]);
+    }
+}
+
+#[test]
+fn signals_handlers_altstack_pending_timers_and_blocked_calls_come_back() {
+    if require_root("signals_handlers_altstack_pending_timers_and_blocked_calls_come_back") {
+        roundtrip("signals", &[]);
+    }
+}
+
+#[test]
+fn files_offsets_flags_deleted_files_pipes_cwd_umask_come_back() {
+    if require_root("files_offsets_flags_deleted_files_pipes_cwd_umask_come_back") {
+        roundtrip("files", &[]);
+    }
+}
+
+#[test]
+fn glibc_rseq_and_robust_mutex_still_work() {
+    if require_root("glibc_rseq_and_robust_mutex_still_work") {
+        roundtrip("glibc", &[]);
+    }
+}

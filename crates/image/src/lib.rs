@@ -42,7 +42,8 @@
 //!        8 | format_version    u32 = FORMAT_VERSION        4  |
 //!       12 | arch              u32 = ARCH_X86_64           4  |
 //!       16 | data_len          u64, a multiple of 4096     8  |
-//!       24 | data_xxh3         u64 = XXH3-64(page data)    8  |
+//!       24 | data_xxh3   u64 = XXH3-64 of the XXH3-64s of    8  |
+//!          |             each 64 MiB of page data (parallel)  |
 //!       32 | header_xxh3       u64                         8  |
 //!       40 | zero padding to the end of the first page  4056  |
 //!     4096 +--------------------------------------------------+
