@@ -55,9 +55,28 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
     let shared_pending = pending(tid, true).context("reading pending signals")?;
 
     let blob = crate::blobs::parasite()?;
-    let mut parasite = Parasite::infect(&mut seized, blob, RegionSize::default())?;
+    let proc_timers = stasis_proc::timers(pid)?;
+    let ids: Vec<u8> = proc_timers
+        .iter()
+        .flat_map(|t| t.id.to_le_bytes())
+        .collect();
+    let size = RegionSize {
+        plan_cap: ids.len().max(64),
+        ..RegionSize::default()
+    };
+    let mut parasite = Parasite::infect(&mut seized, blob, size)?;
     let asked = collect::ask_vdso(&mut parasite)?;
     let task_raw = parasite.run(CommandId::TaskState, collect::COMMAND_TIMEOUT)?;
+    let times = if ids.is_empty() {
+        Vec::new()
+    } else {
+        parasite.run_plan(
+            CommandId::TimerState,
+            &ids,
+            ids.len(),
+            collect::COMMAND_TIMEOUT,
+        )?
+    };
     parasite.cure()?;
     let vdso_info = asked.verify()?;
     let task = decode_task_state(pid, &task_raw)?;
@@ -70,7 +89,8 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
 
     // Still frozen, parasite gone: the address space as the process knows it.
     let (mm, vdso) = collect_mm(pid, &task, &vdso_info, &mut pages)?;
-    let process = collect_process(pid, &task, shared_pending)?;
+    let mut process = collect_process(pid, &task, shared_pending)?;
+    process.posix_timers = posix_timers(pid, &proc_timers, &times)?;
 
     let frozen;
     if opts.leave_running {
@@ -602,6 +622,7 @@ fn collect_process(
             })
             .collect(),
         shared_pending,
+        posix_timers: Vec::new(),
         itimers: [
             itimer(&task.itimers[0]),
             itimer(&task.itimers[1]),
@@ -618,6 +639,41 @@ fn collect_process(
         pgid: f.get(4).copied().unwrap_or(0) as i32,
         sid: f.get(5).copied().unwrap_or(0) as i32,
     })
+}
+
+/// POSIX timers: what /proc says about each, with the times the parasite read.
+fn posix_timers(
+    pid: i32,
+    timers: &[stasis_proc::ProcTimer],
+    times: &[u8],
+) -> Result<Vec<PosixTimer>> {
+    if times.len() != timers.len() * 32 {
+        bail!(
+            "pid {pid}: timer state of {} bytes for {} timers",
+            times.len(),
+            timers.len()
+        );
+    }
+    Ok(timers
+        .iter()
+        .zip(times.chunks_exact(32))
+        .map(|(t, spec)| {
+            let v =
+                |k: usize| i64::from_le_bytes(spec[k * 8..k * 8 + 8].try_into().unwrap_or([0; 8]));
+            PosixTimer {
+                id: t.id,
+                clock: t.clock,
+                signo: t.signo,
+                sigval: t.sigval,
+                notify: t.notify,
+                tid: t.target,
+                interval_sec: v(0),
+                interval_nsec: v(1),
+                value_sec: v(2),
+                value_nsec: v(3),
+            }
+        })
+        .collect())
 }
 
 // ---- files ----------------------------------------------------------------------------------

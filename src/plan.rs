@@ -507,6 +507,7 @@ impl Plan {
                 );
             }
         }
+        p.posix_timers(&pr.posix_timers)?;
         let pid = img.inventory.pid as u64;
         for s in &pr.shared_pending {
             let info = p.put(&s.siginfo);
@@ -619,6 +620,100 @@ impl Plan {
             "PR_SET_DUMPABLE",
         );
         Ok(p)
+    }
+
+    /// POSIX timers with their old ids. With PR_TIMER_CREATE_RESTORE_IDS (6.15+) each
+    /// timer_create takes the id it is given; before, ids come in sequence from 0 in the new
+    /// task, so fillers are created to reach each id and deleted afterwards.
+    fn posix_timers(&mut self, timers: &[PosixTimer]) -> Result<()> {
+        const PR_TIMER_CREATE_RESTORE_IDS: u64 = 77;
+        if timers.is_empty() {
+            return Ok(());
+        }
+        let mut sorted = timers.to_vec();
+        sorted.sort_by_key(|t| t.id);
+        // SAFETY: querying the setting for ourselves (GET = 2) changes nothing.
+        let by_id = unsafe { libc::prctl(PR_TIMER_CREATE_RESTORE_IDS as i32, 2, 0, 0, 0) } >= 0;
+        if by_id {
+            self.op(
+                libc::SYS_prctl,
+                [V(PR_TIMER_CREATE_RESTORE_IDS), V(1), V(0), V(0), V(0), V(0)],
+                EXPECT_OK,
+                "timer ids: restore mode on",
+            );
+        }
+        let mut next = 0i32;
+        let mut fillers = Vec::new();
+        for t in &sorted {
+            if !by_id {
+                if t.id < next {
+                    bail!("POSIX timer ids out of order");
+                }
+                while next < t.id {
+                    // SIGEV_NONE filler to advance the kernel's id counter.
+                    let sev = self.put_u64s(&[0, 1u64 << 32, 0, 0, 0, 0, 0, 0]);
+                    let slot = self.put(&[0u8; 8]);
+                    self.op(
+                        libc::SYS_timer_create,
+                        [V(libc::CLOCK_MONOTONIC as u64), sev, slot, V(0), V(0), V(0)],
+                        EXPECT_OK,
+                        format!("filler timer {next}"),
+                    );
+                    fillers.push(next);
+                    next += 1;
+                }
+                next = t.id + 1;
+            }
+            // struct sigevent: sigev_value, sigev_signo, sigev_notify, sigev_notify_thread_id.
+            let sev = self.put_u64s(&[
+                t.sigval,
+                (t.signo as u32 as u64) | ((t.notify as u32 as u64) << 32),
+                t.tid as u32 as u64,
+                0,
+                0,
+                0,
+                0,
+                0,
+            ]);
+            let slot = self.put(&(t.id as i64).to_le_bytes());
+            self.op(
+                libc::SYS_timer_create,
+                [V(t.clock as u64), sev, slot, V(0), V(0), V(0)],
+                EXPECT_OK,
+                format!("create POSIX timer {}", t.id),
+            );
+            if t.value_sec != 0 || t.value_nsec != 0 {
+                let its = self.put_u64s(&[
+                    t.interval_sec as u64,
+                    t.interval_nsec as u64,
+                    t.value_sec as u64,
+                    t.value_nsec as u64,
+                ]);
+                self.op(
+                    libc::SYS_timer_settime,
+                    [V(t.id as u64), V(0), its, V(0), V(0), V(0)],
+                    EXPECT_OK,
+                    format!("arm POSIX timer {}", t.id),
+                );
+            }
+        }
+        for id in fillers {
+            self.op(
+                libc::SYS_timer_delete,
+                [V(id as u64), V(0), V(0), V(0), V(0), V(0)],
+                EXPECT_OK,
+                format!("delete filler timer {id}"),
+            );
+        }
+        if by_id {
+            self.op(
+                libc::SYS_prctl,
+                [V(PR_TIMER_CREATE_RESTORE_IDS), V(0), V(0), V(0), V(0), V(0)],
+                EXPECT_OK,
+                "timer ids: restore mode off",
+            );
+        }
+        Ok(())
     }
 
     fn map_vma(&mut self, v: &Vma, h: &Helpers) -> Result<()> {

@@ -49,18 +49,20 @@ unsafe extern "C" fn parasite_main(area: *mut u8) {
     match CommandId::from_u32(cmd.id) {
         Some(CommandId::VdsoReport) => vdso::report(&mut out),
         Some(CommandId::TaskState) => task::report(&mut out),
-        Some(CommandId::Restore) => {
-            // The plan must lie inside the command area the host gave us, after the reply.
+        Some(id @ (CommandId::Restore | CommandId::TimerState)) => {
+            // The input must lie inside the command area the host gave us, after the reply.
             let reply_end = REPLY_OFFSET as u64 + 16 + cmd.reply_cap;
             match cmd.plan_off.checked_add(cmd.plan_len) {
                 Some(end) if cmd.plan_off >= reply_end && end <= cmd.area_len => {
                     // SAFETY: [plan_off, plan_off + plan_len) is inside the area (checked above).
-                    unsafe {
-                        restore::run(
-                            &mut out,
-                            area.add(cmd.plan_off as usize),
-                            cmd.plan_len as usize,
-                        )
+                    let input = unsafe { area.add(cmd.plan_off as usize) };
+                    let len = cmd.plan_len as usize;
+                    if id == CommandId::Restore {
+                        // SAFETY: as above.
+                        unsafe { restore::run(&mut out, input, len) }
+                    } else {
+                        // SAFETY: as above.
+                        unsafe { task::timers(&mut out, input, len) }
                     }
                 }
                 _ => out.finish(Status::BadPlan, 0),

@@ -74,3 +74,36 @@ pub fn report(out: &mut Reply) {
         Err(s) => out.finish(s, 0),
     }
 }
+
+const SYS_TIMER_GETTIME: usize = 224;
+
+/// `TimerState`: `timer_gettime` for each timer id in the input.
+///
+/// # Safety
+/// `ids` points to `len` readable bytes inside the shared region.
+pub unsafe fn timers(out: &mut Reply, ids: *const u8, len: usize) {
+    if len % 4 != 0 {
+        return out.finish(Status::BadPlan, 0);
+    }
+    for i in 0..len / 4 {
+        // SAFETY: i * 4 + 4 <= len.
+        let id = unsafe { core::ptr::read_volatile(ids.add(i * 4) as *const i32) };
+        let mut spec = [0i64; 4];
+        // SAFETY: timer_gettime writes one struct itimerspec into spec.
+        let r = unsafe {
+            sys::syscall3(
+                SYS_TIMER_GETTIME,
+                id as usize,
+                spec.as_mut_ptr() as usize,
+                0,
+            )
+        };
+        if r < 0 {
+            return out.finish(Status::Syscall, (-r) as u32);
+        }
+        if let Err(s) = out.put(i * 32, &spec) {
+            return out.finish(s, 0);
+        }
+    }
+    out.finish_len(Status::Ok, 0, len / 4 * 32)
+}

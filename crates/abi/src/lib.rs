@@ -36,6 +36,9 @@ pub enum CommandId {
     TaskState = 2,
     /// Execute the `PlanOp` list at `Command::plan_off`; answer with `RestoreResult`.
     Restore = 3,
+    /// For each `i32` POSIX timer id at `Command::plan_off`, answer its `timer_gettime`
+    /// (`[i64; 4]`: interval sec/nsec, value sec/nsec), in the same order.
+    TimerState = 4,
 }
 
 impl CommandId {
@@ -44,6 +47,7 @@ impl CommandId {
             1 => Some(Self::VdsoReport),
             2 => Some(Self::TaskState),
             3 => Some(Self::Restore),
+            4 => Some(Self::TimerState),
             _ => None,
         }
     }

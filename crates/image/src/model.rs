@@ -150,6 +150,24 @@ pub struct Rlimit {
     pub max: u64,
 }
 
+/// A POSIX timer (`timer_create`), as /proc/PID/timers and `timer_gettime` describe it.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PosixTimer {
+    pub id: i32,
+    pub clock: i32,
+    pub signo: i32,
+    pub sigval: u64,
+    /// SIGEV_SIGNAL (0), SIGEV_NONE (1), SIGEV_THREAD (2), possibly | SIGEV_THREAD_ID (4).
+    pub notify: i32,
+    /// The thread signalled with SIGEV_THREAD_ID.
+    pub tid: i32,
+    /// Remaining time and reload interval (`struct itimerspec`).
+    pub interval_sec: i64,
+    pub interval_nsec: i64,
+    pub value_sec: i64,
+    pub value_nsec: i64,
+}
+
 /// Process-wide state: `process.img`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Process {
@@ -159,6 +177,7 @@ pub struct Process {
     pub shared_pending: Vec<PendingSignal>,
     /// ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF.
     pub itimers: [ITimer; 3],
+    pub posix_timers: Vec<PosixTimer>,
     pub rlimits: Vec<Rlimit>,
     pub creds: Creds,
     pub umask: u32,

@@ -215,6 +215,73 @@ pub fn tasks(pid: i32) -> Result<Vec<i32>> {
     Ok(tids)
 }
 
+/// One entry of /proc/PID/timers (POSIX timers; needs CONFIG_CHECKPOINT_RESTORE).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcTimer {
+    pub id: i32,
+    pub signo: i32,
+    pub sigval: u64,
+    /// SIGEV_* notification, with SIGEV_THREAD_ID (4) added for "tid" targets.
+    pub notify: i32,
+    /// The pid or tid named by the notify line.
+    pub target: i32,
+    pub clock: i32,
+}
+
+pub fn timers(pid: i32) -> Result<Vec<ProcTimer>> {
+    let text = read(pid, "timers")?;
+    parse_timers(&text).ok_or_else(|| ProcError::Parse {
+        path: path(pid, "timers"),
+        what: "timers".into(),
+    })
+}
+
+fn parse_timers(text: &str) -> Option<Vec<ProcTimer>> {
+    let mut out = Vec::new();
+    let mut cur: Option<ProcTimer> = None;
+    for line in text.lines() {
+        let (key, value) = line.split_once(':')?;
+        let value = value.trim();
+        match key {
+            "ID" => {
+                out.extend(cur.take());
+                cur = Some(ProcTimer {
+                    id: value.parse().ok()?,
+                    signo: 0,
+                    sigval: 0,
+                    notify: 0,
+                    target: 0,
+                    clock: 0,
+                });
+            }
+            "signal" => {
+                let t = cur.as_mut()?;
+                let (signo, val) = value.split_once('/')?;
+                t.signo = signo.parse().ok()?;
+                t.sigval = u64::from_str_radix(val, 16).ok()?;
+            }
+            "notify" => {
+                // "signal/pid.123", "signal/tid.123", "none/pid.123", "thread/pid.123"
+                let t = cur.as_mut()?;
+                let (kind, who) = value.split_once('/')?;
+                let base = match kind {
+                    "signal" => 0,
+                    "none" => 1,
+                    "thread" => 2,
+                    _ => return None,
+                };
+                let (scope, id) = who.split_once('.')?;
+                t.notify = base | if scope == "tid" { 4 } else { 0 };
+                t.target = id.parse().ok()?;
+            }
+            "ClockID" => cur.as_mut()?.clock = value.parse().ok()?,
+            _ => {}
+        }
+    }
+    out.extend(cur);
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,6 +318,26 @@ mod tests {
         assert_eq!(s.ppid, 1);
         assert_eq!(s.flags, 4194560);
         assert!(parse_stat("garbage").is_none());
+    }
+
+    #[test]
+    fn parses_timers() {
+        let t = parse_timers("ID: 0\nsignal: 34/00000000000000ab\nnotify: signal/tid.77\nClockID: 1\nID: 3\nsignal: 14/0000000000000000\nnotify: none/pid.5\nClockID: 0\n").unwrap();
+        assert_eq!(t.len(), 2);
+        assert_eq!(
+            t[0],
+            ProcTimer {
+                id: 0,
+                signo: 34,
+                sigval: 0xab,
+                notify: 4,
+                target: 77,
+                clock: 1
+            }
+        );
+        assert_eq!((t[1].id, t[1].notify, t[1].target), (3, 1, 5));
+        assert!(parse_timers("ID: x\n").is_none());
+        assert!(parse_timers("notify: signal/pid.1\n").is_none());
     }
 
     #[test]
