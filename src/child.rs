@@ -138,7 +138,7 @@ fn prepare(
     // Terminals and outside pipes are taken over from our own descriptors of the same number.
     let mut inherit = HashMap::new();
     for f in &img.files.fds {
-        if matches!(f.kind, FdKind::Tty { .. }) || is_outside_pipe(img, f) {
+        if crate::restore::is_inherited(img, f) {
             let tmp = h.inherit_base + f.fd;
             // SAFETY: duplicating a descriptor we inherited from stasis.
             check(
@@ -280,20 +280,6 @@ fn seek(fd: RawFd, pos: u64) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn is_outside_pipe(img: &Image, f: &Fd) -> bool {
-    let FdKind::Pipe { id, .. } = f.kind else {
-        return false;
-    };
-    f.fd <= 2
-        && img
-            .files
-            .fds
-            .iter()
-            .filter(|g| matches!(g.kind, FdKind::Pipe { id: i, .. } if i == id))
-            .count()
-            == 1
 }
 
 /// The buffered data of pipes and the contents of deleted files, read by the parent before

@@ -224,6 +224,14 @@ impl Helpers {
     }
 }
 
+fn same_file(a: &str, b: &str) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
 /// What to do with the kernel's vDSO areas in the new task.
 pub enum VdsoPlan {
     /// Same kernel vDSO: move each runtime area onto the dumped address of the same area.
@@ -421,7 +429,15 @@ impl Plan {
             0,
         ];
         let auxv_size = (img.mm.auxv.len() * 8) as u64;
-        map.push(auxv_size | ((h.exe_fd as u64) << 32));
+        // The kernel refuses to replace the exe link while the old exe is still mapped (EBUSY).
+        // When the dumped program is the very binary the new task started as (stasis), the
+        // link is already right: pass -1 to leave it.
+        let exe_fd = if same_file(&img.mm.exe, "/proc/self/exe") {
+            u32::MAX
+        } else {
+            h.exe_fd as u32
+        };
+        map.push(auxv_size | ((exe_fd as u64) << 32));
         let map_arg = p.put_u64s(&map);
         let D(map_off) = map_arg else {
             unreachable!("put returns data")

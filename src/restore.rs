@@ -145,24 +145,31 @@ fn check_cpu(img: &Image, runtime: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// The fds the restoring stasis passes on (`Tty`, external stdio pipes), by number.
-fn inherited(img: &Image) -> Vec<i32> {
-    let mut pipe_ends = std::collections::HashMap::<u64, usize>::new();
-    for f in &img.files.fds {
-        if let FdKind::Pipe { id, .. } = f.kind {
-            *pipe_ends.entry(id).or_default() += 1;
-        }
-    }
+/// The fds the restoring stasis passes on by number: terminals, and stdio ends of pipes whose
+/// other side was outside the process (the image holds no read end, or no write end).
+pub fn inherited(img: &Image) -> Vec<i32> {
     img.files
         .fds
         .iter()
-        .filter(|f| match f.kind {
-            FdKind::Tty { .. } => true,
-            FdKind::Pipe { id, .. } => f.fd <= 2 && pipe_ends.get(&id) == Some(&1),
-            _ => false,
-        })
+        .filter(|f| is_inherited(img, f))
         .map(|f| f.fd)
         .collect()
+}
+
+pub fn is_inherited(img: &Image, f: &Fd) -> bool {
+    match f.kind {
+        FdKind::Tty { .. } => true,
+        FdKind::Pipe { id, .. } if f.fd <= 2 => {
+            let ends = |mode: u32| {
+                img.files.fds.iter().any(|g| {
+                    matches!(g.kind, FdKind::Pipe { id: i, .. } if i == id)
+                        && g.flags & libc::O_ACCMODE as u32 == mode
+                })
+            };
+            !(ends(libc::O_RDONLY as u32) && ends(libc::O_WRONLY as u32))
+        }
+        _ => false,
+    }
 }
 
 pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {

@@ -230,26 +230,70 @@ fn lint() -> Result<()> {
 }
 
 fn demo() -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    use std::time::Duration;
     let mut b = cargo();
     b.args(["build", "--release", "--quiet", "--bin", "stasis"]);
     run(b)?;
-    let stasis = repo_root().join("target/release/stasis");
-    println!("== starting the demo workload (a process that reads the clock through its vDSO)");
-    let mut child = Command::new(&stasis)
-        .arg("demo-workload")
-        .spawn()
-        .context("starting the demo workload")?;
-    std::thread::sleep(std::time::Duration::from_millis(600));
-    let pid = child.id().to_string();
-    println!("== stasis vdso --pid {pid}");
-    let result = run({
+    let root = repo_root();
+    let stasis = root.join("target/release/stasis");
+    let img = root.join("target/demo/image");
+    let _ = std::fs::remove_dir_all(&img);
+    std::fs::create_dir_all(&img)?;
+    let stasis_do = |args: &[&str]| -> Result<()> {
         let mut c = Command::new(&stasis);
-        c.args(["vdso", "--pid", &pid]);
-        c
-    });
-    std::thread::sleep(std::time::Duration::from_millis(600));
-    println!("== the workload kept running; stopping it");
-    let _ = child.kill();
+        c.args(args);
+        run(c)
+    };
+
+    println!(
+        "== starting the demo workload: it prints a tick with the time (read through its vDSO)"
+    );
+    // SAFETY: setsid in the child before exec: the workload gets a session of its own, as a
+    // real service would, so it does not share our terminal's job control.
+    let mut child = unsafe {
+        Command::new(&stasis)
+            .arg("demo-workload")
+            .stdin(std::process::Stdio::null())
+            .pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            })
+            .spawn()
+            .context("starting the demo workload")?
+    };
+    let pid = child.id().to_string();
+    std::thread::sleep(Duration::from_millis(1100));
+
+    println!("\n== stasis vdso --pid {pid}   (a parasite reports from inside the process)");
+    stasis_do(&["vdso", "--pid", &pid])?;
+
+    println!(
+        "\n== stasis dump -t {pid} -D {}   (the process is frozen, written, and killed)",
+        img.display()
+    );
+    let dumped = stasis_do(&["dump", "-t", &pid, "-D", &img.to_string_lossy()]);
+    // The workload is our child: reap it so its pid is free for the restore.
     let _ = child.wait();
-    result
+    dumped?;
+    println!("\n== stasis show {}", img.display());
+    stasis_do(&["show", &img.to_string_lossy()])?;
+
+    std::thread::sleep(Duration::from_millis(800));
+    println!(
+        "\n== stasis restore -D {} --detach   (same pid; watch the ticks carry on)",
+        img.display()
+    );
+    stasis_do(&["restore", "-D", &img.to_string_lossy(), "--detach"])?;
+    std::thread::sleep(Duration::from_millis(1300));
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let state = status
+        .lines()
+        .find(|l| l.starts_with("State:"))
+        .unwrap_or("State: gone")
+        .to_string();
+    println!("\n== the restored workload (pid {pid}) is running: {state}; stopping it");
+    // SAFETY: signalling the restored demo workload.
+    unsafe { libc::kill(pid.parse().unwrap_or(0), libc::SIGTERM) };
+    Ok(())
 }

@@ -573,6 +573,12 @@ impl<'s> Parasite<'s> {
             .copy_out(r.cmd_off + REPLY_OFFSET + hdr_len, len.min(r.reply_cap))
     }
 
+    /// Gives up the undo: for a task that is about to be killed anyway (a failed restore),
+    /// where curing would only fail noisily against a half-rebuilt address space.
+    pub fn abandon(mut self) {
+        self.cured = true;
+    }
+
     /// Removes every trace of the parasite and puts the main thread back as it was.
     pub fn cure(mut self) -> Result<()> {
         self.cure_inner()
