@@ -249,3 +249,73 @@ fn glibc_rseq_and_robust_mutex_still_work() {
         roundtrip("glibc", &[]);
     }
 }
+
+/// A process whose program is stasis itself (the kernel refused to reset the exe link: EBUSY)
+/// and whose stdout and stderr are one pipe leading outside: after restore it must keep
+/// writing into that same pipe, carrying on from where it was.
+#[test]
+fn workload_keeps_writing_to_an_outside_pipe_after_restore() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::CommandExt;
+    if !require_root("workload_keeps_writing_to_an_outside_pipe_after_restore") {
+        return;
+    }
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
+    let mut lines = BufReader::new(std::fs::File::from(r)).lines();
+    let w2 = w.try_clone().expect("dup");
+    // SAFETY: setsid in the child: the workload gets its own session, like a service.
+    let mut child = unsafe {
+        std::process::Command::new(stasis_bin())
+            .arg("demo-workload")
+            .stdin(std::process::Stdio::null())
+            .stdout(w.try_clone().expect("dup"))
+            .stderr(w2)
+            .pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            })
+            .spawn()
+            .expect("start the workload")
+    };
+    let pid = child.id() as i32;
+    let tick = |line: &str| -> u64 {
+        line.split("tick ")
+            .nth(1)
+            .and_then(|t| t.split(',').next())
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("no tick in {line:?}"))
+    };
+    let mut last = 0;
+    for _ in 0..2 {
+        last = tick(&lines.next().expect("a line").expect("read"));
+    }
+    let dir = tempdir::Dir::new("outside-pipe");
+    let img = dir.path().join("img");
+    let o = stasis(&["dump", "-t", &pid.to_string(), "-D", &img.to_string_lossy()]);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let _ = child.wait();
+    // Lines written before the dump may still be buffered in the pipe.
+    let status = std::process::Command::new(stasis_bin())
+        .args(["restore", "-D", &img.to_string_lossy(), "--detach"])
+        .stdout(w.try_clone().expect("dup"))
+        .stderr(w)
+        .status()
+        .expect("stasis restore");
+    assert!(status.success(), "restore failed ({status})");
+    let mut after = Vec::new();
+    for _ in 0..6 {
+        let line = lines.next().expect("a line after restore").expect("read");
+        assert!(line.contains(&format!("pid {pid}")), "{line}");
+        after.push(tick(&line));
+    }
+    // SAFETY: stopping the restored workload.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert!(
+        after.windows(2).all(|p| p[1] == p[0] + 1),
+        "ticks must follow each other: {after:?}"
+    );
+    assert!(
+        *after.last().unwrap_or(&0) > last + 2,
+        "the restored workload went on ticking after {last}: {after:?}"
+    );
+}
