@@ -295,7 +295,43 @@ fn backing_of(v: &stasis_proc::Vma) -> Result<Option<Backing>> {
     Ok(Some(Backing::Anon))
 }
 
-fn wants_page(backing: &Backing, shared: bool, entry: u64) -> bool {
+const PM_PFN: u64 = (1 << 55) - 1;
+
+/// The page frame of the kernel's shared zero page: a private anonymous page that was only
+/// ever read maps it, and pagemap reports it present. Such pages hold nothing and must not be
+/// dumped (restoring them would turn them into real pages). None when PFNs are hidden
+/// (unprivileged) or the probe fails: then nothing is skipped, which is merely wasteful.
+fn zero_page_pfn() -> Option<u64> {
+    // SAFETY: a private anonymous page of our own, read once and unmapped.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            PAGE_SIZE,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            return None;
+        }
+        std::ptr::read_volatile(p as *const u8);
+        let pagemap = File::open("/proc/self/pagemap").ok();
+        let mut e = [0u8; 8];
+        let ok = pagemap.is_some_and(|f| {
+            f.read_exact_at(&mut e, p as u64 / PAGE_SIZE as u64 * 8)
+                .is_ok()
+        });
+        libc::munmap(p, PAGE_SIZE);
+        let e = u64::from_le_bytes(e);
+        (ok && e & PM_PRESENT != 0 && e & PM_PFN != 0).then_some(e & PM_PFN)
+    }
+}
+
+fn wants_page(backing: &Backing, shared: bool, entry: u64, zero_pfn: Option<u64>) -> bool {
+    if entry & PM_PRESENT != 0 && zero_pfn.is_some_and(|z| entry & PM_PFN == z) {
+        return false;
+    }
     match backing {
         Backing::Anon | Backing::AnonShared => entry & (PM_PRESENT | PM_SWAPPED) != 0,
         // A private file mapping: only pages that became anonymous (written: COW) differ from
@@ -325,6 +361,7 @@ fn collect_mm(
     let mut chunks: Vec<(usize, u64, usize)> = Vec::new(); // (index into vmas, address, length)
     let mut next_off = stasis_image::DATA_OFFSET + pages.data_len();
     let mut entries = Vec::new();
+    let zero_pfn = zero_page_pfn();
     for (vi, v) in vmas.iter().enumerate() {
         let Some(backing) = backing_of(v)? else {
             continue;
@@ -339,12 +376,15 @@ fn collect_mm(
         let mut runs: Vec<PageRun> = Vec::new();
         let mut i = 0;
         while i < npages {
-            if !wants_page(&backing, v.shared, e(i)) {
+            if !wants_page(&backing, v.shared, e(i), zero_pfn) {
                 i += 1;
                 continue;
             }
             let mut j = i;
-            while j < npages && j - i < CHUNK / PAGE_SIZE && wants_page(&backing, v.shared, e(j)) {
+            while j < npages
+                && j - i < CHUNK / PAGE_SIZE
+                && wants_page(&backing, v.shared, e(j), zero_pfn)
+            {
                 j += 1;
             }
             let addr = v.start + (i * PAGE_SIZE) as u64;

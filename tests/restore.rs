@@ -319,3 +319,31 @@ fn workload_keeps_writing_to_an_outside_pipe_after_restore() {
         "the restored workload went on ticking after {last}: {after:?}"
     );
 }
+
+/// Pages that were only read map the kernel's zero page: pagemap calls them present, but they
+/// hold nothing. They must not be dumped (nor become real memory on restore).
+#[test]
+fn zero_pages_are_not_dumped() {
+    if !require_root("zero_pages_are_not_dumped") {
+        return;
+    }
+    let d = Daemon::start("sleeper", &["--read-zero", "32"]);
+    let img = d.image(1);
+    let o = stasis(&[
+        "dump",
+        "-t",
+        &d.pid.to_string(),
+        "-D",
+        &img.to_string_lossy(),
+        "--leave-running",
+    ]);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let o = stasis(&["show", &img.to_string_lossy(), "--json"]);
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).expect("show --json");
+    let pages = r["pages"].as_u64().expect("pages");
+    assert!(
+        pages < 1024,
+        "{pages} pages dumped: the 8192 zero-mapped pages were dumped as data"
+    );
+    assert_pass(&d.finish());
+}
