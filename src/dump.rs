@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 
 pub struct DumpOptions {
     pub leave_running: bool,
+    /// Accept a terminal among the process's files (CRIU's `--shell-job`).
+    pub shell_job: bool,
 }
 
 /// What a dump did, for the user and the benchmark.
@@ -51,6 +53,18 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
     // Everything that could refuse the dump comes first, before the process is changed.
     let mut pages = PageWriter::create(&images).context("creating pages.img")?;
     let files = collect_files(pid, &mut pages)?;
+    if !opts.shell_job {
+        if let Some(f) = files
+            .fds
+            .iter()
+            .find(|f| matches!(f.kind, FdKind::Tty { .. }))
+        {
+            bail!(
+                "pid {pid} has a terminal open on fd {} (a shell job); dump it with --shell-job",
+                f.fd
+            );
+        }
+    }
     let mut core = collect_core(pid)?;
     let shared_pending = pending(tid, true).context("reading pending signals")?;
 

@@ -52,6 +52,9 @@ enum Command {
         /// Let the process continue after the dump.
         #[arg(long)]
         leave_running: bool,
+        /// Allow a process attached to a terminal (it is taken over on restore).
+        #[arg(long)]
+        shell_job: bool,
     },
     /// Bring a dumped process back, with its pid, memory, registers and files.
     Restore {
@@ -61,6 +64,9 @@ enum Command {
         /// Return once the process runs, instead of waiting for it and exiting with its status.
         #[arg(short = 'd', long)]
         detach: bool,
+        /// Give a process that was attached to a terminal this stasis's terminal.
+        #[arg(long)]
+        shell_job: bool,
     },
     /// Describe an image.
     Show {
@@ -123,12 +129,13 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             pid,
             images_dir,
             leave_running,
+            shell_job,
         } => {
-            let s = stasis::dump::dump(
-                pid,
-                &images_dir,
-                &stasis::dump::DumpOptions { leave_running },
-            )?;
+            let opts = stasis::dump::DumpOptions {
+                leave_running,
+                shell_job,
+            };
+            let s = stasis::dump::dump(pid, &images_dir, &opts)?;
             eprintln!(
                 "dumped pid {pid} into {}: {} VMAs, {} pages ({:.1} MiB), {} fds; frozen {:.1} ms, total {:.1} ms",
                 images_dir.display(),
@@ -141,9 +148,13 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Restore { images_dir, detach } => {
-            let status =
-                stasis::restore::restore(&images_dir, &stasis::restore::RestoreOptions { detach })?;
+        Command::Restore {
+            images_dir,
+            detach,
+            shell_job,
+        } => {
+            let opts = stasis::restore::RestoreOptions { detach, shell_job };
+            let status = stasis::restore::restore(&images_dir, &opts)?;
             Ok(ExitCode::from(status.clamp(0, 255) as u8))
         }
         Command::Show { dir, json } => {

@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 
 pub struct RestoreOptions {
     pub detach: bool,
+    /// Give terminals in the image this stasis's own (CRIU's `--shell-job`).
+    pub shell_job: bool,
 }
 
 /// A whole image, loaded and checked.
@@ -181,6 +183,16 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
         bail!("pid {pid} is in use: the restored process needs its old pid (kill the process using it, or wait for it to be reaped)");
     }
     let vdso = crate::plan::VdsoPlan::decide(&img.vdso)?;
+    if !opts.shell_job {
+        if let Some(f) = img
+            .files
+            .fds
+            .iter()
+            .find(|f| matches!(f.kind, FdKind::Tty { .. }))
+        {
+            bail!("pid {pid} had a terminal on fd {}; restore it with --shell-job to give it this one", f.fd);
+        }
+    }
     for fd in inherited(&img) {
         // SAFETY: fcntl(F_GETFD) only checks that the descriptor exists.
         if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {

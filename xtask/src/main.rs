@@ -269,10 +269,17 @@ fn demo() -> Result<()> {
     stasis_do(&["vdso", "--pid", &pid])?;
 
     println!(
-        "\n== stasis dump -t {pid} -D {}   (the process is frozen, written, and killed)",
+        "\n== stasis dump -t {pid} -D {} --shell-job   (frozen, written, killed)",
         img.display()
     );
-    let dumped = stasis_do(&["dump", "-t", &pid, "-D", &img.to_string_lossy()]);
+    let dumped = stasis_do(&[
+        "dump",
+        "-t",
+        &pid,
+        "-D",
+        &img.to_string_lossy(),
+        "--shell-job",
+    ]);
     // The workload is our child: reap it so its pid is free for the restore.
     let _ = child.wait();
     dumped?;
@@ -281,10 +288,16 @@ fn demo() -> Result<()> {
 
     std::thread::sleep(Duration::from_millis(800));
     println!(
-        "\n== stasis restore -D {} --detach   (same pid; watch the ticks carry on)",
+        "\n== stasis restore -D {} --detach --shell-job   (same pid; the ticks carry on)",
         img.display()
     );
-    stasis_do(&["restore", "-D", &img.to_string_lossy(), "--detach"])?;
+    stasis_do(&[
+        "restore",
+        "-D",
+        &img.to_string_lossy(),
+        "--detach",
+        "--shell-job",
+    ])?;
     std::thread::sleep(Duration::from_millis(1300));
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let state = status
