@@ -11,7 +11,7 @@
 use crate::reply::Reply;
 use crate::sys;
 use stasis_abi::{
-    PlanOp, RestoreResult, Status, EXPECT_ANY, EXPECT_ARG0, EXPECT_ARG4, EXPECT_OK,
+    PlanOp, RestoreResult, Status, EXPECT_ANY, EXPECT_ARG0, EXPECT_ARG4, EXPECT_COPY, EXPECT_OK,
     EXPECT_PREAD_ALL,
 };
 
@@ -32,7 +32,7 @@ pub unsafe fn run(out: &mut Reply, plan: *const u8, len: usize) {
         let op: PlanOp = unsafe { core::ptr::read_volatile(plan.add(i * size) as *const PlanOp) };
         let r = execute(&op);
         let ok = match op.expect {
-            EXPECT_OK | EXPECT_PREAD_ALL => r >= 0,
+            EXPECT_OK | EXPECT_PREAD_ALL | EXPECT_COPY => r >= 0,
             EXPECT_ARG0 => r as u64 == op.args[0],
             EXPECT_ARG4 => r as u64 == op.args[4],
             EXPECT_ANY => true,
@@ -59,6 +59,14 @@ pub unsafe fn run(out: &mut Reply, plan: *const u8, len: usize) {
 
 fn execute(op: &PlanOp) -> isize {
     let a = op.args;
+    if op.expect == EXPECT_COPY {
+        // SAFETY: the host mapped [dst, dst + len) writable in an earlier op and put `len`
+        // bytes at src inside the plan area; the ranges cannot overlap (different mappings).
+        unsafe {
+            core::ptr::copy_nonoverlapping(a[1] as *const u8, a[0] as *mut u8, a[2] as usize)
+        };
+        return 0;
+    }
     if op.expect == EXPECT_PREAD_ALL {
         let (fd, mut addr, mut left, mut off) =
             (a[0] as usize, a[1] as usize, a[2] as usize, a[3] as usize);

@@ -82,7 +82,7 @@ const SYS_TIMER_GETTIME: usize = 224;
 /// # Safety
 /// `ids` points to `len` readable bytes inside the shared region.
 pub unsafe fn timers(out: &mut Reply, ids: *const u8, len: usize) {
-    if len % 4 != 0 {
+    if !len.is_multiple_of(4) {
         return out.finish(Status::BadPlan, 0);
     }
     for i in 0..len / 4 {

@@ -262,6 +262,9 @@ pub const EXPECT_ARG4: u32 = 2;
 pub const EXPECT_ANY: u32 = 3;
 /// A pread loop: `nr` is ignored; args = (fd, addr, len, file_off); read until `len` bytes.
 pub const EXPECT_PREAD_ALL: u32 = 4;
+/// A copy inside the task: `nr` is ignored; args = (dst, src, len). Used to place bytes the
+/// host prepared in the plan (a proxied vDSO) into freshly mapped memory.
+pub const EXPECT_COPY: u32 = 5;
 
 /// Payload of `CommandId::Restore`.
 #[repr(C)]
