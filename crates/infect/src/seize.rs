@@ -150,7 +150,11 @@ impl Seized {
                 }
                 Ok(Wait::Stopped { sig, .. }) => {
                     // A signal-delivery stop won the race: deliver the signal as the kernel
-                    // would have, then wait for the interrupt, which is still pending.
+                    // would have, then ask for the stop again. The first interrupt is usually
+                    // still pending, but not always: since 6.12 dequeuing a POSIX timer's
+                    // signal briefly drops the signal lock, and an interrupt landing in that
+                    // window is consumed by the signal stop. A second interrupt costs nothing
+                    // (a leftover interrupt stop is tolerated, and detaching clears it).
                     self.signals_passed.push((tid, sig));
                     tracing::debug!(
                         pid = self.pid,
@@ -163,6 +167,16 @@ impl Seized {
                         tid,
                         errno,
                     })?;
+                    match sys::interrupt(t) {
+                        Ok(()) | Err(Errno::ESRCH) => {}
+                        Err(errno) => {
+                            return Err(InfectError::Ptrace {
+                                op: "INTERRUPT",
+                                tid,
+                                errno,
+                            })
+                        }
+                    }
                 }
                 Ok(Wait::Exited(_)) | Ok(Wait::Killed(_)) | Err(Errno::ECHILD) => return Ok(false),
                 Ok(Wait::Running) => continue,
