@@ -49,6 +49,13 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
         );
     }
     let tid = nix::unistd::Pid::from_raw(pid);
+    // A thread inside a vDSO function is stepped out of it first (CRIU issue #512).
+    if let Some(vdso) = stasis_vdso::VdsoLayout::of_pid(pid)?.vdso() {
+        let moved = seized.step_out_of((vdso.start, vdso.end), 100_000)?;
+        if !moved.is_empty() {
+            tracing::info!(pid, threads = ?moved, "stepped out of the vDSO before dumping");
+        }
+    }
 
     // Everything that could refuse the dump comes first, before the process is changed.
     let mut pages = PageWriter::create(&images).context("creating pages.img")?;
@@ -137,6 +144,7 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
         stasis_version: env!("CARGO_PKG_VERSION").to_string(),
         xsave_size: core.xsave.len() as u32,
         xcr0,
+        xsave_layout: crate::xsave::layout(),
         page_data_len: summary_pages.data_len,
         page_data_xxh3: summary_pages.checksum,
     };
@@ -276,7 +284,97 @@ fn growsdown_set(pid: i32) -> Result<std::collections::HashSet<u64>> {
     Ok(set)
 }
 
-fn backing_of(v: &stasis_proc::Vma) -> Result<Option<Backing>> {
+/// What a proxied restore (by an earlier stasis) left in a process: the proxy at the old
+/// `[vdso]` address, placeholders at the old vvar addresses, and the pristine copy whose header
+/// page (`plan::proxy_header`) describes them all.
+struct ProxyFound {
+    copy: (u64, u64),
+    proxy: (u64, u64),
+    placeholders: Vec<(String, u64, u64)>,
+}
+
+impl ProxyFound {
+    /// Whether `v` is (part of) what the proxy made. By containment: adjacent placeholders
+    /// with the same protection are merged into one VMA by the kernel.
+    fn owns(&self, v: &stasis_proc::Vma) -> bool {
+        let mut parts: Vec<(u64, u64)> = self.placeholders.iter().map(|p| (p.1, p.2)).collect();
+        parts.push(self.copy);
+        parts.push((self.proxy.0, self.proxy.0 + self.proxy.1));
+        parts.sort_unstable();
+        // Merge touching ranges, then look for one that holds all of v.
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        for (s, e) in parts {
+            match merged.last_mut() {
+                Some(last) if last.1 >= s => last.1 = last.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        merged.iter().any(|&(s, e)| v.start >= s && v.end <= e)
+    }
+}
+
+/// Looks for a pristine copy: a small read-only private anonymous mapping starting with the
+/// magic. Reading 16 bytes of a handful of candidates is cheap.
+fn find_proxy(pid: i32, vmas: &[stasis_proc::Vma], mem: &File) -> Option<ProxyFound> {
+    for v in vmas.iter().filter(|v| {
+        v.prot == stasis_proc::PROT_READ && !v.shared && v.inode == 0 && v.len() <= 1 << 20
+    }) {
+        let mut page = vec![0u8; PAGE_SIZE];
+        if mem.read_exact_at(&mut page, v.start).is_err()
+            || !page.starts_with(crate::plan::PROXY_MAGIC)
+        {
+            continue;
+        }
+        let (proxy, placeholders) = crate::plan::parse_proxy_header(&page)?;
+        tracing::info!(
+            pid,
+            "found stasis's vDSO proxy at {:#x}; recording the original vDSO",
+            proxy.0
+        );
+        return Some(ProxyFound {
+            copy: (v.start, v.end),
+            proxy,
+            placeholders,
+        });
+    }
+    None
+}
+
+/// A process restored with a vDSO proxy still knows its original vDSO, at the proxy's address.
+/// Record that vDSO — the one its cached pointers refer to — with the pristine copy's bytes, so
+/// the next restore builds one proxy for the new kernel (or remaps, if it is the original
+/// kernel) instead of stacking a proxy on a proxy. The kernel's current areas are left behind.
+fn proxied_vdso(found: &ProxyFound, mem: &File, auxv_ehdr: u64) -> Result<VdsoRecord> {
+    let mut bytes = vec![0u8; found.proxy.1 as usize];
+    mem.read_exact_at(&mut bytes, found.copy.0 + PAGE_SIZE as u64)
+        .context("reading the pristine vDSO copy")?;
+    let symbols =
+        stasis_vdso::symbols_from_image(&bytes).context("parsing the pristine vDSO copy")?;
+    let mut areas = found.placeholders.clone();
+    areas.push((
+        "[vdso]".into(),
+        found.proxy.0,
+        found.proxy.0 + found.proxy.1,
+    ));
+    areas.sort_by_key(|a| a.1);
+    Ok(VdsoRecord {
+        auxv_ehdr,
+        areas,
+        symbols: symbols
+            .iter()
+            .map(|s| (s.name.clone(), s.version.clone(), s.offset, s.size))
+            .collect(),
+        vdso_bytes: bytes,
+    })
+}
+
+fn backing_of(v: &stasis_proc::Vma, proxy: Option<&ProxyFound>) -> Result<Option<Backing>> {
+    if proxy.is_some_and(|p| p.owns(v)) {
+        // Rebuilt from the vDSO record on restore, never restored as plain memory.
+        return Ok(Some(Backing::Vdso {
+            name: format!("{} (stasis vDSO proxy)", v.name),
+        }));
+    }
     if stasis_abi::is_vdso_area_name(v.name.as_bytes()) {
         return Ok(Some(Backing::Vdso {
             name: v.name.clone(),
@@ -376,8 +474,9 @@ fn collect_mm(
     let mut next_off = stasis_image::DATA_OFFSET + pages.data_len();
     let mut entries = Vec::new();
     let zero_pfn = zero_page_pfn();
+    let proxy = find_proxy(pid, &vmas, &mem);
     for (vi, v) in vmas.iter().enumerate() {
-        let Some(backing) = backing_of(v)? else {
+        let Some(backing) = backing_of(v, proxy.as_ref())? else {
             continue;
         };
         let npages = (v.len() / PAGE_SIZE as u64) as usize;
@@ -466,7 +565,7 @@ fn collect_mm(
         Some(area) => stasis_vdso::read_image(pid, area)?,
         None => Vec::new(),
     };
-    let vdso = VdsoRecord {
+    let kernel_vdso = VdsoRecord {
         auxv_ehdr: vdso_info.auxv_ehdr,
         areas: vdso_info
             .layout
@@ -480,6 +579,10 @@ fn collect_mm(
             .map(|s| (s.name.clone(), s.version.clone(), s.offset, s.size))
             .collect(),
         vdso_bytes,
+    };
+    let vdso = match &proxy {
+        Some(found) => proxied_vdso(found, &mem, vdso_info.auxv_ehdr)?,
+        None => kernel_vdso,
     };
     Ok((
         Mm {

@@ -11,3 +11,4 @@ pub mod dump;
 pub mod plan;
 pub mod restore;
 pub mod show;
+pub mod xsave;

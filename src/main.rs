@@ -67,6 +67,10 @@ enum Command {
         /// Give a process that was attached to a terminal this stasis's terminal.
         #[arg(long)]
         shell_job: bool,
+        /// vDSO strategy: remap this kernel's vDSO into place (same vDSO only), proxy the
+        /// dumped one into it, or choose (auto).
+        #[arg(long, value_enum, default_value = "auto")]
+        vdso: stasis::plan::VdsoMode,
     },
     /// Describe an image.
     Show {
@@ -152,8 +156,13 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             images_dir,
             detach,
             shell_job,
+            vdso,
         } => {
-            let opts = stasis::restore::RestoreOptions { detach, shell_job };
+            let opts = stasis::restore::RestoreOptions {
+                detach,
+                shell_job,
+                vdso,
+            };
             let status = stasis::restore::restore(&images_dir, &opts)?;
             Ok(ExitCode::from(status.clamp(0, 255) as u8))
         }

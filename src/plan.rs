@@ -7,7 +7,8 @@
 use crate::restore::{Child, Image};
 use anyhow::{bail, Context, Result};
 use stasis_abi::{
-    PlanOp, RestoreResult, EXPECT_ANY, EXPECT_ARG0, EXPECT_ARG4, EXPECT_OK, EXPECT_PREAD_ALL,
+    PlanOp, RestoreResult, EXPECT_ANY, EXPECT_ARG0, EXPECT_ARG4, EXPECT_COPY, EXPECT_OK,
+    EXPECT_PREAD_ALL,
 };
 use stasis_image::model::*;
 use stasis_image::PAGE_SIZE;
@@ -232,62 +233,216 @@ fn same_file(a: &str, b: &str) -> bool {
     }
 }
 
-/// What to do with the kernel's vDSO areas in the new task.
-pub enum VdsoPlan {
-    /// Same kernel vDSO: move each runtime area onto the dumped address of the same area.
-    Remap { moves: Vec<(String, u64, u64, u64)> },
-    /// The process had no vDSO and no vvar: remove the runtime ones.
-    Unmap { areas: Vec<(u64, u64)> },
+/// How to bring back the vDSO: `--vdso=auto|remap|proxy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum VdsoMode {
+    /// Remap when this kernel's vDSO matches the image's, proxy otherwise.
+    Auto,
+    /// Only remap; fail when the vDSOs differ.
+    Remap,
+    /// Always proxy, even on the same kernel.
+    Proxy,
 }
 
-impl VdsoPlan {
-    /// Compares the image's vDSO with this kernel's (stasis's own, which the forked child
-    /// shares): the same areas in the same order and sizes, and the same `[vdso]` bytes.
-    pub fn decide(rec: &VdsoRecord) -> Result<VdsoPlan> {
+/// This kernel's vDSO as the new task will have it (it is a fork of stasis, so stasis's own).
+pub struct RuntimeVdso {
+    pub areas: Vec<(String, u64, u64)>,
+    pub symbols: Vec<stasis_vdso::VdsoSymbol>,
+}
+
+impl RuntimeVdso {
+    pub fn of_self() -> Result<RuntimeVdso> {
         let me = std::process::id() as i32;
         let layout =
             stasis_vdso::VdsoLayout::of_pid(me).context("reading this process's vDSO layout")?;
-        let runtime: Vec<(String, u64, u64)> = layout
-            .areas
-            .iter()
-            .map(|a| (a.name.clone(), a.start, a.end))
-            .collect();
+        let symbols = match layout.vdso() {
+            Some(area) => stasis_vdso::symbols_from_image(&stasis_vdso::read_image(me, area)?)?,
+            None => Vec::new(),
+        };
+        Ok(RuntimeVdso {
+            areas: layout
+                .areas
+                .iter()
+                .map(|a| (a.name.clone(), a.start, a.end))
+                .collect(),
+            symbols,
+        })
+    }
+}
+
+/// What to do with the kernel's vDSO areas in the new task.
+pub enum VdsoPlan {
+    /// Same kernel vDSO: move each runtime area onto the dumped address of the same area;
+    /// `drop` lists runtime areas the process did not have (a `[vdso]` it had unmapped while
+    /// keeping vvar, as valgrind leaves it).
+    Remap {
+        moves: Vec<(String, u64, u64, u64)>,
+        drop: Vec<(u64, u64)>,
+    },
+    /// The process had no vDSO and no vvar: remove the runtime ones.
+    Unmap { areas: Vec<(u64, u64)> },
+    /// A different vDSO: the program keeps the dumped vDSO code at its old address with every
+    /// exported entry patched to jump into this kernel's vDSO, which lives elsewhere; the old
+    /// vvar addresses hold read-only placeholders so nothing else lands there.
+    Proxy {
+        runtime: RuntimeVdso,
+        reasons: Vec<String>,
+    },
+}
+
+/// Names given (PR_SET_VMA_ANON_NAME, where the kernel has it) to what a proxy maps.
+pub const PROXY_NAME: &str = "stasis-vdso-proxy";
+pub const ORIGINAL_NAME: &str = "stasis-vdso-original";
+pub const PLACEHOLDER_PREFIX: &str = "stasis-vvar-";
+
+/// The pristine copy of a proxied vDSO starts with a page that describes the proxy, so the
+/// next dump recognises it on every kernel (anonymous mapping names need CONFIG_ANON_VMA_NAME):
+///
+/// ```text
+/// 0   magic  b"STASIS-VDSO-PRXY"              16
+/// 16  proxy address, proxy length (u64 each)  16
+/// 32  number of placeholders n (u64)           8
+/// 40  n × { name [u8; 24] NUL-padded, start u64, end u64 }
+/// 4096  the dumped vDSO's bytes, unpatched
+/// ```
+pub const PROXY_MAGIC: &[u8; 16] = b"STASIS-VDSO-PRXY";
+
+/// The header page of the pristine copy.
+pub fn proxy_header(proxy: (u64, u64), placeholders: &[(String, u64, u64)]) -> Vec<u8> {
+    let mut h = Vec::with_capacity(PAGE as usize);
+    h.extend_from_slice(PROXY_MAGIC);
+    h.extend_from_slice(&proxy.0.to_le_bytes());
+    h.extend_from_slice(&proxy.1.to_le_bytes());
+    h.extend_from_slice(&(placeholders.len() as u64).to_le_bytes());
+    for (name, s, e) in placeholders.iter().take(64) {
+        let mut n = [0u8; 24];
+        let b = name.as_bytes();
+        n[..b.len().min(23)].copy_from_slice(&b[..b.len().min(23)]);
+        h.extend_from_slice(&n);
+        h.extend_from_slice(&s.to_le_bytes());
+        h.extend_from_slice(&e.to_le_bytes());
+    }
+    h.resize(PAGE as usize, 0);
+    h
+}
+
+/// A vDSO-related area as (name, start, end).
+pub type Area = (String, u64, u64);
+
+/// Parses a header page into the proxy's (address, length) and its placeholders; None unless
+/// it is one.
+pub fn parse_proxy_header(h: &[u8]) -> Option<((u64, u64), Vec<Area>)> {
+    let u = |o: usize| Some(u64::from_le_bytes(h.get(o..o + 8)?.try_into().ok()?));
+    if h.get(..16)? != PROXY_MAGIC {
+        return None;
+    }
+    let n = u(32)? as usize;
+    if n > 64 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let o = 40 + i * 40;
+        let raw = h.get(o..o + 24)?;
+        let name =
+            String::from_utf8(raw.iter().take_while(|&&c| c != 0).copied().collect()).ok()?;
+        out.push((name, u(o + 24)?, u(o + 32)?));
+    }
+    Some(((u(16)?, u(24)?), out))
+}
+
+impl VdsoPlan {
+    /// The decision rule lives in `stasis_vdso::proxy::decide` (unit-tested on real kernels'
+    /// vDSOs); this applies the user's `--vdso` choice to it.
+    pub fn decide(rec: &VdsoRecord, mode: VdsoMode) -> Result<VdsoPlan> {
+        let runtime = RuntimeVdso::of_self()?;
         if rec.areas.is_empty() {
             return Ok(VdsoPlan::Unmap {
-                areas: runtime.iter().map(|a| (a.1, a.2)).collect(),
+                areas: runtime.areas.iter().map(|a| (a.1, a.2)).collect(),
             });
+        }
+        // vvar without a vDSO: nothing can call into the vDSO, so only the vvar areas matter;
+        // when this kernel's have the same shape they move into place and its [vdso] goes.
+        let has_vdso = |v: &[(String, u64, u64)]| v.iter().any(|a| a.0 == "[vdso]");
+        if !has_vdso(&rec.areas) && mode != VdsoMode::Proxy {
+            let vvars: Vec<&(String, u64, u64)> =
+                runtime.areas.iter().filter(|a| a.0 != "[vdso]").collect();
+            let same = vvars.len() == rec.areas.len()
+                && vvars
+                    .iter()
+                    .zip(&rec.areas)
+                    .all(|(r, i)| r.0 == i.0 && r.2 - r.1 == i.2 - i.1);
+            if same {
+                let moves = rec
+                    .areas
+                    .iter()
+                    .zip(&vvars)
+                    .map(|(want, have)| (want.0.clone(), have.1, have.2 - have.1, want.1))
+                    .collect();
+                let drop = runtime
+                    .areas
+                    .iter()
+                    .filter(|a| a.0 == "[vdso]")
+                    .map(|a| (a.1, a.2))
+                    .collect();
+                return Ok(VdsoPlan::Remap { moves, drop });
+            }
         }
         let shape = |v: &[(String, u64, u64)]| {
             v.iter()
                 .map(|a| (a.0.clone(), a.2 - a.1))
                 .collect::<Vec<_>>()
         };
-        let describe = |v: &[(String, u64, u64)]| {
-            v.iter()
-                .map(|a| format!("{} {}", a.0, stasis_vdso::human_size(a.2 - a.1)))
-                .collect::<Vec<_>>()
-                .join(", ")
+        let image_syms = if rec.vdso_bytes.is_empty() {
+            Vec::new()
+        } else {
+            stasis_vdso::symbols_from_image(&rec.vdso_bytes).context("parsing the image's vDSO")?
         };
-        let same_shape = shape(&rec.areas) == shape(&runtime);
-        let bytes = match layout.vdso() {
-            Some(area) => stasis_vdso::read_image(me, area)?,
-            None => Vec::new(),
-        };
-        if !same_shape || bytes != rec.vdso_bytes {
-            bail!(
-                "the image's vDSO ({}) differs from this kernel's ({}){}; restoring onto a different vDSO (proxy) is not implemented yet",
-                describe(&rec.areas),
-                describe(&runtime),
-                if same_shape { ", same layout but different code" } else { "" }
-            );
+        let strategy = stasis_vdso::proxy::decide(
+            &shape(&rec.areas),
+            &image_syms,
+            &shape(&runtime.areas),
+            &runtime.symbols,
+        );
+        match (strategy, mode) {
+            (stasis_vdso::proxy::Strategy::Remap, VdsoMode::Auto | VdsoMode::Remap) => {
+                let moves = rec
+                    .areas
+                    .iter()
+                    .zip(&runtime.areas)
+                    .map(|(want, have)| (want.0.clone(), have.1, have.2 - have.1, want.1))
+                    .collect();
+                Ok(VdsoPlan::Remap {
+                    moves,
+                    drop: Vec::new(),
+                })
+            }
+            (stasis_vdso::proxy::Strategy::Remap, VdsoMode::Proxy) => Ok(VdsoPlan::Proxy {
+                runtime,
+                reasons: vec!["forced by --vdso=proxy (this kernel's vDSO matches)".into()],
+            }),
+            (stasis_vdso::proxy::Strategy::Proxy { reasons }, VdsoMode::Auto | VdsoMode::Proxy) => {
+                Ok(VdsoPlan::Proxy { runtime, reasons })
+            }
+            (stasis_vdso::proxy::Strategy::Proxy { reasons }, VdsoMode::Remap) => {
+                bail!(
+                    "--vdso=remap is impossible: this kernel's vDSO differs from the image's ({})",
+                    reasons.join("; ")
+                )
+            }
         }
-        let moves = rec
-            .areas
-            .iter()
-            .zip(&runtime)
-            .map(|(want, have)| (want.0.clone(), have.1, have.2 - have.1, want.1))
-            .collect();
-        Ok(VdsoPlan::Remap { moves })
+    }
+
+    /// One line for `stasis show` and the log.
+    pub fn describe(&self) -> String {
+        match self {
+            VdsoPlan::Remap { .. } => "remap: this kernel's vDSO matches the image's (areas, sizes, every symbol's offset); its areas move onto the dumped addresses".into(),
+            VdsoPlan::Unmap { .. } => "none: the process had unmapped its vDSO; the new task's is removed".into(),
+            VdsoPlan::Proxy { reasons, .. } => format!(
+                "proxy: the dumped vDSO stays at its address with every exported symbol jumping into this kernel's vDSO; because {}",
+                reasons.join("; ")
+            ),
+        }
     }
 }
 
@@ -367,7 +522,15 @@ impl Plan {
         // 3. The vDSO: each special mapping moves whole, first to a scratch range (targets may
         //    overlap where another runtime area still is), then to its dumped address.
         match vdso {
-            VdsoPlan::Remap { moves } => {
+            VdsoPlan::Remap { moves, drop } => {
+                for (s, e) in drop {
+                    p.op(
+                        libc::SYS_munmap,
+                        [V(*s), V(e - s), V(0), V(0), V(0), V(0)],
+                        EXPECT_OK,
+                        "unmap the runtime [vdso] (the process had none)",
+                    );
+                }
                 let span: u64 = moves.iter().map(|m| m.2).sum();
                 let mut busy: Vec<(u64, u64)> =
                     img.mm.vmas.iter().map(|v| (v.start, v.end)).collect();
@@ -396,6 +559,7 @@ impl Plan {
                     at += len;
                 }
             }
+            VdsoPlan::Proxy { runtime, .. } => p.proxy(img, runtime, child_maps)?,
             VdsoPlan::Unmap { areas } => {
                 for (s, e) in areas {
                     p.op(
@@ -728,6 +892,135 @@ impl Plan {
                 EXPECT_OK,
                 "timer ids: restore mode off",
             );
+        }
+        Ok(())
+    }
+
+    /// Gives the mapping at `addr` a name in /proc/PID/maps (`[anon:NAME]`). Best effort:
+    /// kernels without CONFIG_ANON_VMA_NAME refuse, and only recognition on a later dump is lost.
+    fn name_vma(&mut self, addr: u64, len: u64, name: &str) {
+        let mut bytes = name.as_bytes().to_vec();
+        bytes.push(0);
+        let n = self.put(&bytes);
+        self.op(
+            libc::SYS_prctl,
+            [V(0x5356_4d41), V(0), V(addr), V(len), n, V(0)],
+            EXPECT_ANY,
+            format!("name {addr:#x} {name}"),
+        );
+    }
+
+    /// Maps anonymous memory at `addr` and copies `bytes` into it, then sets `prot`.
+    fn place_bytes(&mut self, addr: u64, len: u64, bytes: &[u8], prot: u64, what: &str) {
+        let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64;
+        let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+        self.op(
+            SYS_MMAP,
+            [V(addr), V(len), V(rw), V(flags), V(u64::MAX), V(0)],
+            EXPECT_ARG0,
+            format!("map {what} at {addr:#x}"),
+        );
+        let src = self.put(bytes);
+        self.op(
+            0,
+            [V(addr), src, V(bytes.len() as u64), V(0), V(0), V(0)],
+            EXPECT_COPY,
+            format!("copy {what}"),
+        );
+        self.op(
+            libc::SYS_mprotect,
+            [V(addr), V(len), V(prot), V(0), V(0), V(0)],
+            EXPECT_OK,
+            format!("protect {what}"),
+        );
+    }
+
+    /// The proxy: this kernel's vDSO set moves whole to a free range ("home"); the dumped vDSO
+    /// code goes back to its old address with every exported entry patched to jump there
+    /// (`stasis_vdso::proxy::build_proxy`); each old vvar address gets a read-only
+    /// placeholder; a pristine copy of the dumped vDSO stays beside home, named, so the next
+    /// dump can rebuild the proxy for yet another kernel instead of stacking proxies.
+    /// AT_SYSINFO_EHDR is left pointing at the old address: everything the program already
+    /// learnt from the vDSO (glibc parses it once at start-up) refers to that copy, and a
+    /// later reader of the auxv sees the same ELF with the same symbol offsets.
+    fn proxy(
+        &mut self,
+        img: &Image,
+        runtime: &RuntimeVdso,
+        child_maps: &[stasis_proc::Vma],
+    ) -> Result<()> {
+        let rec = &img.vdso;
+        let (Some(first), Some(last)) = (runtime.areas.first(), runtime.areas.last()) else {
+            bail!("this kernel maps no vDSO: nothing to proxy to");
+        };
+        let (span_start, span) = (first.1, last.2 - first.1);
+        let orig_len = (rec.vdso_bytes.len() as u64).next_multiple_of(PAGE);
+        let copy_len = if orig_len > 0 { PAGE + orig_len } else { 0 };
+        let mut busy: Vec<(u64, u64)> = img.mm.vmas.iter().map(|v| (v.start, v.end)).collect();
+        busy.extend(child_maps.iter().map(|v| (v.start, v.end)));
+        busy.extend(rec.areas.iter().map(|a| (a.1, a.2)));
+        let home = free_range_in(&mut busy, span + copy_len)?;
+        self.reserved.push((home, home + span + copy_len));
+        let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
+        for (name, s, e) in &runtime.areas {
+            let to = home + (s - span_start);
+            self.op(
+                libc::SYS_mremap,
+                [V(*s), V(e - s), V(e - s), V(flags), V(to), V(0)],
+                EXPECT_ARG4,
+                format!("move this kernel's {name} to {to:#x}"),
+            );
+        }
+        if let Some((_, vstart, vend)) = rec.areas.iter().find(|a| a.0 == "[vdso]") {
+            let runtime_vdso = runtime
+                .areas
+                .iter()
+                .find(|a| a.0 == "[vdso]")
+                .context("this kernel maps no [vdso]")?;
+            let runtime_base = home + (runtime_vdso.1 - span_start);
+            let build = stasis_vdso::proxy::build_proxy(
+                &rec.vdso_bytes,
+                *vstart,
+                &runtime.symbols,
+                runtime_base,
+            )
+            .context("building the vDSO proxy")?;
+            for note in &build.notes {
+                tracing::info!("vDSO proxy: {note}");
+            }
+            let len = vend - vstart;
+            let rx = (libc::PROT_READ | libc::PROT_EXEC) as u64;
+            self.place_bytes(*vstart, len, &build.image, rx, "the vDSO proxy");
+            self.name_vma(*vstart, len, PROXY_NAME);
+            let orig_at = home + span;
+            let placeholders: Vec<(String, u64, u64)> = rec
+                .areas
+                .iter()
+                .filter(|a| a.0 != "[vdso]")
+                .cloned()
+                .collect();
+            let mut copy = proxy_header((*vstart, len), &placeholders);
+            copy.extend_from_slice(&rec.vdso_bytes);
+            self.place_bytes(
+                orig_at,
+                PAGE + orig_len,
+                &copy,
+                libc::PROT_READ as u64,
+                "the dumped vDSO's pristine copy",
+            );
+            self.name_vma(orig_at, PAGE + orig_len, ORIGINAL_NAME);
+        }
+        for (name, s, e) in rec.areas.iter().filter(|a| a.0 != "[vdso]") {
+            let ro = libc::PROT_READ as u64;
+            let anon = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64;
+            self.op(
+                SYS_MMAP,
+                [V(*s), V(e - s), V(ro), V(anon), V(u64::MAX), V(0)],
+                EXPECT_ARG0,
+                format!("placeholder for {name} at {s:#x}"),
+            );
+            let bare = name.trim_start_matches('[').trim_end_matches(']');
+            self.name_vma(*s, e - s, &format!("{PLACEHOLDER_PREFIX}{bare}"));
         }
         Ok(())
     }

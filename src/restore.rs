@@ -26,6 +26,7 @@ pub struct RestoreOptions {
     pub detach: bool,
     /// Give terminals in the image this stasis's own (CRIU's `--shell-job`).
     pub shell_job: bool,
+    pub vdso: crate::plan::VdsoMode,
 }
 
 /// A whole image, loaded and checked.
@@ -119,10 +120,11 @@ fn check_consistency(img: &Image) -> Result<()> {
     Ok(())
 }
 
-/// Refuses an image whose XSAVE area this CPU/kernel cannot take as is. `runtime` is the
-/// XSAVE area of the freshly created task: its size and XCR0 (bytes 464..472) are this
-/// kernel's own.
-fn check_cpu(img: &Image, runtime: &[u8]) -> Result<()> {
+/// The image's XSAVE area made fit for this CPU: as is when the layouts agree, else moved
+/// component by component (`xsave::translate`). Refused when the image uses a feature this
+/// CPU/kernel does not enable. `runtime` is the XSAVE area of the freshly created task: its
+/// size and XCR0 (bytes 464..472) are this kernel's own.
+fn xsave_for_here(img: &Image, runtime: &[u8]) -> Result<Vec<u8>> {
     let xcr0 = runtime
         .get(464..472)
         .and_then(|b| b.try_into().ok())
@@ -136,15 +138,32 @@ fn check_cpu(img: &Image, runtime: &[u8]) -> Result<()> {
             xcr0
         );
     }
-    if img.core.xsave.len() != runtime.len() {
+    let here = crate::xsave::layout();
+    if img.core.xsave.len() == runtime.len()
+        && (img.inventory.xsave_layout.is_empty() || img.inventory.xsave_layout == here)
+    {
+        return Ok(img.core.xsave.clone());
+    }
+    if img.inventory.xsave_layout.is_empty() {
         bail!(
-            "image {}: XSAVE area of {} bytes; this CPU uses {} (cross-CPU translation is not implemented yet)",
+            "image {}: XSAVE area of {} bytes, {} here, and no layout recorded to translate it",
             img.dir.path().display(),
             img.core.xsave.len(),
             runtime.len()
         );
     }
-    Ok(())
+    let x = crate::xsave::translate(
+        &img.core.xsave,
+        &img.inventory.xsave_layout,
+        &here,
+        runtime.len(),
+    )?;
+    tracing::info!(
+        from = img.core.xsave.len(),
+        to = x.len(),
+        "XSAVE area translated for this CPU"
+    );
+    Ok(x)
 }
 
 /// The fds the restoring stasis passes on by number: terminals, and stdio ends of pipes whose
@@ -182,7 +201,8 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
     if std::path::Path::new(&format!("/proc/{pid}")).exists() {
         bail!("pid {pid} is in use: the restored process needs its old pid (kill the process using it, or wait for it to be reaped)");
     }
-    let vdso = crate::plan::VdsoPlan::decide(&img.vdso)?;
+    let vdso = crate::plan::VdsoPlan::decide(&img.vdso, opts.vdso)?;
+    tracing::info!(pid, "vDSO: {}", vdso.describe());
     if !opts.shell_job {
         if let Some(f) = img
             .files
@@ -207,7 +227,7 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
     let mut guard = ChildGuard { pid, armed: true };
     let t1 = Instant::now();
     let mut seized = Seized::seize(pid)?;
-    check_cpu(&img, &sys::get_xstate(nix::unistd::Pid::from_raw(pid))?)?;
+    let xsave = xsave_for_here(&img, &sys::get_xstate(nix::unistd::Pid::from_raw(pid))?)?;
     let child_maps = stasis_proc::maps(pid)?;
     let child_rseq = sys::rseq_config(nix::unistd::Pid::from_raw(pid))?;
 
@@ -245,10 +265,10 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
         Err(stasis_infect::InfectError::ParasiteStatus { .. })
         | Err(stasis_infect::InfectError::BadReply { .. }) => {
             // The reply carries which operation failed; fetch it for the message.
-            bail!(
-                "pid {pid}: the restorer failed: {}",
-                plan.describe_failure(&parasite.last_reply())
-            )
+            let why = plan.describe_failure(&parasite.last_reply());
+            // The task is half rebuilt and will be killed: there is nothing to cure.
+            parasite.abandon();
+            bail!("pid {pid}: the restorer failed: {why}")
         }
         Err(e) => return Err(e.into()),
     };
@@ -256,7 +276,7 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
         .map_err(|e: PlanError| anyhow::anyhow!("pid {pid}: {e}"))?;
 
     let regs = regs_for_resume(&img.core.gpr);
-    parasite.cure_into(regs, img.core.xsave.clone(), img.core.sigmask)?;
+    parasite.cure_into(regs, xsave, img.core.sigmask)?;
     seized.release()?;
     guard.armed = false;
     drop(child);

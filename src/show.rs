@@ -29,9 +29,8 @@ pub fn show(dir: &std::path::Path, json: bool) -> Result<()> {
         .flat_map(|v| &v.pages)
         .map(|r| r.pages)
         .sum();
-    let strategy = match crate::plan::VdsoPlan::decide(&img.vdso) {
-        Ok(crate::plan::VdsoPlan::Remap { .. }) => "remap: this kernel's vDSO is identical (layout and code); its areas are moved onto the dumped addresses".to_string(),
-        Ok(crate::plan::VdsoPlan::Unmap { .. }) => "none: the process had unmapped its vDSO; the new task's is removed".to_string(),
+    let strategy = match crate::plan::VdsoPlan::decide(&img.vdso, crate::plan::VdsoMode::Auto) {
+        Ok(plan) => plan.describe(),
         Err(e) => format!("cannot restore here: {e:#}"),
     };
     let s = Summary {

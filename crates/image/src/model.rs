@@ -40,6 +40,10 @@ pub struct Inventory {
     /// Size of the XSAVE area on the dumping CPU, and its XCR0.
     pub xsave_size: u32,
     pub xcr0: u64,
+    /// Where the dumping CPU puts each extended XSAVE component (standard format):
+    /// (component, offset, size) from CPUID leaf 0xD, for translating to another CPU.
+    #[serde(default)]
+    pub xsave_layout: Vec<(u32, u32, u32)>,
     /// Bytes of page data and their checksum (cross-checked with pages.img's own header).
     pub page_data_len: u64,
     pub page_data_xxh3: u64,

@@ -195,6 +195,60 @@ impl Seized {
         self.pid
     }
 
+    /// Single-steps every thread whose rip lies in `range` (the vDSO) until it has left it,
+    /// at most `max_steps` instructions each. A thread frozen in the middle of a vDSO function
+    /// would otherwise resume in the middle of that code after a restore, which is wrong when
+    /// the vDSO is proxied (its old code would read placeholder vvar pages). Returns the
+    /// threads moved. Signals that arrive meanwhile are passed on with the next step.
+    pub fn step_out_of(&mut self, range: (u64, u64), max_steps: u32) -> Result<Vec<i32>> {
+        let mut moved = Vec::new();
+        for &tid in &self.threads {
+            let t = Pid::from_raw(tid);
+            let perr = |op| move |errno| InfectError::Ptrace { op, tid, errno };
+            let inside = |t| -> Result<bool> {
+                let rip = sys::get_regs(t).map_err(perr("GETREGS"))?.rip;
+                Ok(rip >= range.0 && rip < range.1)
+            };
+            if !inside(t)? {
+                continue;
+            }
+            let mut steps = 0;
+            let mut pending = 0;
+            while inside(t)? {
+                if steps == max_steps {
+                    return Err(InfectError::TargetGone {
+                        pid: self.pid,
+                        how: format!(
+                            "thread {tid} did not leave the vDSO within {max_steps} instructions"
+                        ),
+                    });
+                }
+                let r = if pending != 0 {
+                    // Deliver the signal that arrived; its handler runs outside the vDSO.
+                    let sig = std::mem::take(&mut pending);
+                    sys::cont(t, sig).and_then(|()| sys::interrupt(t))
+                } else {
+                    sys::singlestep(t)
+                };
+                r.map_err(perr("SINGLESTEP"))?;
+                match sys::wait(t, false).map_err(perr("wait"))? {
+                    Wait::Stopped { sig, event: 0 } if sig != libc::SIGTRAP => pending = sig,
+                    Wait::Stopped { .. } => {}
+                    Wait::Exited(_) | Wait::Killed(_) => {
+                        return Err(InfectError::TargetGone {
+                            pid: self.pid,
+                            how: format!("thread {tid} exited"),
+                        })
+                    }
+                    Wait::Running => {}
+                }
+                steps += 1;
+            }
+            moved.push(tid);
+        }
+        Ok(moved)
+    }
+
     pub fn threads(&self) -> &[i32] {
         &self.threads
     }

@@ -116,6 +116,11 @@ const PTRACE_PEEKSIGINFO: libc::c_uint = 0x4209;
 const PTRACE_PEEKSIGINFO_SHARED: u32 = 1;
 const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_uint = 0x420f;
 
+/// Executes one instruction of a stopped thread (it stops again with SIGTRAP).
+pub fn singlestep(tid: Pid) -> Result<(), Errno> {
+    ptrace::step(tid, None)
+}
+
 /// The pending signals of a thread (`shared`: of its whole process), as raw 128-byte siginfos.
 pub fn pending_signals(tid: Pid, shared: bool) -> Result<Vec<[u8; 128]>, Errno> {
     #[repr(C)]

@@ -28,9 +28,10 @@ use goblin::elf::dynamic::{
     DT_VERDEFNUM, DT_VERSYM,
 };
 use goblin::elf::header::{EI_CLASS, EI_DATA, ELFCLASS64, ELFDATA2LSB, ELFMAG, EM_X86_64};
-use goblin::elf::program_header::PT_LOAD;
-use goblin::elf::{Dynamic, Elf, ProgramHeader, Symtab};
+use goblin::elf::program_header::{PF_X, PT_LOAD};
+use goblin::elf::{Dynamic, Elf, Header, ProgramHeader, Symtab};
 use serde::Serialize;
+use std::ops::Range;
 
 use crate::VdsoError;
 
@@ -132,30 +133,17 @@ pub fn symbols_from_image(image: &[u8]) -> Result<Vec<VdsoSymbol>, VdsoError> {
     Ok(out)
 }
 
-/// Where the dynamic tables of an image are, as image offsets.
-struct DynTables<'a> {
-    image: &'a [u8],
+/// The ELF header and program headers of an image, checked: the start of every reader.
+pub(crate) struct Segments {
     ctx: Ctx,
+    header: Header,
+    phdrs: Vec<ProgramHeader>,
     /// Link address of image byte 0: first `PT_LOAD`'s `p_vaddr - p_offset`.
     link_base: u64,
-    symtab: usize,
-    strtab: usize,
-    strsz: u64,
-    hash: Option<usize>,
-    gnu_hash: Option<usize>,
-    versym: Option<usize>,
-    verdef: Option<usize>,
-    verdefnum: Option<u64>,
 }
 
-/// One `Elf64_Verdef` entry reduced to what symbol lookup needs.
-struct VersionDef<'a> {
-    ndx: u16,
-    name: &'a [u8],
-}
-
-impl<'a> DynTables<'a> {
-    fn parse(image: &'a [u8]) -> Result<Self, VdsoError> {
+impl Segments {
+    pub(crate) fn parse(image: &[u8]) -> Result<Self, VdsoError> {
         if image.get(..ELFMAG.len()) != Some(ELFMAG.as_slice()) {
             return Err(VdsoError::NotElf);
         }
@@ -209,6 +197,68 @@ impl<'a> DynTables<'a> {
                     vaddr: load.p_vaddr,
                     offset: load.p_offset,
                 })?;
+        Ok(Segments {
+            ctx,
+            header,
+            phdrs,
+            link_base,
+        })
+    }
+
+    /// The image byte ranges (offsets from the image start, as symbol offsets are) that hold
+    /// executable code: each executable `PT_LOAD`'s file bytes, clipped to the image, minus the
+    /// ELF header and program header table (which a vDSO's single `PT_LOAD` also maps). A patch
+    /// may only ever be written inside one of these.
+    pub(crate) fn code_ranges(&self, image_len: usize) -> Vec<Range<u64>> {
+        let image_len = image_len as u64;
+        let table_end = self
+            .header
+            .e_phoff
+            .saturating_add(u64::from(self.header.e_phnum) * u64::from(self.header.e_phentsize));
+        let headers_end = table_end.max(u64::from(self.header.e_ehsize));
+        self.phdrs
+            .iter()
+            .filter(|p| p.p_type == PT_LOAD && p.p_flags & PF_X != 0)
+            .filter_map(|p| {
+                let start = p.p_vaddr.checked_sub(self.link_base)?;
+                let end = start.saturating_add(p.p_filesz).min(image_len);
+                let start = start.max(headers_end);
+                (start < end).then_some(start..end)
+            })
+            .collect()
+    }
+}
+
+/// Where the dynamic tables of an image are, as image offsets.
+struct DynTables<'a> {
+    image: &'a [u8],
+    ctx: Ctx,
+    /// Link address of image byte 0: first `PT_LOAD`'s `p_vaddr - p_offset`.
+    link_base: u64,
+    symtab: usize,
+    strtab: usize,
+    strsz: u64,
+    hash: Option<usize>,
+    gnu_hash: Option<usize>,
+    versym: Option<usize>,
+    verdef: Option<usize>,
+    verdefnum: Option<u64>,
+}
+
+/// One `Elf64_Verdef` entry reduced to what symbol lookup needs.
+struct VersionDef<'a> {
+    ndx: u16,
+    name: &'a [u8],
+}
+
+impl<'a> DynTables<'a> {
+    fn parse(image: &'a [u8]) -> Result<Self, VdsoError> {
+        let Segments {
+            ctx,
+            phdrs,
+            link_base,
+            ..
+        } = Segments::parse(image)?;
         let dynamic = Dynamic::parse(image, &phdrs, ctx)
             .map_err(|source| VdsoError::Elf {
                 what: "dynamic section",

@@ -14,12 +14,14 @@
 
 mod elf;
 mod layout;
+pub mod proxy;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 pub use elf::{symbols_from_image, VdsoSymbol};
 pub use layout::{human_size, VdsoArea, VdsoLayout};
+pub use proxy::{build_proxy, decide, Patch, PatchKind, ProxyBuild, Strategy};
 
 /// Everything that can go wrong reading or parsing a vDSO.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +106,40 @@ pub enum VdsoError {
     BadVersionIndex { name: String, ndx: u16 },
     #[error("vDSO image: bad DT_VERDEF entry at offset {offset:#x}")]
     BadVerdef { offset: u64 },
+
+    // --- building a proxy vDSO (offsets from the old image start) ---
+    #[error("vDSO proxy: {names} at +{offset:#x} is not in an executable segment's code")]
+    SymbolNotInCode { names: String, offset: u64 },
+    #[error("vDSO proxy: the {patch_len}-byte patch for {names} at +{offset:#x} does not fit: {room} bytes up to {bound}")]
+    PatchDoesNotFit {
+        names: String,
+        offset: u64,
+        patch_len: usize,
+        room: u64,
+        bound: String,
+    },
+    #[error("vDSO proxy: the old code of {names} at +{offset:#x} has no instruction boundary between the patch end +{patch_end:#x} and {bound}")]
+    NoInstructionBoundary {
+        names: String,
+        offset: u64,
+        patch_end: u64,
+        bound: String,
+    },
+    #[error("vDSO proxy: {what} address {base:#x} + {offset:#x} overflows 64 bits")]
+    AddressOverflow {
+        what: &'static str,
+        base: u64,
+        offset: u64,
+    },
+    #[error("vDSO proxy: cannot encode the patch for {names} at +{offset:#x}")]
+    Encode {
+        names: String,
+        offset: u64,
+        #[source]
+        source: iced_x86::IcedError,
+    },
+    #[error("vDSO proxy: patching would change the image's exported symbols (a symbol table lies inside patched code)")]
+    PatchChangedSymbols,
 }
 
 /// Upper bound on a `[vdso]` area read into memory. Real images are a few pages; this only keeps
