@@ -394,63 +394,33 @@ fn probe_pr_get_auxv(layout: &[(String, u64, u64)]) -> Probe {
     }
 }
 
-/// `struct clone_args` up to `set_tid_size` and `cgroup` (CLONE_ARGS_SIZE_VER2, 88 bytes).
-#[repr(C)]
-#[derive(Default)]
-struct CloneArgs {
-    flags: u64,
-    pidfd: u64,
-    child_tid: u64,
-    parent_tid: u64,
-    exit_signal: u64,
-    stack: u64,
-    stack_size: u64,
-    tls: u64,
-    set_tid: u64,
-    set_tid_size: u64,
-    cgroup: u64,
-}
-const _: () = assert!(std::mem::size_of::<CloneArgs>() == 88);
-
 /// Asks clone3 for a pid that is free right now; ok when the child gets exactly that pid.
 fn probe_clone3_set_tid() -> Probe {
     const ATTEMPTS: u32 = 5;
     let mut last = String::new();
     for attempt in 0..ATTEMPTS {
         let want = free_pid_candidate(attempt);
-        let mut tid: [pid_t; 1] = [want];
-        let args = CloneArgs {
-            exit_signal: libc::SIGCHLD as u64,
-            set_tid: tid.as_mut_ptr() as u64,
-            set_tid_size: 1,
-            ..CloneArgs::default()
-        };
-        // SAFETY: a fork-like clone3 (no CLONE_VM, no new stack): the child runs on a copy of our
-        // memory and only calls `_exit`, which is async-signal-safe.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_clone3,
-                &args as *const CloneArgs,
-                std::mem::size_of::<CloneArgs>(),
-            )
-        };
-        if r == 0 {
-            // SAFETY: child side of the raw clone; no Rust runtime work may happen here.
-            unsafe { libc::_exit(0) };
-        }
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
+        // SAFETY: the child only calls `_exit`, which is async-signal-safe.
+        let r = unsafe { stasis_infect::sys::clone3_with_pid(want) };
+        let r = match r {
+            Ok(0) => {
+                // SAFETY: child side of the raw clone; no Rust runtime work may happen here.
+                unsafe { libc::_exit(0) }
+            }
+            Ok(pid) => pid as i64,
+            Err(errno) => match errno {
                 // Someone took the pid between our check and the call: try another one.
-                Some(libc::EEXIST) => {
+                nix::errno::Errno::EEXIST => {
                     last = format!("pid {want} taken meanwhile");
                     continue;
                 }
-                Some(libc::EPERM) => return Err("needs CAP_CHECKPOINT_RESTORE".to_string()),
-                Some(libc::ENOSYS) => return Err("clone3 not implemented (ENOSYS)".to_string()),
-                _ => return Err(format!("clone3(set_tid={want}): {e}")),
-            }
-        }
+                nix::errno::Errno::EPERM => return Err("needs CAP_CHECKPOINT_RESTORE".to_string()),
+                nix::errno::Errno::ENOSYS => {
+                    return Err("clone3 not implemented (ENOSYS)".to_string())
+                }
+                e => return Err(format!("clone3(set_tid={want}): {e}")),
+            },
+        };
         let got = r as pid_t;
         let mut child = sys::Child::new(got);
         let status = child

@@ -214,7 +214,7 @@ fn print_vdso(info: &VdsoInfo) {
                 a.start,
                 a.end,
                 stasis_vdso::human_size(a.size()),
-                prot(a.prot)
+                stasis_proc::prot_string(a.prot)
             );
         }
     }
@@ -243,11 +243,6 @@ fn print_vdso(info: &VdsoInfo) {
             s.name, version, s.offset, s.size
         );
     }
-}
-
-fn prot(p: u32) -> String {
-    let bit = |b: u32, c: char| if p & b != 0 { c } else { '-' };
-    [bit(1, 'r'), bit(2, 'w'), bit(4, 'x')].iter().collect()
 }
 
 fn init_logging(verbose: u8, file: Option<&std::path::Path>) -> anyhow::Result<()> {

@@ -379,54 +379,19 @@ fn spawn_child(
     let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let (hold_r, hold_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let pid = img.inventory.pid;
-    let mut tid = pid as libc::pid_t;
-    #[repr(C)]
-    struct CloneArgs {
-        flags: u64,
-        pidfd: u64,
-        child_tid: u64,
-        parent_tid: u64,
-        exit_signal: u64,
-        stack: u64,
-        stack_size: u64,
-        tls: u64,
-        set_tid: u64,
-        set_tid_size: u64,
-        cgroup: u64,
-    }
-    let args = CloneArgs {
-        flags: 0,
-        pidfd: 0,
-        child_tid: 0,
-        parent_tid: 0,
-        exit_signal: libc::SIGCHLD as u64,
-        stack: 0,
-        stack_size: 0,
-        tls: 0,
-        set_tid: &mut tid as *mut libc::pid_t as u64,
-        set_tid_size: 1,
-        cgroup: 0,
-    };
-    // SAFETY: clone3 without CLONE_VM behaves like fork; stasis is single-threaded here, so
-    // the child may keep running ordinary Rust code (it never returns from child_main).
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &args as *const CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
-        bail!(
+    // SAFETY: stasis is single-threaded here, so the child may keep running ordinary Rust
+    // code, like after fork (it never returns from child_main).
+    let r = match unsafe { sys::clone3_with_pid(pid) } {
+        Ok(r) => r,
+        Err(e) => bail!(
             "creating pid {pid} with clone3(set_tid): {e}{}",
-            if e.raw_os_error() == Some(libc::EPERM) {
+            if e == nix::errno::Errno::EPERM {
                 " (needs root or CAP_CHECKPOINT_RESTORE)"
             } else {
                 ""
             }
-        );
-    }
+        ),
+    };
     if r == 0 {
         drop(ready_r);
         drop(hold_w);

@@ -65,7 +65,7 @@ pub fn show(dir: &std::path::Path, json: bool) -> Result<()> {
                     "{:#014x}-{:#014x} {} {} pages {}",
                     v.start,
                     v.end,
-                    prot(v.prot),
+                    stasis_proc::prot_string(v.prot),
                     v.pages.iter().map(|r| r.pages).sum::<u64>(),
                     v.name
                 )
@@ -97,9 +97,4 @@ pub fn show(dir: &std::path::Path, json: bool) -> Result<()> {
     println!("  vDSO: {} ({} symbols)", s.vdso.join(", "), s.vdso_symbols);
     println!("  restore here: {}", s.vdso_strategy);
     Ok(())
-}
-
-fn prot(p: u32) -> String {
-    let bit = |b: u32, c: char| if p & b != 0 { c } else { '-' };
-    [bit(1, 'r'), bit(2, 'w'), bit(4, 'x')].iter().collect()
 }

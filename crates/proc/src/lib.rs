@@ -26,6 +26,18 @@ pub const PROT_READ: u32 = 1;
 pub const PROT_WRITE: u32 = 2;
 pub const PROT_EXEC: u32 = 4;
 
+/// `rwx`-style text for PROT_* bits, as /proc/PID/maps shows them.
+pub fn prot_string(p: u32) -> String {
+    let bit = |b: u32, c: char| if p & b != 0 { c } else { '-' };
+    [
+        bit(PROT_READ, 'r'),
+        bit(PROT_WRITE, 'w'),
+        bit(PROT_EXEC, 'x'),
+    ]
+    .iter()
+    .collect()
+}
+
 /// One line of /proc/PID/maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Vma {
