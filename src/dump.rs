@@ -145,6 +145,8 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
         xsave_size: core.xsave.len() as u32,
         xcr0,
         xsave_layout: crate::xsave::layout(),
+        monotonic_ns: clock_ns(libc::CLOCK_MONOTONIC),
+        boottime_ns: clock_ns(libc::CLOCK_BOOTTIME),
         page_data_len: summary_pages.data_len,
         page_data_xxh3: summary_pages.checksum,
     };
@@ -166,6 +168,19 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
     };
     tracing::info!(pid, ?s, "dumped");
     Ok(s)
+}
+
+/// A clock's reading in ns (0 if it cannot be read).
+pub fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime into a valid timespec.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 pub fn kernel_release() -> String {

@@ -121,8 +121,8 @@ fn check_consistency(img: &Image) -> Result<()> {
 }
 
 /// The image's XSAVE area made fit for this CPU: as is when the layouts agree, else moved
-/// component by component (`xsave::translate`). Refused when the image uses a feature this
-/// CPU/kernel does not enable. `runtime` is the XSAVE area of the freshly created task: its
+/// component by component (`xsave::translate`). Refused when the thread holds state of a
+/// feature this CPU/kernel does not enable. `runtime` is the XSAVE area of the freshly created task: its
 /// size and XCR0 (bytes 464..472) are this kernel's own.
 fn xsave_for_here(img: &Image, runtime: &[u8]) -> Result<Vec<u8>> {
     let xcr0 = runtime
@@ -130,12 +130,28 @@ fn xsave_for_here(img: &Image, runtime: &[u8]) -> Result<Vec<u8>> {
         .and_then(|b| b.try_into().ok())
         .map(u64::from_le_bytes)
         .unwrap_or(0);
-    if img.inventory.xcr0 & !xcr0 != 0 {
+    // Only state the thread actually holds (XSTATE_BV) must fit; a feature the dumping CPU
+    // merely enabled does not matter. (Code that chose instructions for that CPU at start-up
+    // may still use some this one lacks: that is the user's call, as with CRIU's --cpu-cap.)
+    let in_use = img
+        .core
+        .xsave
+        .get(512..520)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .unwrap_or(0);
+    if in_use & !xcr0 != 0 {
         bail!(
-            "image {}: made on a CPU with XSAVE features {:#x}; this one enables {:#x}",
+            "image {}: the thread holds XSAVE state {:#x} that this CPU does not enable ({:#x})",
             img.dir.path().display(),
-            img.inventory.xcr0,
+            in_use & !xcr0,
             xcr0
+        );
+    }
+    if img.inventory.xcr0 != xcr0 {
+        tracing::warn!(
+            "the image was made on a CPU with XSAVE features {:#x}, this one has {xcr0:#x}: code tuned for that CPU may not run here",
+            img.inventory.xcr0
         );
     }
     let here = crate::xsave::layout();
@@ -223,6 +239,7 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
     let file_data = crate::child::file_data(&img)?;
     let loaded = t0.elapsed();
 
+    shift_clocks_if_behind(&img.inventory)?;
     let child = spawn_child(&img, &helpers, &file_data)?;
     let mut guard = ChildGuard { pid, armed: true };
     let t1 = Instant::now();
@@ -285,6 +302,45 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
         return Ok(0);
     }
     wait_exit(pid)
+}
+
+/// When this machine's CLOCK_MONOTONIC or CLOCK_BOOTTIME is behind the image's (it booted
+/// more recently than the dumping one), the restored process must not see them go backwards:
+/// put it in a new time namespace whose offsets make both clocks continue from the dumped
+/// values. `unshare(CLONE_NEWTIME)` leaves stasis where it is and places its next child in
+/// the new namespace; the offsets must be written before that child exists.
+fn shift_clocks_if_behind(inv: &Inventory) -> Result<()> {
+    let mono = crate::dump::clock_ns(libc::CLOCK_MONOTONIC);
+    let boot = crate::dump::clock_ns(libc::CLOCK_BOOTTIME);
+    if inv.monotonic_ns <= mono && inv.boottime_ns <= boot {
+        return Ok(());
+    }
+    let ahead = |dumped: u64, now: u64| dumped.saturating_sub(now);
+    let (m, b) = (ahead(inv.monotonic_ns, mono), ahead(inv.boottime_ns, boot));
+    // SAFETY: unshare only affects this process's future children.
+    if unsafe { libc::unshare(libc::CLONE_NEWTIME) } != 0 {
+        bail!(
+            "this machine's clocks are behind the image's (booted later) and a time namespace cannot be made to shift them: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let offsets = format!(
+        "{} {} {}\n{} {} {}\n",
+        libc::CLOCK_MONOTONIC,
+        m / 1_000_000_000,
+        m % 1_000_000_000,
+        libc::CLOCK_BOOTTIME,
+        b / 1_000_000_000,
+        b % 1_000_000_000
+    );
+    std::fs::write("/proc/self/timens_offsets", &offsets)
+        .context("writing /proc/self/timens_offsets")?;
+    tracing::info!(
+        monotonic_ns = m,
+        boottime_ns = b,
+        "clocks shifted forward in a new time namespace"
+    );
+    Ok(())
 }
 
 /// Registers for the resumed thread. A thread stopped inside a system call carries

@@ -347,3 +347,59 @@ fn zero_pages_are_not_dumped() {
     );
     assert_pass(&d.finish());
 }
+
+/// Rewrites a record's JSON payload and re-seals its checksums (the image format's own rules).
+fn edit_record(path: &std::path::Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let bytes = std::fs::read(path).expect("record");
+    let mut v: serde_json::Value = serde_json::from_slice(&bytes[64..]).expect("record JSON");
+    edit(&mut v);
+    let payload = serde_json::to_vec(&v).expect("JSON");
+    let mut header = bytes[..64].to_vec();
+    header[24..32].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    header[32..40].copy_from_slice(&xxhash_rust::xxh3::xxh3_64(&payload).to_le_bytes());
+    header[40..48].fill(0);
+    let sum = xxhash_rust::xxh3::xxh3_64(&header);
+    header[40..48].copy_from_slice(&sum.to_le_bytes());
+    std::fs::write(path, [header, payload].concat()).expect("write record");
+}
+
+/// An image made on a machine whose clocks are ahead (up longer, as when restoring after a
+/// reboot): the restored process gets a time namespace whose offsets keep CLOCK_MONOTONIC and
+/// CLOCK_BOOTTIME from going backwards, and its own clock checks (vdso_calls) still pass.
+#[test]
+fn clocks_behind_are_shifted_with_a_time_namespace() {
+    if !require_root("clocks_behind_are_shifted_with_a_time_namespace") {
+        return;
+    }
+    let d = Daemon::start("vdso_calls", &[]);
+    d.dump(1);
+    let ahead = 1000 * 1_000_000_000u64;
+    edit_record(&d.image(1).join("inventory.img"), |inv| {
+        for k in ["monotonic_ns", "boottime_ns"] {
+            let v = inv[k].as_u64().expect(k);
+            inv[k] = serde_json::json!(v + ahead);
+        }
+    });
+    d.restore(1);
+    let offsets =
+        std::fs::read_to_string(format!("/proc/{}/timens_offsets", d.pid)).expect("timens_offsets");
+    let secs = |clock: &str| -> u64 {
+        offsets
+            .lines()
+            .find_map(|l| {
+                let mut w = l.split_whitespace();
+                let c = w.next()?;
+                (c == clock
+                    || (clock == "monotonic" && c == "1")
+                    || (clock == "boottime" && c == "7"))
+                    .then(|| w.next()?.parse().ok())?
+            })
+            .unwrap_or(0)
+    };
+    // 1000 s ahead, minus the seconds between the dump and the restore.
+    assert!(
+        secs("monotonic") >= 990 && secs("boottime") >= 990,
+        "offsets not set: {offsets}"
+    );
+    assert_pass(&d.finish());
+}

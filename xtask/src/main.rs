@@ -7,6 +7,7 @@ use std::process::Command;
 
 mod bench;
 mod bench_cr;
+mod cross;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -20,7 +21,12 @@ enum Cmd {
     /// Build the no_std parasite blob and describe it.
     BuildParasite,
     /// Run every test (unit and integration; privileged ones need root, and must run under CI).
-    Test,
+    Test {
+        /// Instead: the cross-kernel matrix (images made under one kernel, restored under
+        /// another, in QEMU guests; needs root and ../shared/tools).
+        #[arg(long)]
+        cross_kernel: bool,
+    },
     /// `cargo fmt --check` and `cargo clippy --all-targets -- -D warnings`.
     Lint,
     /// What CI runs: lint, then test.
@@ -37,7 +43,13 @@ enum Cmd {
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::BuildParasite => build_parasite(),
-        Cmd::Test => test(),
+        Cmd::Test { cross_kernel } => {
+            if cross_kernel {
+                cross::run()
+            } else {
+                test()
+            }
+        }
         Cmd::Lint => lint(),
         Cmd::Ci => {
             lint()?;

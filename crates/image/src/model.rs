@@ -44,6 +44,13 @@ pub struct Inventory {
     /// (component, offset, size) from CPUID leaf 0xD, for translating to another CPU.
     #[serde(default)]
     pub xsave_layout: Vec<(u32, u32, u32)>,
+    /// CLOCK_MONOTONIC and CLOCK_BOOTTIME at the dump, in ns: a restore on a machine whose
+    /// clocks are behind (booted later) shifts them forward with a time namespace, so the
+    /// process never sees them go backwards. 0 in images that predate these fields.
+    #[serde(default)]
+    pub monotonic_ns: u64,
+    #[serde(default)]
+    pub boottime_ns: u64,
     /// Bytes of page data and their checksum (cross-checked with pages.img's own header).
     pub page_data_len: u64,
     pub page_data_xxh3: u64,
