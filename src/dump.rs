@@ -402,7 +402,10 @@ fn backing_of(v: &stasis_proc::Vma, proxy: Option<&ProxyFound>) -> Result<Option
     // memfd mappings. Their contents are dumped like anonymous memory.
     let shmem = v.dev == (0, 1);
     if v.shared && (v.inode == 0 || shmem) {
-        return Ok(Some(Backing::AnonShared));
+        return Ok(Some(Backing::AnonShared {
+            id: v.inode,
+            offset: v.offset,
+        }));
     }
     if v.inode != 0 && v.name.starts_with('/') && !shmem {
         if v.name.ends_with(" (deleted)") {
@@ -460,7 +463,7 @@ fn wants_page(backing: &Backing, shared: bool, entry: u64, zero_pfn: Option<u64>
         return false;
     }
     match backing {
-        Backing::Anon | Backing::AnonShared => entry & (PM_PRESENT | PM_SWAPPED) != 0,
+        Backing::Anon | Backing::AnonShared { .. } => entry & (PM_PRESENT | PM_SWAPPED) != 0,
         // A private file mapping: only pages that became anonymous (written: COW) differ from
         // the file. A shared one lives in the file itself.
         Backing::File { .. } if !shared => {

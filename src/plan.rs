@@ -45,6 +45,8 @@ pub struct Plan {
     fixups: Vec<(usize, usize)>,
     /// Address ranges the plan itself uses as scratch space: the restorer's region must not.
     pub reserved: Vec<(u64, u64)>,
+    /// Shared anonymous objects mapped so far: id → (address, offset in the object, length).
+    shm: std::collections::HashMap<u64, (u64, u64, u64)>,
 }
 
 fn errno_text(r: i64) -> String {
@@ -62,6 +64,7 @@ impl Plan {
             data: Vec::new(),
             fixups: Vec::new(),
             reserved: Vec::new(),
+            shm: std::collections::HashMap::new(),
         }
     }
 
@@ -1050,14 +1053,39 @@ impl Plan {
                     what,
                 );
             }
-            Backing::AnonShared => {
-                flags |= (libc::MAP_SHARED | libc::MAP_ANONYMOUS) as u64;
-                self.op(
-                    SYS_MMAP,
-                    [V(v.start), V(len), V(prot), V(flags), V(u64::MAX), V(0)],
-                    EXPECT_ARG0,
-                    what,
-                );
+            Backing::AnonShared { id, offset } => {
+                // A further view of a shared object already mapped: duplicate that mapping
+                // (mremap with old size 0), so both views stay one object, as they were.
+                let first = self.shm.get(id).copied().filter(|&(_, off, flen)| {
+                    *id != 0 && *offset >= off && offset + len <= off + flen
+                });
+                if let Some((fstart, foff, _)) = first {
+                    let from = fstart + (offset - foff);
+                    let dup = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
+                    self.op(
+                        libc::SYS_mremap,
+                        [V(from), V(0), V(len), V(dup), V(v.start), V(0)],
+                        EXPECT_ARG4,
+                        format!("{what} (another view of shared object {id})"),
+                    );
+                    self.op(
+                        libc::SYS_mprotect,
+                        [V(v.start), V(len), V(prot), V(0), V(0), V(0)],
+                        EXPECT_OK,
+                        format!("protect the view at {:#x}", v.start),
+                    );
+                } else {
+                    flags |= (libc::MAP_SHARED | libc::MAP_ANONYMOUS) as u64;
+                    self.op(
+                        SYS_MMAP,
+                        [V(v.start), V(len), V(prot), V(flags), V(u64::MAX), V(0)],
+                        EXPECT_ARG0,
+                        what,
+                    );
+                    if *id != 0 {
+                        self.shm.entry(*id).or_insert((v.start, *offset, len));
+                    }
+                }
             }
             Backing::File { path, offset, .. } => {
                 let writable = v.shared && v.prot & libc::PROT_WRITE as u32 != 0;

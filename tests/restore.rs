@@ -403,3 +403,13 @@ fn clocks_behind_are_shifted_with_a_time_namespace() {
     );
     assert_pass(&d.finish());
 }
+
+/// Two views of one MAP_SHARED anonymous object stay one object (a write through one shows
+/// through the other), and untouched pages of a private file mapping still follow the file.
+#[test]
+fn shared_anonymous_views_stay_one_object() {
+    if require_root("shared_anonymous_views_stay_one_object") {
+        let d = roundtrip("memory", &["--strict"]);
+        assert!(d.contains("strict"), "{d}");
+    }
+}

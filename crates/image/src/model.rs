@@ -207,8 +207,14 @@ pub struct Process {
 pub enum Backing {
     /// Private anonymous memory (heap, stack, malloc arenas, …).
     Anon,
-    /// Shared anonymous memory (`MAP_SHARED|MAP_ANONYMOUS`, shmem).
-    AnonShared,
+    /// Shared anonymous memory (`MAP_SHARED|MAP_ANONYMOUS`, shmem). `id` names the shmem
+    /// object (its inode): VMAs with the same id are views of one object, at `offset` in it.
+    AnonShared {
+        #[serde(default)]
+        id: u64,
+        #[serde(default)]
+        offset: u64,
+    },
     /// A file mapping; private ones also carry their modified pages.
     File {
         path: String,
