@@ -348,21 +348,6 @@ fn zero_pages_are_not_dumped() {
     assert_pass(&d.finish());
 }
 
-/// Rewrites a record's JSON payload and re-seals its checksums (the image format's own rules).
-fn edit_record(path: &std::path::Path, edit: impl FnOnce(&mut serde_json::Value)) {
-    let bytes = std::fs::read(path).expect("record");
-    let mut v: serde_json::Value = serde_json::from_slice(&bytes[64..]).expect("record JSON");
-    edit(&mut v);
-    let payload = serde_json::to_vec(&v).expect("JSON");
-    let mut header = bytes[..64].to_vec();
-    header[24..32].copy_from_slice(&(payload.len() as u64).to_le_bytes());
-    header[32..40].copy_from_slice(&xxhash_rust::xxh3::xxh3_64(&payload).to_le_bytes());
-    header[40..48].fill(0);
-    let sum = xxhash_rust::xxh3::xxh3_64(&header);
-    header[40..48].copy_from_slice(&sum.to_le_bytes());
-    std::fs::write(path, [header, payload].concat()).expect("write record");
-}
-
 /// An image made on a machine whose clocks are ahead (up longer, as when restoring after a
 /// reboot): the restored process gets a time namespace whose offsets keep CLOCK_MONOTONIC and
 /// CLOCK_BOOTTIME from going backwards, and its own clock checks (vdso_calls) still pass.

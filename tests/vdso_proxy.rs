@@ -132,25 +132,15 @@ fn remap_refused_when_impossible_and_show_explains() {
     let d = Daemon::start("sleeper", &[]);
     d.dump(1);
     let img = d.image(1);
-    let path = img.join("vdso.img");
-    let bytes = std::fs::read(&path).expect("vdso.img");
-    let mut rec: serde_json::Value =
-        serde_json::from_slice(&bytes[64..]).expect("vdso record JSON");
-    let areas = rec["areas"].as_array_mut().expect("areas");
-    let vvar = areas
-        .iter_mut()
-        .find(|a| a[0] == "[vvar]")
-        .expect("a [vvar]");
-    let start = vvar[1].as_u64().expect("start");
-    vvar[2] = serde_json::json!(start + 4096);
-    let payload = serde_json::to_vec(&rec).expect("JSON");
-    let mut header = bytes[..64].to_vec();
-    header[24..32].copy_from_slice(&(payload.len() as u64).to_le_bytes());
-    header[32..40].copy_from_slice(&xxhash_rust::xxh3::xxh3_64(&payload).to_le_bytes());
-    header[40..48].fill(0);
-    let sum = xxhash_rust::xxh3::xxh3_64(&header);
-    header[40..48].copy_from_slice(&sum.to_le_bytes());
-    std::fs::write(&path, [header, payload].concat()).expect("write vdso.img");
+    edit_record(&img.join("vdso.img"), |rec| {
+        let areas = rec["areas"].as_array_mut().expect("areas");
+        let vvar = areas
+            .iter_mut()
+            .find(|a| a[0] == "[vvar]")
+            .expect("a [vvar]");
+        let start = vvar[1].as_u64().expect("start");
+        vvar[2] = serde_json::json!(start + 4096);
+    });
 
     let o = stasis(&["show", &img.to_string_lossy()]);
     let text = String::from_utf8_lossy(&o.stdout);

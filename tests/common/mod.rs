@@ -332,3 +332,18 @@ pub fn wait_gone(pid: i32) {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// Rewrites a record's JSON payload and re-seals its checksums (the image format's own rules).
+pub fn edit_record(path: &std::path::Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let bytes = std::fs::read(path).expect("record");
+    let mut v: serde_json::Value = serde_json::from_slice(&bytes[64..]).expect("record JSON");
+    edit(&mut v);
+    let payload = serde_json::to_vec(&v).expect("JSON");
+    let mut header = bytes[..64].to_vec();
+    header[24..32].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    header[32..40].copy_from_slice(&xxhash_rust::xxh3::xxh3_64(&payload).to_le_bytes());
+    header[40..48].fill(0);
+    let sum = xxhash_rust::xxh3::xxh3_64(&header);
+    header[40..48].copy_from_slice(&sum.to_le_bytes());
+    std::fs::write(path, [header, payload].concat()).expect("write record");
+}
