@@ -19,13 +19,7 @@ pub fn leftover_fds() -> Vec<RawFd> {
     Vec::new()
 }
 
-pub fn child_main(
-    img: &Image,
-    h: &Helpers,
-    data: &HashMap<i32, Vec<u8>>,
-    ready: OwnedFd,
-    hold: OwnedFd,
-) -> ! {
+pub fn child_main(img: &Image, h: &Helpers, data: &FileData, ready: OwnedFd, hold: OwnedFd) -> ! {
     let ready_fd = ready.into_raw_fd();
     let hold_fd = hold.into_raw_fd();
     let outcome = prepare(img, h, data, ready_fd, hold_fd);
@@ -109,13 +103,7 @@ fn open_at(path: &str, flags: i32, mode: u32, target: RawFd, cloexec: bool) -> R
     place(fd, target, cloexec)
 }
 
-fn prepare(
-    img: &Image,
-    h: &Helpers,
-    data: &HashMap<i32, Vec<u8>>,
-    ready: RawFd,
-    hold: RawFd,
-) -> Result<()> {
+fn prepare(img: &Image, h: &Helpers, data: &FileData, ready: RawFd, hold: RawFd) -> Result<()> {
     // SAFETY: plain libc calls on our own process; arguments are valid.
     unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
@@ -214,14 +202,31 @@ fn prepare(
         h.pages_fd,
         true,
     )?;
-    open_at(&img.mm.exe, libc::O_RDONLY, 0, h.exe_fd, true)?;
+    // Files to map (and the exe), by path; a deleted one is recreated once, unlinked, and
+    // opened through /proc as often as needed, so all its mappings share one file again.
+    let mut recreated: HashMap<String, OwnedFd> = HashMap::new();
+    let mut open_mapped = |path: &str, flags: i32, target: RawFd| -> Result<()> {
+        let Some((contents, mode)) = data.ghosts.get(path) else {
+            return open_at(path, flags, 0, target, true);
+        };
+        if !recreated.contains_key(path) {
+            recreated.insert(path.to_string(), recreate_deleted(path, contents, *mode)?);
+        }
+        let fd = recreated.get(path).map(|f| f.as_raw_fd()).unwrap_or(-1);
+        open_at(&format!("/proc/self/fd/{fd}"), flags, 0, target, true)
+    };
+    open_mapped(
+        img.mm.exe.strip_suffix(" (deleted)").unwrap_or(&img.mm.exe),
+        libc::O_RDONLY,
+        h.exe_fd,
+    )?;
     for ((path, writable), fd) in &h.files {
         let flags = if *writable {
             libc::O_RDWR
         } else {
             libc::O_RDONLY
         };
-        open_at(path, flags, 0, *fd, true)?;
+        open_mapped(path, flags, *fd)?;
     }
 
     let pr = &img.process;
@@ -282,28 +287,47 @@ fn seek(fd: RawFd, pos: u64) -> Result<()> {
     Ok(())
 }
 
-/// The buffered data of pipes and the contents of deleted files, read by the parent before
-/// the child exists: the child closes every low descriptor, the image reader's among them.
-pub fn file_data(img: &Image) -> Result<HashMap<i32, Vec<u8>>> {
-    let mut out = HashMap::new();
-    for f in &img.files.fds {
-        let (off, len) = match f.kind {
-            FdKind::Pipe { data_off, len, .. } | FdKind::Deleted { data_off, len, .. } => {
-                (data_off, len)
-            }
-            _ => continue,
-        };
+/// What the child needs from pages.img, read by the parent before the child exists (the child
+/// closes every low descriptor, the image reader's among them): buffered pipe data and deleted
+/// files' contents by fd, and the contents and mode of deleted files that are mapped, by path.
+#[derive(Default)]
+pub struct FileData {
+    pub fds: HashMap<i32, Vec<u8>>,
+    pub ghosts: HashMap<String, (Vec<u8>, u32)>,
+}
+
+pub fn file_data(img: &Image) -> Result<FileData> {
+    let read = |off: u64, len: u64| -> Result<Vec<u8>> {
         let mut buf = vec![0u8; len as usize];
         if len > 0 {
             img.pages.read_at(off, &mut buf)?;
         }
-        out.insert(f.fd, buf);
+        Ok(buf)
+    };
+    let mut out = FileData::default();
+    for f in &img.files.fds {
+        if let FdKind::Pipe { data_off, len, .. } | FdKind::Deleted { data_off, len, .. } = f.kind {
+            out.fds.insert(f.fd, read(data_off, len)?);
+        }
+    }
+    for v in &img.mm.vmas {
+        if let Backing::File {
+            path,
+            ghost: Some(g),
+            ..
+        } = &v.backing
+        {
+            if !out.ghosts.contains_key(path) {
+                out.ghosts
+                    .insert(path.clone(), (read(g.data_off, g.len)?, g.mode));
+            }
+        }
     }
     Ok(out)
 }
 
-fn data_of(data: &HashMap<i32, Vec<u8>>, fd: i32) -> &[u8] {
-    data.get(&fd).map_or(&[], Vec::as_slice)
+fn data_of(data: &FileData, fd: i32) -> &[u8] {
+    data.fds.get(&fd).map_or(&[], Vec::as_slice)
 }
 
 fn write_all(fd: RawFd, mut data: &[u8]) -> Result<()> {
@@ -346,6 +370,22 @@ fn new_pipe(contents: &[u8], size: u32, h: &Helpers) -> Result<(RawFd, RawFd)> {
 /// "path (deleted)"), filled, opened with the dumped flags, and unlinked again. If another
 /// file has taken that name meanwhile, an unnamed file in the same directory stands in.
 fn restore_deleted(f: &Fd, path: &str, contents: &[u8], mode: u32, status: i32) -> Result<()> {
+    let file = recreate_deleted(path, contents, mode)?;
+    // Reopen with the dumped flags through /proc (works for unlinked files).
+    open_at(
+        &format!("/proc/self/fd/{}", file.as_raw_fd()),
+        status,
+        0,
+        f.fd,
+        f.cloexec,
+    )?;
+    seek(f.fd, f.pos)
+}
+
+/// A file with `contents` and `mode`, created under `path` (so /proc shows the same
+/// "path (deleted)" as before) and unlinked at once; an unnamed file in the same directory
+/// when another file has taken that name meanwhile.
+fn recreate_deleted(path: &str, contents: &[u8], mode: u32) -> Result<OwnedFd> {
     let c = cstr(path)?;
     // SAFETY: open with a valid path; O_EXCL never touches an existing file.
     let fd = unsafe {
@@ -382,13 +422,5 @@ fn restore_deleted(f: &Fd, path: &str, contents: &[u8], mode: u32, status: i32) 
     write_all(file.as_raw_fd(), contents)?;
     // SAFETY: fchmod on our file: O_CREAT's mode was filtered by the umask.
     unsafe { libc::fchmod(file.as_raw_fd(), mode as libc::mode_t) };
-    // Reopen with the dumped flags through /proc (works for unlinked files).
-    open_at(
-        &format!("/proc/self/fd/{}", file.as_raw_fd()),
-        status,
-        0,
-        f.fd,
-        f.cloexec,
-    )?;
-    seek(f.fd, f.pos)
+    Ok(file)
 }

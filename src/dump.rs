@@ -328,6 +328,43 @@ impl ProxyFound {
     }
 }
 
+/// Saves the contents of every deleted file that is still mapped (once per file), read
+/// through /proc/PID/map_files, which opens the file itself even though it has no name.
+fn collect_ghosts(
+    pid: i32,
+    vmas: &[stasis_proc::Vma],
+    pages: &mut PageWriter,
+) -> Result<std::collections::HashMap<u64, Ghost>> {
+    let mut ghosts = std::collections::HashMap::new();
+    for v in vmas.iter().filter(|v| {
+        v.inode != 0 && v.name.starts_with('/') && v.name.ends_with(" (deleted)") && v.dev != (0, 1)
+    }) {
+        if ghosts.contains_key(&v.inode) {
+            continue;
+        }
+        let link = format!("/proc/{pid}/map_files/{:x}-{:x}", v.start, v.end);
+        let data = std::fs::read(&link).with_context(|| {
+            format!(
+                "reading deleted file {} mapped at {:#x} ({link})",
+                v.name, v.start
+            )
+        })?;
+        let mode = std::fs::metadata(&link)
+            .map(|m| m.mode() & 0o7777)
+            .unwrap_or(0o644);
+        let (data_off, len) = append_padded(pages, &data)?;
+        ghosts.insert(
+            v.inode,
+            Ghost {
+                data_off,
+                len,
+                mode,
+            },
+        );
+    }
+    Ok(ghosts)
+}
+
 /// Looks for a pristine copy: a small read-only private anonymous mapping starting with the
 /// magic. Reading 16 bytes of a handful of candidates is cheap.
 fn find_proxy(pid: i32, vmas: &[stasis_proc::Vma], mem: &File) -> Option<ProxyFound> {
@@ -408,15 +445,19 @@ fn backing_of(v: &stasis_proc::Vma, proxy: Option<&ProxyFound>) -> Result<Option
         }));
     }
     if v.inode != 0 && v.name.starts_with('/') && !shmem {
-        if v.name.ends_with(" (deleted)") {
-            bail!("mapping {v}: its file was deleted; not supported yet");
-        }
+        // A deleted file (its contents are saved by `collect_ghosts`) keeps its old path.
+        let path = v
+            .name
+            .strip_suffix(" (deleted)")
+            .unwrap_or(&v.name)
+            .to_string();
         let dev = ((v.dev.0 as u64) << 20) | v.dev.1 as u64;
         return Ok(Some(Backing::File {
-            path: v.name.clone(),
+            path,
             offset: v.offset,
             dev,
             inode: v.inode,
+            ghost: None,
         }));
     }
     if v.shared {
@@ -489,14 +530,21 @@ fn collect_mm(
     // chunk's file offset is known before a byte is copied.
     let mut out = Vec::with_capacity(vmas.len());
     let mut chunks: Vec<(usize, u64, usize)> = Vec::new(); // (index into vmas, address, length)
-    let mut next_off = stasis_image::DATA_OFFSET + pages.data_len();
     let mut entries = Vec::new();
     let zero_pfn = zero_page_pfn();
     let proxy = find_proxy(pid, &vmas, &mem);
+    // Deleted files' contents go first, so page offsets computed below stay right.
+    let ghosts = collect_ghosts(pid, &vmas, pages)?;
+    let mut next_off = stasis_image::DATA_OFFSET + pages.data_len();
     for (vi, v) in vmas.iter().enumerate() {
-        let Some(backing) = backing_of(v, proxy.as_ref())? else {
+        let Some(mut backing) = backing_of(v, proxy.as_ref())? else {
             continue;
         };
+        if let Backing::File { inode, ghost, .. } = &mut backing {
+            if v.name.ends_with(" (deleted)") {
+                *ghost = ghosts.get(inode).copied();
+            }
+        }
         let npages = (v.len() / PAGE_SIZE as u64) as usize;
         entries.resize(npages * 8, 0);
         pagemap

@@ -430,7 +430,7 @@ pub struct Child {
 fn spawn_child(
     img: &Image,
     helpers: &crate::plan::Helpers,
-    file_data: &std::collections::HashMap<i32, Vec<u8>>,
+    file_data: &crate::child::FileData,
 ) -> Result<Child> {
     let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let (hold_r, hold_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;

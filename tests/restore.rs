@@ -398,3 +398,57 @@ fn shared_anonymous_views_stay_one_object() {
         assert!(d.contains("strict"), "{d}");
     }
 }
+
+/// A process whose binary was deleted while it ran (as after a package upgrade): the file's
+/// contents are dumped once and recreated, unlinked, under the old name on restore; the
+/// restored process runs on, and /proc still shows its exe and mappings as "(deleted)".
+#[test]
+fn process_running_a_deleted_binary_comes_back() {
+    if !require_root("process_running_a_deleted_binary_comes_back") {
+        return;
+    }
+    let dir = tempdir::Dir::new("deleted-exe");
+    let exe = dir.path().join("sleeper-copy");
+    std::fs::copy(fixture_bin("sleeper"), &exe).expect("copy the fixture");
+    let (pidfile, out) = (dir.path().join("pid"), dir.path().join("out"));
+    let status = std::process::Command::new(&exe)
+        .arg("--pidfile")
+        .arg(&pidfile)
+        .arg("--out")
+        .arg(&out)
+        .arg("--daemon")
+        .status()
+        .expect("start the copy");
+    assert!(status.success());
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .expect("pid")
+        .trim()
+        .parse()
+        .expect("pid");
+    std::fs::remove_file(&exe).expect("delete the running binary");
+    let img = dir.path().join("img");
+    let o = stasis(&["dump", "-t", &pid.to_string(), "-D", &img.to_string_lossy()]);
+    assert!(o.status.success(), "dump: {}", stderr_of(&o));
+    wait_gone(pid);
+    let o = stasis(&["restore", "-D", &img.to_string_lossy(), "--detach"]);
+    assert!(o.status.success(), "restore: {}", stderr_of(&o));
+    let link = std::fs::read_link(format!("/proc/{pid}/exe")).expect("exe link");
+    assert_eq!(
+        link.to_string_lossy(),
+        format!("{} (deleted)", exe.display())
+    );
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    assert!(
+        maps.contains(&format!("{} (deleted)", exe.display())),
+        "{maps}"
+    );
+    assert!(!exe.exists(), "the recreated file must not keep a name");
+    // SAFETY: asking the restored fixture for its verdict.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !std::fs::read_to_string(&out).is_ok_and(|v| v.ends_with('\n')) {
+        assert!(std::time::Instant::now() < deadline, "no verdict");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_pass(&std::fs::read_to_string(&out).unwrap_or_default());
+}

@@ -4,6 +4,15 @@
 mod common;
 
 use common::*;
+
+/// The survivor runs and the races against the scribbling sibling each want both CPUs: run
+/// them one at a time, or a starved scribbler loses every race and the race tests prove
+/// nothing.
+static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+}
 use std::time::Duration;
 
 fn json_report(pid: i32) -> serde_json::Value {
@@ -113,6 +122,7 @@ fn human_report_names_layout() {
 /// 200 infections in a row, while signals keep arriving; the fixture checks memory, ymm and
 /// callee-saved registers, nanosleep, a blocked pipe read and its signal counts all along.
 fn survive(threads: &str) {
+    let _one_at_a_time = heavy();
     let fx = Fixture::start("survivor", &["--threads", threads]);
     let pid = fx.pid;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -192,10 +202,11 @@ fn hostile_target_gets_a_clean_error() {
     if !require_root("hostile_target_gets_a_clean_error") {
         return;
     }
+    let _one_at_a_time = heavy();
     let fx = Fixture::start("hostile", &["--sibling-pidfile", "{dir}/sibling"]);
     let pid = fx.pid.to_string();
     let mut errors = Vec::new();
-    for _ in 0..40 {
+    for _ in 0..200 {
         let o = stasis(&["vdso", "--pid", &pid, "--json"]);
         match o.status.code() {
             Some(0) => {
@@ -237,13 +248,15 @@ fn runaway_parasite_is_stopped_and_cured() {
     if !require_root("runaway_parasite_is_stopped_and_cured") {
         return;
     }
+    let _one_at_a_time = heavy();
     let fx = Fixture::start(
         "hostile",
         &["--sibling-pidfile", "{dir}/sibling", "--fill", "loop"],
     );
     let pid = fx.pid.to_string();
     let mut errors = Vec::new();
-    for _ in 0..10 {
+    // A run the scribbler misses takes milliseconds; the first timeout ends the loop.
+    for _ in 0..100 {
         let o = stasis(&["vdso", "--pid", &pid]);
         if o.status.code() == Some(1) {
             errors.push(stderr_of(&o));

@@ -215,15 +215,26 @@ pub enum Backing {
         #[serde(default)]
         offset: u64,
     },
-    /// A file mapping; private ones also carry their modified pages.
+    /// A file mapping; private ones also carry their modified pages. `ghost`: the file had
+    /// been deleted (e.g. a binary replaced by an upgrade); its contents are in pages.img.
     File {
         path: String,
         offset: u64,
         dev: u64,
         inode: u64,
+        #[serde(default)]
+        ghost: Option<Ghost>,
     },
     /// A kernel vDSO-related special mapping (`[vdso]`, `[vvar]`, `[vvar_vclock]`, …).
     Vdso { name: String },
+}
+
+/// The contents of a deleted file that is still mapped, stored once per file in pages.img.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Ghost {
+    pub data_off: u64,
+    pub len: u64,
+    pub mode: u32,
 }
 
 /// Consecutive dumped pages of one VMA, stored contiguously in pages.img.
