@@ -109,8 +109,12 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
     core.clear_child_tid = task.tid_address;
 
     // Still frozen, parasite gone: the address space as the process knows it.
-    let (mm, vdso) = collect_mm(pid, &task, &vdso_info, &mut pages)?;
-    let mut process = collect_process(pid, &task, shared_pending)?;
+    // /proc/PID/stat is read once, frozen, for both the mm fields and the session/pgid.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    let stat = stat_fields(&stat).with_context(|| format!("parsing /proc/{pid}/stat"))?;
+    let (mm, vdso) = collect_mm(pid, &task, &vdso_info, &stat, &mut pages)?;
+    let mut process = collect_process(pid, &task, &stat, shared_pending)?;
     process.posix_timers = posix_timers(pid, &proc_timers, &times)?;
 
     let frozen;
@@ -518,6 +522,7 @@ fn collect_mm(
     pid: i32,
     task: &TaskState,
     vdso_info: &collect::VdsoInfo,
+    stat: &[u64],
     pages: &mut PageWriter,
 ) -> Result<(Mm, VdsoRecord)> {
     let vmas = stasis_proc::maps(pid)?;
@@ -599,10 +604,7 @@ fn collect_mm(
     // Pass 2: copy, reading on this thread and writing on another, so both cores work.
     let (t_read, t_write) = copy_chunks(pid, &mem, &vmas, &chunks, pages)?;
     tracing::info!(pid, read = ?t_read, write = ?t_write, "memory copied");
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    let f = stat_fields(&stat).with_context(|| format!("parsing /proc/{pid}/stat"))?;
-    let field = |n: usize| f.get(n - 1).copied().unwrap_or(0);
+    let field = |n: usize| stat.get(n - 1).copied().unwrap_or(0);
     let fields = MmFields {
         start_code: field(26),
         end_code: field(27),
@@ -765,6 +767,7 @@ fn stat_fields(stat: &str) -> Option<Vec<u64>> {
 fn collect_process(
     pid: i32,
     task: &TaskState,
+    stat: &[u64],
     shared_pending: Vec<PendingSignal>,
 ) -> Result<Process> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -794,9 +797,7 @@ fn collect_process(
             .collect(),
     };
     let umask = u32::from_str_radix(&line("Umask:"), 8).unwrap_or(0o022);
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    let f = stat_fields(&stat).with_context(|| format!("parsing /proc/{pid}/stat"))?;
+    let f = stat;
     let mut rlimits = Vec::new();
     for resource in 0..16u32 {
         let mut old = libc::rlimit64 {

@@ -161,15 +161,7 @@ impl<'s> Parasite<'s> {
             xstate: sys::get_xstate(tid).map_err(ptrace_err("GETREGSET(XSTATE)"))?,
             sigmask: sys::get_sigmask(tid).map_err(ptrace_err("GETSIGMASK"))?,
         };
-        let mem = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(format!("/proc/{pid}/mem"))
-            .map_err(|source| InfectError::Io {
-                pid,
-                what: "opening memory",
-                source,
-            })?;
+        let mem = open_proc_rw(pid, "mem", "opening memory")?;
         let site = injection_site(pid, None)?;
         let mut site_orig = [0u8; SITE_LEN];
         mem.read_exact_at(&mut site_orig, site)
@@ -233,15 +225,7 @@ impl<'s> Parasite<'s> {
         )?;
 
         let pid = self.pid;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(format!("/proc/{pid}/fd/{fd}"))
-            .map_err(|source| InfectError::Io {
-                pid,
-                what: "opening the shared memfd",
-                source,
-            })?;
+        let file = open_proc_rw(pid, &format!("fd/{fd}"), "opening the shared memfd")?;
         // SAFETY: a fresh shared mapping of a file we hold open; nothing else aliases it here.
         let ptr = unsafe {
             libc::mmap(
@@ -666,6 +650,15 @@ impl Drop for Parasite<'_> {
             tracing::error!("curing pid {} failed: {e}", self.pid);
         }
     }
+}
+
+/// Opens `/proc/PID/<file>` for reading and writing.
+fn open_proc_rw(pid: i32, file: &str, what: &'static str) -> Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/proc/{pid}/{file}"))
+        .map_err(|source| InfectError::Io { pid, what, source })
 }
 
 /// The start of the first executable mapping that is ordinary code: not the vDSO (writing there
