@@ -1,8 +1,6 @@
-//! Builds what the `stasis` binary embeds or its tests run:
-//! - the parasite blob, through the one recipe shared with `cargo xtask build-parasite`
-//!   (cheap when nothing changed);
-//! - the C test fixtures in `tests/fixtures/*.c`, each linked with the shared helper
-//!   `tests/fixtures/lib/fixture.c`, into `$OUT_DIR/fixtures/`.
+//! Builds what the integration tests run: the C test fixtures in `tests/fixtures/*.c`, each
+//! linked with the shared helper `tests/fixtures/lib/fixture.c`, into `$OUT_DIR/fixtures/`.
+//! (The parasite blob is built by `crates/blobs`.)
 
 use std::path::{Path, PathBuf};
 
@@ -10,15 +8,6 @@ fn main() {
     let repo =
         PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-
-    for p in stasis_blobbuild::source_paths(&repo) {
-        println!("cargo:rerun-if-changed={}", p.display());
-    }
-    let blob = match stasis_blobbuild::build_parasite(&repo) {
-        Ok(p) => p,
-        Err(e) => panic!("building the parasite blob: {e}"),
-    };
-    std::fs::copy(&blob, out.join("parasite.elf")).expect("copying the parasite blob to OUT_DIR");
 
     build_fixtures(&repo, &out);
 }

@@ -401,7 +401,7 @@ fn probe_clone3_set_tid() -> Probe {
     for attempt in 0..ATTEMPTS {
         let want = free_pid_candidate(attempt);
         // SAFETY: the child only calls `_exit`, which is async-signal-safe.
-        let r = unsafe { stasis_infect::sys::clone3_with_pid(want) };
+        let r = unsafe { stasis_sys::clone::clone3_with_pid(want) };
         let r = match r {
             Ok(0) => {
                 // SAFETY: child side of the raw clone; no Rust runtime work may happen here.

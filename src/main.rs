@@ -1,9 +1,12 @@
 //! The `stasis` command line. Verbs and options follow CRIU where the meaning is the same.
 //! Exit codes: 0 success, 1 operation failed, 2 usage error.
 
+mod check;
+mod show;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use stasis::collect::{self, CollectError, VdsoInfo};
+use stasis_dump::vdso_report::{self as collect, CollectError, VdsoInfo};
 use stasis_infect::InfectError;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -70,7 +73,7 @@ enum Command {
         /// vDSO strategy: remap this kernel's vDSO into place (same vDSO only), proxy the
         /// dumped one into it, or choose (auto).
         #[arg(long, value_enum, default_value = "auto")]
-        vdso: stasis::plan::VdsoMode,
+        vdso: VdsoArg,
     },
     /// Describe an image.
     Show {
@@ -86,6 +89,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `--vdso`: how to bring back the vDSO (see `stasis_restore::VdsoMode`).
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum VdsoArg {
+    /// Remap when this kernel's vDSO matches the image's, proxy otherwise.
+    Auto,
+    /// Only remap; fail when the vDSOs differ.
+    Remap,
+    /// Always proxy, even on the same kernel.
+    Proxy,
+}
+
+impl From<VdsoArg> for stasis_restore::VdsoMode {
+    fn from(a: VdsoArg) -> Self {
+        match a {
+            VdsoArg::Auto => Self::Auto,
+            VdsoArg::Remap => Self::Remap,
+            VdsoArg::Proxy => Self::Proxy,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -135,11 +159,11 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             leave_running,
             shell_job,
         } => {
-            let opts = stasis::dump::DumpOptions {
+            let opts = stasis_dump::DumpOptions {
                 leave_running,
                 shell_job,
             };
-            let s = stasis::dump::dump(pid, &images_dir, &opts)?;
+            let s = stasis_dump::dump(pid, &images_dir, &opts)?;
             eprintln!(
                 "dumped pid {pid} into {}: {} VMAs, {} pages ({:.1} MiB), {} fds; frozen {:.1} ms, total {:.1} ms",
                 images_dir.display(),
@@ -158,16 +182,16 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             shell_job,
             vdso,
         } => {
-            let opts = stasis::restore::RestoreOptions {
+            let opts = stasis_restore::RestoreOptions {
                 detach,
                 shell_job,
-                vdso,
+                vdso: vdso.into(),
             };
-            let status = stasis::restore::restore(&images_dir, &opts)?;
+            let status = stasis_restore::restore(&images_dir, &opts)?;
             Ok(ExitCode::from(status.clamp(0, 255) as u8))
         }
         Command::Show { dir, json } => {
-            stasis::show::show(&dir, json)?;
+            show::show(&dir, json)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::DemoWorkload => {
@@ -187,8 +211,8 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { json } => {
-            let report = stasis::check::run_checks();
-            stasis::check::print_report(&report, json);
+            let report = check::run_checks();
+            check::print_report(&report, json);
             Ok(if report.all_required_ok() {
                 ExitCode::SUCCESS
             } else {

@@ -21,7 +21,7 @@ struct Summary<'a> {
 }
 
 pub fn show(dir: &std::path::Path, json: bool) -> Result<()> {
-    let img = crate::restore::load(dir)?;
+    let img = stasis_image::load(dir)?;
     let pages: u64 = img
         .mm
         .vmas
@@ -29,7 +29,8 @@ pub fn show(dir: &std::path::Path, json: bool) -> Result<()> {
         .flat_map(|v| &v.pages)
         .map(|r| r.pages)
         .sum();
-    let strategy = match crate::plan::VdsoPlan::decide(&img.vdso, crate::plan::VdsoMode::Auto) {
+    let strategy = match stasis_restore::VdsoPlan::decide(&img.vdso, stasis_restore::VdsoMode::Auto)
+    {
         Ok(plan) => plan.describe(),
         Err(e) => format!("cannot restore here: {e:#}"),
     };

@@ -59,13 +59,13 @@ fn infect(runs: usize) -> Result<()> {
     std::thread::sleep(Duration::from_millis(100));
     // Warm-up: page cache, the parsed blob, the first fault-ins.
     for _ in 0..5 {
-        stasis::collect::vdso_report(pid)?;
+        stasis_dump::vdso_report::vdso_report(pid)?;
     }
     let mut total = Vec::with_capacity(runs);
     let mut phases = Vec::with_capacity(runs);
     for _ in 0..runs {
         let t = std::time::Instant::now();
-        let (_, ph) = stasis::collect::vdso_report(pid)?;
+        let (_, ph) = stasis_dump::vdso_report::vdso_report(pid)?;
         total.push(t.elapsed());
         phases.push(ph);
     }
@@ -78,7 +78,7 @@ fn infect(runs: usize) -> Result<()> {
         "bench infect: {runs} runs on `sleep` (pid {pid}), whole round trip incl. host cross-check"
     );
     println!("  median {:>8.1} µs   p95 {:>8.1} µs", us(m), us(p95));
-    let phase = |name: &str, f: fn(&stasis::collect::Timings) -> Duration| {
+    let phase = |name: &str, f: fn(&stasis_dump::vdso_report::Timings) -> Duration| {
         let (m, p) = med(phases.iter().map(f).collect());
         println!(
             "  {name:<8} median {:>8.1} µs   p95 {:>8.1} µs",

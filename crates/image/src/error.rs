@@ -69,6 +69,8 @@ pub enum ImageError {
         dir.display()
     )]
     DirNotEmpty { dir: PathBuf },
+    #[error("image {}: {why}", dir.display())]
+    Inconsistent { dir: PathBuf, why: String },
     #[error("{}: not a directory", path.display())]
     NotADirectory { path: PathBuf },
     #[error("{name:?}: not a valid image file name (a plain name, not hidden, not {pages:?})",

@@ -66,6 +66,7 @@ mod header;
 pub mod model;
 mod pages;
 mod record;
+mod set;
 #[cfg(test)]
 mod testutil;
 
@@ -73,6 +74,7 @@ pub use dir::ImageDir;
 pub use error::{ImageError, Result};
 pub use pages::{PageFileSummary, PageReader, PageWriter, DATA_OFFSET, PAGES_FILE};
 pub use record::{read_record, write_record};
+pub use set::{load, Image};
 
 /// Size of one page; page data is stored and aligned in units of it.
 pub const PAGE_SIZE: usize = 4096;

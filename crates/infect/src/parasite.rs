@@ -19,10 +19,10 @@
 
 use crate::blob::Blob;
 use crate::error::{InfectError, Result};
-use crate::sys::{self, Regs, Wait};
 use nix::errno::Errno;
 use nix::unistd::Pid;
 use stasis_abi::{Command, CommandId, ReplyHeader, Status, MAGIC, PROTOCOL_VERSION, REPLY_OFFSET};
+use stasis_sys::ptrace::{self as sys, Regs, Wait};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};

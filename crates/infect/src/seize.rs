@@ -10,9 +10,9 @@
 //! traced by this thread of ours; dropping `Seized` detaches all of them.
 
 use crate::error::{InfectError, Result};
-use crate::sys::{self, Wait};
 use nix::errno::Errno;
 use nix::unistd::Pid;
+use stasis_sys::ptrace::{self as sys, Wait};
 use std::time::Instant;
 
 /// A process whose every thread is frozen under our ptrace.

@@ -46,6 +46,7 @@
 //! - The image comes from an untrusted process: anything that would break these is a
 //!   `VdsoError`, never a panic and never a half-patched image.
 
+pub mod header;
 mod x86;
 
 use std::ops::Range;

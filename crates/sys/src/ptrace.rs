@@ -1,8 +1,8 @@
-//! Raw ptrace and wait glue: the one place that talks to the kernel with bare request numbers.
+//! ptrace and wait: the one place that talks ptrace with bare request numbers.
 //!
 //! nix 0.32 covers seize/interrupt/cont/detach/getregs, but not the signal-mask requests nor a
 //! regset of the kernel's own size (`NT_X86_XSTATE`); those are wrapped here once, with typed
-//! arguments and `Result`s, so the rest of the crate never sees a request number.
+//! arguments and `Result`s, so no other code sees a request number.
 
 use nix::errno::Errno;
 use nix::sys::ptrace;
@@ -115,49 +115,6 @@ pub fn set_xstate(tid: Pid, xstate: &[u8]) -> Result<(), Errno> {
 const PTRACE_PEEKSIGINFO: libc::c_uint = 0x4209;
 const PTRACE_PEEKSIGINFO_SHARED: u32 = 1;
 const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_uint = 0x420f;
-
-/// `struct clone_args` up to `set_tid_size` and `cgroup` (CLONE_ARGS_SIZE_VER2, 88 bytes).
-#[repr(C)]
-#[derive(Default)]
-struct CloneArgs {
-    flags: u64,
-    pidfd: u64,
-    child_tid: u64,
-    parent_tid: u64,
-    exit_signal: u64,
-    stack: u64,
-    stack_size: u64,
-    tls: u64,
-    set_tid: u64,
-    set_tid_size: u64,
-    cgroup: u64,
-}
-const _: () = assert!(std::mem::size_of::<CloneArgs>() == 88);
-
-/// A fork-like `clone3` whose child gets exactly pid `tid` (needs CAP_CHECKPOINT_RESTORE and
-/// the pid free). Returns the child's pid in the parent and 0 in the child.
-///
-/// # Safety
-/// As for fork(2): in a multi-threaded caller, the child may only call async-signal-safe
-/// functions. The child returns into the caller on a copy of its memory.
-pub unsafe fn clone3_with_pid(tid: i32) -> Result<i32, Errno> {
-    let mut want = [tid];
-    let args = CloneArgs {
-        exit_signal: libc::SIGCHLD as u64,
-        set_tid: want.as_mut_ptr() as u64,
-        set_tid_size: 1,
-        ..CloneArgs::default()
-    };
-    // SAFETY: args is a valid clone_args of the size passed; no CLONE_VM, no new stack.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &args as *const CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    };
-    Errno::result(r).map(|pid| pid as i32)
-}
 
 /// Executes one instruction of a stopped thread (it stops again with SIGTRAP).
 pub fn singlestep(tid: Pid) -> Result<(), Errno> {

@@ -6,13 +6,13 @@
 //! blocks until the host has seized it. Every signal stays blocked from the first instruction:
 //! the handlers it installs belong to the restored program, not to stasis.
 
-use crate::plan::Helpers;
-use crate::restore::Image;
+use crate::fds::{is_inherited, Helpers};
 use anyhow::{bail, Context, Result};
 use stasis_image::model::*;
+use stasis_image::Image;
 use std::collections::HashMap;
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 
 /// fd numbers (inside the child) that the plan must close at the end.
 pub fn leftover_fds() -> Vec<RawFd> {
@@ -126,7 +126,7 @@ fn prepare(img: &Image, h: &Helpers, data: &FileData, ready: RawFd, hold: RawFd)
     // Terminals and outside pipes are taken over from our own descriptors of the same number.
     let mut inherit = HashMap::new();
     for f in &img.files.fds {
-        if crate::restore::is_inherited(img, f) {
+        if is_inherited(img, f) {
             let tmp = h.inherit_base + f.fd;
             // SAFETY: duplicating a descriptor we inherited from stasis.
             check(
@@ -396,7 +396,7 @@ fn recreate_deleted(path: &str, contents: &[u8], mode: u32) -> Result<OwnedFd> {
         )
     };
     let file = if fd >= 0 {
-        let file = crate::restore::own(fd);
+        let file = own(fd);
         // SAFETY: removing the name we just created.
         unsafe { libc::unlink(c.as_ptr()) };
         file
@@ -417,10 +417,16 @@ fn recreate_deleted(path: &str, contents: &[u8], mode: u32) -> Result<OwnedFd> {
             },
             || format!("creating an unnamed file in {dir} for deleted {path}"),
         )?;
-        crate::restore::own(tmp)
+        own(tmp)
     };
     write_all(file.as_raw_fd(), contents)?;
     // SAFETY: fchmod on our file: O_CREAT's mode was filtered by the umask.
     unsafe { libc::fchmod(file.as_raw_fd(), mode as libc::mode_t) };
     Ok(file)
+}
+
+/// Closes a raw fd we were handed by number.
+pub fn own(fd: RawFd) -> OwnedFd {
+    // SAFETY: callers pass descriptors they own and nobody else closes.
+    unsafe { OwnedFd::from_raw_fd(fd) }
 }

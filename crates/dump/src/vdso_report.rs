@@ -1,5 +1,5 @@
-//! Collecting state from a frozen process. First and so far only item: the vDSO, as the
-//! parasite sees it from inside, cross-checked against the host's own reading.
+//! The vDSO as the parasite sees it from inside a frozen process, cross-checked against the
+//! host's own reading (`stasis vdso`, and the vDSO record of every dump).
 //!
 //! The parasite's reply is untrusted (the target may share its memory with a process we did not
 //! freeze). It is decoded from a private copy with every count, offset and length checked, then
@@ -63,7 +63,7 @@ pub struct Timings {
 /// Seize → infect → ask for the vDSO report → cure → detach, then cross-check.
 pub fn vdso_report(pid: i32) -> Result<(VdsoInfo, Timings), CollectError> {
     let mut t = Timings::default();
-    let blob = crate::blobs::parasite()?;
+    let blob = stasis_blobs::parasite()?;
     let t0 = Instant::now();
     let mut seized = Seized::seize(pid)?;
     t.seize = t0.elapsed();

@@ -14,110 +14,31 @@
 //!
 //! Anything that fails before step 4 kills the half-made task: no stray process is left.
 
-use crate::plan::{Plan, PlanError};
+mod child;
+mod fds;
+mod mm;
+mod plan;
+mod rebuild;
+mod spawn;
+mod vdso;
+
+pub use vdso::{VdsoMode, VdsoPlan};
+
 use anyhow::{bail, Context, Result};
+use fds::inherited;
+use plan::PlanError;
+use spawn::{spawn_child, ChildGuard};
 use stasis_image::model::*;
-use stasis_image::{read_record, ImageDir, PageReader, PAGE_SIZE};
-use stasis_infect::{sys, Parasite, RegionSize, Seized};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use stasis_image::{load, Image};
+use stasis_infect::{Parasite, RegionSize, Seized};
+use stasis_sys::ptrace as sys;
 use std::time::{Duration, Instant};
 
 pub struct RestoreOptions {
     pub detach: bool,
     /// Give terminals in the image this stasis's own (CRIU's `--shell-job`).
     pub shell_job: bool,
-    pub vdso: crate::plan::VdsoMode,
-}
-
-/// A whole image, loaded and checked.
-pub struct Image {
-    pub dir: ImageDir,
-    pub inventory: Inventory,
-    pub core: Core,
-    pub mm: Mm,
-    pub process: Process,
-    pub files: Files,
-    pub vdso: VdsoRecord,
-    pub pages: PageReader,
-}
-
-/// Loads every record and verifies every checksum. Nothing is created.
-pub fn load(dir: &std::path::Path) -> Result<Image> {
-    let d = ImageDir::open(dir).with_context(|| format!("opening image {}", dir.display()))?;
-    let inventory: Inventory = read_record(&d, INVENTORY, KIND_INVENTORY)?;
-    if inventory.threads != [inventory.pid] {
-        bail!(
-            "image {}: {} threads; this version restores single-threaded processes only",
-            dir.display(),
-            inventory.threads.len()
-        );
-    }
-    let core: Core = read_record(&d, &core_name(inventory.pid), KIND_CORE)?;
-    let mm: Mm = read_record(&d, MM, KIND_MM)?;
-    let process: Process = read_record(&d, PROCESS, KIND_PROCESS)?;
-    let files: Files = read_record(&d, FILES, KIND_FILES)?;
-    let vdso: VdsoRecord = read_record(&d, VDSO, KIND_VDSO)?;
-    let pages = PageReader::open(&d)?;
-    if pages.data_len() != inventory.page_data_len || pages.checksum() != inventory.page_data_xxh3 {
-        bail!(
-            "image {}: pages.img does not belong to this inventory",
-            dir.display()
-        );
-    }
-    pages.verify()?;
-    let img = Image {
-        dir: d,
-        inventory,
-        core,
-        mm,
-        process,
-        files,
-        vdso,
-        pages,
-    };
-    check_consistency(&img)?;
-    Ok(img)
-}
-
-/// Cross-record checks an attacker-made image could break: every page run inside its VMA and
-/// inside pages.img, VMAs sorted and disjoint, the thread's ids agreeing.
-fn check_consistency(img: &Image) -> Result<()> {
-    let bad = |why: String| anyhow::anyhow!("image {}: {why}", img.dir.path().display());
-    if img.core.tid != img.inventory.pid {
-        return Err(bad("core record belongs to another thread".into()));
-    }
-    let page = PAGE_SIZE as u64;
-    let data_end = stasis_image::DATA_OFFSET + img.pages.data_len();
-    let mut prev_end = 0;
-    for v in &img.mm.vmas {
-        if v.start % page != 0 || v.end % page != 0 || v.end <= v.start || v.start < prev_end {
-            return Err(bad(format!(
-                "VMA {:#x}-{:#x} is misaligned or overlaps",
-                v.start, v.end
-            )));
-        }
-        prev_end = v.end;
-        for r in &v.pages {
-            let len = r
-                .pages
-                .checked_mul(page)
-                .ok_or_else(|| bad("page run overflow".into()))?;
-            let in_vma = r.addr >= v.start && r.addr.checked_add(len).is_some_and(|e| e <= v.end);
-            let in_file = r.file_off >= stasis_image::DATA_OFFSET
-                && r.file_off % page == 0
-                && r.file_off.checked_add(len).is_some_and(|e| e <= data_end);
-            if !in_vma || !in_file {
-                return Err(bad(format!(
-                    "page run at {:#x} lies outside its VMA or pages.img",
-                    r.addr
-                )));
-            }
-        }
-    }
-    if img.process.sigactions.len() != 64 {
-        return Err(bad("signal handler table of the wrong size".into()));
-    }
-    Ok(())
+    pub vdso: VdsoMode,
 }
 
 /// The image's XSAVE area made fit for this CPU: as is when the layouts agree, else moved
@@ -154,7 +75,7 @@ fn xsave_for_here(img: &Image, runtime: &[u8]) -> Result<Vec<u8>> {
             img.inventory.xcr0
         );
     }
-    let here = crate::xsave::layout();
+    let here = stasis_infect::xsave::layout();
     if img.core.xsave.len() == runtime.len()
         && (img.inventory.xsave_layout.is_empty() || img.inventory.xsave_layout == here)
     {
@@ -168,7 +89,7 @@ fn xsave_for_here(img: &Image, runtime: &[u8]) -> Result<Vec<u8>> {
             runtime.len()
         );
     }
-    let x = crate::xsave::translate(
+    let x = stasis_infect::xsave::translate(
         &img.core.xsave,
         &img.inventory.xsave_layout,
         &here,
@@ -182,33 +103,6 @@ fn xsave_for_here(img: &Image, runtime: &[u8]) -> Result<Vec<u8>> {
     Ok(x)
 }
 
-/// The fds the restoring stasis passes on by number: terminals, and stdio ends of pipes whose
-/// other side was outside the process (the image holds no read end, or no write end).
-pub fn inherited(img: &Image) -> Vec<i32> {
-    img.files
-        .fds
-        .iter()
-        .filter(|f| is_inherited(img, f))
-        .map(|f| f.fd)
-        .collect()
-}
-
-pub fn is_inherited(img: &Image, f: &Fd) -> bool {
-    match f.kind {
-        FdKind::Tty { .. } => true,
-        FdKind::Pipe { id, .. } if f.fd <= 2 => {
-            let ends = |mode: u32| {
-                img.files.fds.iter().any(|g| {
-                    matches!(g.kind, FdKind::Pipe { id: i, .. } if i == id)
-                        && g.flags & libc::O_ACCMODE as u32 == mode
-                })
-            };
-            !(ends(libc::O_RDONLY as u32) && ends(libc::O_WRONLY as u32))
-        }
-        _ => false,
-    }
-}
-
 pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
     let t0 = Instant::now();
     let img = load(dir)?;
@@ -217,7 +111,7 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
     if std::path::Path::new(&format!("/proc/{pid}")).exists() {
         bail!("pid {pid} is in use: the restored process needs its old pid (kill the process using it, or wait for it to be reaped)");
     }
-    let vdso = crate::plan::VdsoPlan::decide(&img.vdso, opts.vdso)?;
+    let vdso = VdsoPlan::decide(&img.vdso, opts.vdso)?;
     tracing::info!(pid, "vDSO: {}", vdso.describe());
     if !opts.shell_job {
         if let Some(f) = img
@@ -235,8 +129,8 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
             bail!("image {}: fd {fd} is a terminal or an outside pipe, taken over from stasis's own fd {fd}, which is not open", dir.display());
         }
     }
-    let helpers = crate::plan::Helpers::new(&img)?;
-    let file_data = crate::child::file_data(&img)?;
+    let helpers = fds::Helpers::new(&img)?;
+    let file_data = child::file_data(&img)?;
     let loaded = t0.elapsed();
 
     shift_clocks_if_behind(&img.inventory)?;
@@ -248,14 +142,14 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
     let child_maps = stasis_proc::maps(pid)?;
     let child_rseq = sys::rseq_config(nix::unistd::Pid::from_raw(pid))?;
 
-    let blob = crate::blobs::parasite()?;
-    let plan = Plan::build(&img, &helpers, &vdso, &child_maps, child_rseq, &child)?;
+    let blob = stasis_blobs::parasite()?;
+    let plan = rebuild::build(&img, &helpers, &vdso, &child_maps, child_rseq, &child)?;
     let mut size = RegionSize {
         reply_cap: 4096,
         plan_cap: plan.byte_len(),
         at: None,
     };
-    size.at = Some(crate::plan::free_range(
+    size.at = Some(vdso::free_range(
         &img.mm,
         &child_maps,
         &plan.reserved,
@@ -310,8 +204,8 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
 /// values. `unshare(CLONE_NEWTIME)` leaves stasis where it is and places its next child in
 /// the new namespace; the offsets must be written before that child exists.
 fn shift_clocks_if_behind(inv: &Inventory) -> Result<()> {
-    let mono = crate::dump::clock_ns(libc::CLOCK_MONOTONIC);
-    let boot = crate::dump::clock_ns(libc::CLOCK_BOOTTIME);
+    let mono = stasis_sys::clock_ns(libc::CLOCK_MONOTONIC);
+    let boot = stasis_sys::clock_ns(libc::CLOCK_BOOTTIME);
     if inv.monotonic_ns <= mono && inv.boottime_ns <= boot {
         return Ok(());
     }
@@ -397,91 +291,4 @@ fn wait_exit(pid: i32) -> Result<i32> {
             Err(e) => bail!("waiting for restored pid {pid}: {e}"),
         }
     }
-}
-
-/// Kills the half-made task unless the restore got to the end.
-struct ChildGuard {
-    pid: i32,
-    armed: bool,
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if self.armed {
-            // SAFETY: killing and reaping our own child.
-            unsafe {
-                libc::kill(self.pid, libc::SIGKILL);
-                libc::waitpid(self.pid, std::ptr::null_mut(), libc::__WALL);
-            }
-        }
-    }
-}
-
-/// The child's end of the handshake; the descriptors it must close once restored.
-pub struct Child {
-    /// Parent's end of the hold pipe: the child blocks reading it until it is seized.
-    _hold_w: OwnedFd,
-    /// fd numbers inside the child to close at the end of the plan.
-    pub leftover_fds: Vec<RawFd>,
-}
-
-/// Creates the task with the dumped pid and lets it prepare itself; returns once it is blocked
-/// waiting to be seized.
-fn spawn_child(
-    img: &Image,
-    helpers: &crate::plan::Helpers,
-    file_data: &crate::child::FileData,
-) -> Result<Child> {
-    let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    let (hold_r, hold_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    let pid = img.inventory.pid;
-    // SAFETY: stasis is single-threaded here, so the child may keep running ordinary Rust
-    // code, like after fork (it never returns from child_main).
-    let r = match unsafe { sys::clone3_with_pid(pid) } {
-        Ok(r) => r,
-        Err(e) => bail!(
-            "creating pid {pid} with clone3(set_tid): {e}{}",
-            if e == nix::errno::Errno::EPERM {
-                " (needs root or CAP_CHECKPOINT_RESTORE)"
-            } else {
-                ""
-            }
-        ),
-    };
-    if r == 0 {
-        drop(ready_r);
-        drop(hold_w);
-        crate::child::child_main(img, helpers, file_data, ready_w, hold_r);
-    }
-    drop(ready_w);
-    drop(hold_r);
-    let mut guard = ChildGuard { pid, armed: true };
-    // The child reports "OK" or an error message, then blocks.
-    let mut msg = Vec::new();
-    let mut f = std::fs::File::from(ready_r);
-    use std::io::Read;
-    let _ = f.read_to_end(&mut msg);
-    let text = String::from_utf8_lossy(&msg).into_owned();
-    if text != "OK" {
-        bail!(
-            "preparing pid {pid}: {}",
-            if text.is_empty() {
-                "the new task died"
-            } else {
-                text.as_str()
-            }
-        );
-    }
-    guard.armed = false;
-    let _ = hold_w.as_raw_fd();
-    Ok(Child {
-        _hold_w: hold_w,
-        leftover_fds: crate::child::leftover_fds(),
-    })
-}
-
-/// Closes a raw fd we were handed by number.
-pub fn own(fd: RawFd) -> OwnedFd {
-    // SAFETY: callers pass descriptors they own and nobody else closes.
-    unsafe { OwnedFd::from_raw_fd(fd) }
 }

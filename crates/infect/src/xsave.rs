@@ -4,7 +4,20 @@
 //! differ between CPUs (this AMD host puts 2432 bytes where the qemu guest CPU puts 2696, PKRU
 //! elsewhere). Moving a thread between CPUs means moving each component to its new place.
 
-use anyhow::{bail, Result};
+/// Why an XSAVE area cannot be moved to this CPU.
+#[derive(Debug, thiserror::Error)]
+pub enum XsaveError {
+    #[error("XSAVE area too short ({0} bytes)")]
+    TooShort(usize),
+    #[error("XSAVE component {0} is in use but this CPU does not have it")]
+    Missing(u32),
+    #[error("XSAVE component {i} is {size} bytes in the image, {here} here")]
+    Size { i: u32, size: u32, here: u32 },
+    #[error("XSAVE component {0} lies outside the dumped area")]
+    OutsideSource(u32),
+    #[error("XSAVE component {0} lies outside this CPU's area")]
+    OutsideTarget(u32),
+}
 
 const LEGACY_AND_HEADER: usize = 512 + 64;
 const XSTATE_BV: usize = 512;
@@ -33,9 +46,9 @@ pub fn translate(
     from: &[(u32, u32, u32)],
     to: &[(u32, u32, u32)],
     dst_len: usize,
-) -> Result<Vec<u8>> {
+) -> Result<Vec<u8>, XsaveError> {
     if src.len() < LEGACY_AND_HEADER || dst_len < LEGACY_AND_HEADER {
-        bail!("XSAVE area too short ({} bytes)", src.len());
+        return Err(XsaveError::TooShort(src.len()));
     }
     let mut dst = vec![0u8; dst_len];
     dst[..LEGACY_AND_HEADER].copy_from_slice(&src[..LEGACY_AND_HEADER]);
@@ -45,17 +58,21 @@ pub fn translate(
             continue;
         }
         let Some(&(_, new_off, new_size)) = to.iter().find(|c| c.0 == i) else {
-            bail!("XSAVE component {i} is in use but this CPU does not have it");
+            return Err(XsaveError::Missing(i));
         };
         if new_size != size {
-            bail!("XSAVE component {i} is {size} bytes in the image, {new_size} here");
+            return Err(XsaveError::Size {
+                i,
+                size,
+                here: new_size,
+            });
         }
         let (off, new_off, size) = (off as usize, new_off as usize, size as usize);
         let Some(part) = src.get(off..off + size) else {
-            bail!("XSAVE component {i} lies outside the dumped area");
+            return Err(XsaveError::OutsideSource(i));
         };
         let Some(slot) = dst.get_mut(new_off..new_off + size) else {
-            bail!("XSAVE component {i} lies outside this CPU's area");
+            return Err(XsaveError::OutsideTarget(i));
         };
         slot.copy_from_slice(part);
     }

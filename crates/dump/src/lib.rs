@@ -1,0 +1,194 @@
+//! `stasis dump`: freeze a process, collect everything the image model holds, write the image,
+//! then kill the process (or, with `--leave-running`, let it go on).
+//!
+//! Order matters for safety: everything that can refuse the dump (unsupported files, threads)
+//! is checked while the process is frozen but before anything in it is changed, so a refused
+//! dump leaves the process exactly as it was. Memory is read after the parasite is cured, with
+//! the process still frozen, so the image never contains our region. The inventory is written
+//! last: an image without one is incomplete and `restore` refuses it.
+
+mod files;
+mod mm;
+mod task;
+mod thread;
+pub mod vdso_report;
+
+use anyhow::{bail, Context, Result};
+use stasis_abi::{CommandId, TaskState};
+use stasis_image::model::*;
+use stasis_image::{write_record, ImageDir, PageWriter, PAGE_SIZE};
+use stasis_infect::{Parasite, RegionSize, Seized};
+use std::time::{Duration, Instant};
+use vdso_report::CollectError;
+
+pub struct DumpOptions {
+    pub leave_running: bool,
+    /// Accept a terminal among the process's files (CRIU's `--shell-job`).
+    pub shell_job: bool,
+}
+
+/// What a dump did, for the user and the benchmark.
+#[derive(Debug, Default)]
+pub struct DumpSummary {
+    pub pages: u64,
+    pub bytes: u64,
+    pub vmas: usize,
+    pub fds: usize,
+    /// How long the process was frozen.
+    pub frozen: Duration,
+    pub total: Duration,
+}
+
+pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpSummary> {
+    let t0 = Instant::now();
+    stasis_infect::check_target(pid)?;
+    let images = ImageDir::create(dir)
+        .with_context(|| format!("preparing image directory {}", dir.display()))?;
+    let mut seized = Seized::seize(pid)?;
+    let frozen_at = Instant::now();
+    if seized.threads().len() > 1 {
+        bail!(
+            "pid {pid} has {} threads; this version dumps single-threaded processes only",
+            seized.threads().len()
+        );
+    }
+    let tid = nix::unistd::Pid::from_raw(pid);
+    // A thread inside a vDSO function is stepped out of it first (CRIU issue #512).
+    if let Some(vdso) = stasis_vdso::VdsoLayout::of_pid(pid)?.vdso() {
+        let moved = seized.step_out_of((vdso.start, vdso.end), 100_000)?;
+        if !moved.is_empty() {
+            tracing::info!(pid, threads = ?moved, "stepped out of the vDSO before dumping");
+        }
+    }
+
+    // Everything that could refuse the dump comes first, before the process is changed.
+    let mut pages = PageWriter::create(&images).context("creating pages.img")?;
+    let files = files::collect_files(pid, &mut pages)?;
+    if !opts.shell_job {
+        if let Some(f) = files
+            .fds
+            .iter()
+            .find(|f| matches!(f.kind, FdKind::Tty { .. }))
+        {
+            bail!(
+                "pid {pid} has a terminal open on fd {} (a shell job); dump it with --shell-job",
+                f.fd
+            );
+        }
+    }
+    let mut core = thread::collect_core(pid)?;
+    let shared_pending = thread::pending(tid, true).context("reading pending signals")?;
+
+    let blob = stasis_blobs::parasite()?;
+    let proc_timers = stasis_proc::timers(pid)?;
+    let ids: Vec<u8> = proc_timers
+        .iter()
+        .flat_map(|t| t.id.to_le_bytes())
+        .collect();
+    let size = RegionSize {
+        plan_cap: ids.len().max(64),
+        ..RegionSize::default()
+    };
+    let mut parasite = Parasite::infect(&mut seized, blob, size)?;
+    let asked = vdso_report::ask_vdso(&mut parasite)?;
+    let task_raw = parasite.run(CommandId::TaskState, vdso_report::COMMAND_TIMEOUT)?;
+    let times = if ids.is_empty() {
+        Vec::new()
+    } else {
+        parasite.run_plan(
+            CommandId::TimerState,
+            &ids,
+            ids.len(),
+            vdso_report::COMMAND_TIMEOUT,
+        )?
+    };
+    parasite.cure()?;
+    let vdso_info = asked.verify()?;
+    let task = decode_task_state(pid, &task_raw)?;
+    core.altstack = AltStack {
+        sp: task.altstack[0],
+        flags: task.altstack[1] as i32,
+        size: task.altstack[2],
+    };
+    core.clear_child_tid = task.tid_address;
+
+    // Still frozen, parasite gone: the address space as the process knows it.
+    // /proc/PID/stat is read once, frozen, for both the mm fields and the session/pgid.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    let stat = task::stat_fields(&stat).with_context(|| format!("parsing /proc/{pid}/stat"))?;
+    let (mm, vdso) = mm::collect_mm(pid, &task, &vdso_info, &stat, &mut pages)?;
+    let mut process = task::collect_process(pid, &task, &stat, shared_pending)?;
+    process.posix_timers = task::posix_timers(pid, &proc_timers, &times)?;
+
+    let frozen;
+    if opts.leave_running {
+        seized.release()?;
+        frozen = frozen_at.elapsed();
+    } else {
+        // Killed while still frozen: it never runs past the moment the image describes.
+        nix::sys::signal::kill(tid, nix::sys::signal::Signal::SIGKILL)
+            .context("killing the dumped process")?;
+        frozen = frozen_at.elapsed();
+        drop(seized);
+    }
+
+    let summary_pages = pages.finish().context("finishing pages.img")?;
+    let xcr0 = core
+        .xsave
+        .get(464..472)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .unwrap_or(0);
+    let inventory = Inventory {
+        pid,
+        threads: vec![pid],
+        comm: process.comm.clone(),
+        kernel: task::kernel_release(),
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        stasis_version: env!("CARGO_PKG_VERSION").to_string(),
+        xsave_size: core.xsave.len() as u32,
+        xcr0,
+        xsave_layout: stasis_infect::xsave::layout(),
+        monotonic_ns: stasis_sys::clock_ns(libc::CLOCK_MONOTONIC),
+        boottime_ns: stasis_sys::clock_ns(libc::CLOCK_BOOTTIME),
+        page_data_len: summary_pages.data_len,
+        page_data_xxh3: summary_pages.checksum,
+    };
+    let vmas = mm.vmas.len();
+    let fds = files.fds.len();
+    write_record(&images, &core_name(pid), KIND_CORE, &core)?;
+    write_record(&images, MM, KIND_MM, &mm)?;
+    write_record(&images, PROCESS, KIND_PROCESS, &process)?;
+    write_record(&images, FILES, KIND_FILES, &files)?;
+    write_record(&images, VDSO, KIND_VDSO, &vdso)?;
+    write_record(&images, INVENTORY, KIND_INVENTORY, &inventory)?;
+    let s = DumpSummary {
+        pages: summary_pages.data_len / PAGE_SIZE as u64,
+        bytes: summary_pages.data_len,
+        vmas,
+        fds,
+        frozen,
+        total: t0.elapsed(),
+    };
+    tracing::info!(pid, ?s, "dumped");
+    Ok(s)
+}
+
+fn decode_task_state(pid: i32, raw: &[u8]) -> Result<TaskState, CollectError> {
+    if raw.len() != std::mem::size_of::<TaskState>() {
+        return Err(CollectError::Infect(stasis_infect::InfectError::BadReply {
+            pid,
+            why: format!(
+                "task state of {} bytes, expected {}",
+                raw.len(),
+                std::mem::size_of::<TaskState>()
+            ),
+        }));
+    }
+    // SAFETY: TaskState is plain integers (any bit pattern is valid) and raw has its exact size.
+    Ok(unsafe { std::ptr::read_unaligned(raw.as_ptr() as *const TaskState) })
+}

@@ -1,0 +1,551 @@
+//! The address space: every VMA with its backing, the pages that must be dumped (chosen from
+//! pagemap), their contents copied into pages.img, the mm fields and auxv, the vDSO record
+//! (or the original vDSO behind a proxy an earlier restore left).
+
+use crate::files::append_padded;
+use crate::vdso_report::VdsoInfo;
+use anyhow::{bail, Context, Result};
+use stasis_abi::TaskState;
+use stasis_image::model::*;
+use stasis_image::{PageWriter, PAGE_SIZE};
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::time::{Duration, Instant};
+
+const PM_PRESENT: u64 = 1 << 63;
+
+const PM_SWAPPED: u64 = 1 << 62;
+
+const PM_FILE: u64 = 1 << 61;
+
+/// Pages are read and written in chunks of at most this many bytes: bounds peak memory.
+const CHUNK: usize = 1 << 20;
+
+fn growsdown_set(pid: i32) -> Result<std::collections::HashSet<u64>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .with_context(|| format!("reading /proc/{pid}/smaps"))?;
+    let mut set = std::collections::HashSet::new();
+    let mut current = None;
+    for line in text.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if flags.split_whitespace().any(|f| f == "gd") {
+                if let Some(start) = current {
+                    set.insert(start);
+                }
+            }
+        } else if let Some((range, _)) = line.split_once(' ') {
+            if let Some((s, _)) = range.split_once('-') {
+                if let Ok(start) = u64::from_str_radix(s, 16) {
+                    current = Some(start);
+                }
+            }
+        }
+    }
+    Ok(set)
+}
+
+/// What a proxied restore (by an earlier stasis) left in a process: the proxy at the old
+/// `[vdso]` address, placeholders at the old vvar addresses, and the pristine copy whose header
+/// page (`stasis_vdso::proxy::header`) describes them all.
+struct ProxyFound {
+    copy: (u64, u64),
+    proxy: (u64, u64),
+    placeholders: Vec<(String, u64, u64)>,
+}
+
+impl ProxyFound {
+    /// Whether `v` is (part of) what the proxy made. By containment: adjacent placeholders
+    /// with the same protection are merged into one VMA by the kernel.
+    fn owns(&self, v: &stasis_proc::Vma) -> bool {
+        let mut parts: Vec<(u64, u64)> = self.placeholders.iter().map(|p| (p.1, p.2)).collect();
+        parts.push(self.copy);
+        parts.push((self.proxy.0, self.proxy.0 + self.proxy.1));
+        parts.sort_unstable();
+        // Merge touching ranges, then look for one that holds all of v.
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        for (s, e) in parts {
+            match merged.last_mut() {
+                Some(last) if last.1 >= s => last.1 = last.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        merged.iter().any(|&(s, e)| v.start >= s && v.end <= e)
+    }
+}
+
+/// Saves the contents of every deleted file that is still mapped (once per file), read
+/// through /proc/PID/map_files, which opens the file itself even though it has no name.
+fn collect_ghosts(
+    pid: i32,
+    vmas: &[stasis_proc::Vma],
+    pages: &mut PageWriter,
+) -> Result<std::collections::HashMap<u64, Ghost>> {
+    let mut ghosts = std::collections::HashMap::new();
+    for v in vmas.iter().filter(|v| {
+        v.inode != 0 && v.name.starts_with('/') && v.name.ends_with(" (deleted)") && v.dev != (0, 1)
+    }) {
+        if ghosts.contains_key(&v.inode) {
+            continue;
+        }
+        let link = format!("/proc/{pid}/map_files/{:x}-{:x}", v.start, v.end);
+        let data = std::fs::read(&link).with_context(|| {
+            format!(
+                "reading deleted file {} mapped at {:#x} ({link})",
+                v.name, v.start
+            )
+        })?;
+        let mode = std::fs::metadata(&link)
+            .map(|m| m.mode() & 0o7777)
+            .unwrap_or(0o644);
+        let (data_off, len) = append_padded(pages, &data)?;
+        ghosts.insert(
+            v.inode,
+            Ghost {
+                data_off,
+                len,
+                mode,
+            },
+        );
+    }
+    Ok(ghosts)
+}
+
+/// Looks for a pristine copy: a small read-only private anonymous mapping starting with the
+/// magic. Reading 16 bytes of a handful of candidates is cheap.
+fn find_proxy(pid: i32, vmas: &[stasis_proc::Vma], mem: &File) -> Option<ProxyFound> {
+    for v in vmas.iter().filter(|v| {
+        v.prot == stasis_proc::PROT_READ && !v.shared && v.inode == 0 && v.len() <= 1 << 20
+    }) {
+        let mut page = vec![0u8; PAGE_SIZE];
+        if mem.read_exact_at(&mut page, v.start).is_err()
+            || !page.starts_with(stasis_vdso::proxy::header::PROXY_MAGIC)
+        {
+            continue;
+        }
+        let (proxy, placeholders) = stasis_vdso::proxy::header::parse_proxy_header(&page)?;
+        tracing::info!(
+            pid,
+            "found stasis's vDSO proxy at {:#x}; recording the original vDSO",
+            proxy.0
+        );
+        return Some(ProxyFound {
+            copy: (v.start, v.end),
+            proxy,
+            placeholders,
+        });
+    }
+    None
+}
+
+/// A process restored with a vDSO proxy still knows its original vDSO, at the proxy's address.
+/// Record that vDSO — the one its cached pointers refer to — with the pristine copy's bytes, so
+/// the next restore builds one proxy for the new kernel (or remaps, if it is the original
+/// kernel) instead of stacking a proxy on a proxy. The kernel's current areas are left behind.
+fn proxied_vdso(found: &ProxyFound, mem: &File, auxv_ehdr: u64) -> Result<VdsoRecord> {
+    let mut bytes = vec![0u8; found.proxy.1 as usize];
+    mem.read_exact_at(&mut bytes, found.copy.0 + PAGE_SIZE as u64)
+        .context("reading the pristine vDSO copy")?;
+    let symbols =
+        stasis_vdso::symbols_from_image(&bytes).context("parsing the pristine vDSO copy")?;
+    let mut areas = found.placeholders.clone();
+    areas.push((
+        "[vdso]".into(),
+        found.proxy.0,
+        found.proxy.0 + found.proxy.1,
+    ));
+    areas.sort_by_key(|a| a.1);
+    Ok(VdsoRecord {
+        auxv_ehdr,
+        areas,
+        symbols: symbols
+            .iter()
+            .map(|s| (s.name.clone(), s.version.clone(), s.offset, s.size))
+            .collect(),
+        vdso_bytes: bytes,
+    })
+}
+
+fn backing_of(v: &stasis_proc::Vma, proxy: Option<&ProxyFound>) -> Result<Option<Backing>> {
+    if proxy.is_some_and(|p| p.owns(v)) {
+        // Rebuilt from the vDSO record on restore, never restored as plain memory.
+        return Ok(Some(Backing::Vdso {
+            name: format!("{} (stasis vDSO proxy)", v.name),
+        }));
+    }
+    if stasis_abi::is_vdso_area_name(v.name.as_bytes()) {
+        return Ok(Some(Backing::Vdso {
+            name: v.name.clone(),
+        }));
+    }
+    if v.name == "[vsyscall]" {
+        return Ok(None);
+    }
+    // shmem (dev 00:01): MAP_SHARED|MAP_ANONYMOUS shows as "/dev/zero (deleted)", SysV shm,
+    // memfd mappings. Their contents are dumped like anonymous memory.
+    let shmem = v.dev == (0, 1);
+    if v.shared && (v.inode == 0 || shmem) {
+        return Ok(Some(Backing::AnonShared {
+            id: v.inode,
+            offset: v.offset,
+        }));
+    }
+    if v.inode != 0 && v.name.starts_with('/') && !shmem {
+        // A deleted file (its contents are saved by `collect_ghosts`) keeps its old path.
+        let path = v
+            .name
+            .strip_suffix(" (deleted)")
+            .unwrap_or(&v.name)
+            .to_string();
+        let dev = ((v.dev.0 as u64) << 20) | v.dev.1 as u64;
+        return Ok(Some(Backing::File {
+            path,
+            offset: v.offset,
+            dev,
+            inode: v.inode,
+            ghost: None,
+        }));
+    }
+    if v.shared {
+        bail!("mapping {v}: shared mapping of an unknown kind");
+    }
+    Ok(Some(Backing::Anon))
+}
+
+const PM_PFN: u64 = (1 << 55) - 1;
+
+/// The page frame of the kernel's shared zero page: a private anonymous page that was only
+/// ever read maps it, and pagemap reports it present. Such pages hold nothing and must not be
+/// dumped (restoring them would turn them into real pages). None when PFNs are hidden
+/// (unprivileged) or the probe fails: then nothing is skipped, which is merely wasteful.
+fn zero_page_pfn() -> Option<u64> {
+    // SAFETY: a private anonymous page of our own, read once and unmapped.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            PAGE_SIZE,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            return None;
+        }
+        std::ptr::read_volatile(p as *const u8);
+        let pagemap = File::open("/proc/self/pagemap").ok();
+        let mut e = [0u8; 8];
+        let ok = pagemap.is_some_and(|f| {
+            f.read_exact_at(&mut e, p as u64 / PAGE_SIZE as u64 * 8)
+                .is_ok()
+        });
+        libc::munmap(p, PAGE_SIZE);
+        let e = u64::from_le_bytes(e);
+        (ok && e & PM_PRESENT != 0 && e & PM_PFN != 0).then_some(e & PM_PFN)
+    }
+}
+
+fn wants_page(backing: &Backing, shared: bool, entry: u64, zero_pfn: Option<u64>) -> bool {
+    if entry & PM_PRESENT != 0 && zero_pfn.is_some_and(|z| entry & PM_PFN == z) {
+        return false;
+    }
+    match backing {
+        Backing::Anon | Backing::AnonShared { .. } => entry & (PM_PRESENT | PM_SWAPPED) != 0,
+        // A private file mapping: only pages that became anonymous (written: COW) differ from
+        // the file. A shared one lives in the file itself.
+        Backing::File { .. } if !shared => {
+            entry & PM_SWAPPED != 0 || (entry & PM_PRESENT != 0 && entry & PM_FILE == 0)
+        }
+        Backing::File { .. } | Backing::Vdso { .. } => false,
+    }
+}
+
+pub(crate) fn collect_mm(
+    pid: i32,
+    task: &TaskState,
+    vdso_info: &VdsoInfo,
+    stat: &[u64],
+    pages: &mut PageWriter,
+) -> Result<(Mm, VdsoRecord)> {
+    let vmas = stasis_proc::maps(pid)?;
+    let gd = growsdown_set(pid)?;
+    let pagemap = File::open(format!("/proc/{pid}/pagemap"))
+        .with_context(|| format!("opening /proc/{pid}/pagemap"))?;
+    let mem = File::open(format!("/proc/{pid}/mem"))
+        .with_context(|| format!("opening /proc/{pid}/mem"))?;
+    // Pass 1: which pages of which VMA go where in pages.img. Appends are sequential, so every
+    // chunk's file offset is known before a byte is copied.
+    let mut out = Vec::with_capacity(vmas.len());
+    let mut chunks: Vec<(usize, u64, usize)> = Vec::new(); // (index into vmas, address, length)
+    let mut entries = Vec::new();
+    let zero_pfn = zero_page_pfn();
+    let proxy = find_proxy(pid, &vmas, &mem);
+    // Deleted files' contents go first, so page offsets computed below stay right.
+    let ghosts = collect_ghosts(pid, &vmas, pages)?;
+    let mut next_off = stasis_image::DATA_OFFSET + pages.data_len();
+    for (vi, v) in vmas.iter().enumerate() {
+        let Some(mut backing) = backing_of(v, proxy.as_ref())? else {
+            continue;
+        };
+        if let Backing::File { inode, ghost, .. } = &mut backing {
+            if v.name.ends_with(" (deleted)") {
+                *ghost = ghosts.get(inode).copied();
+            }
+        }
+        let npages = (v.len() / PAGE_SIZE as u64) as usize;
+        entries.resize(npages * 8, 0);
+        pagemap
+            .read_exact_at(&mut entries, v.start / PAGE_SIZE as u64 * 8)
+            .with_context(|| format!("reading the pagemap of {v}"))?;
+        let e =
+            |k: usize| u64::from_le_bytes(entries[k * 8..k * 8 + 8].try_into().unwrap_or([0; 8]));
+        let mut runs: Vec<PageRun> = Vec::new();
+        let mut i = 0;
+        while i < npages {
+            if !wants_page(&backing, v.shared, e(i), zero_pfn) {
+                i += 1;
+                continue;
+            }
+            let mut j = i;
+            while j < npages
+                && j - i < CHUNK / PAGE_SIZE
+                && wants_page(&backing, v.shared, e(j), zero_pfn)
+            {
+                j += 1;
+            }
+            let addr = v.start + (i * PAGE_SIZE) as u64;
+            let len = (j - i) * PAGE_SIZE;
+            chunks.push((vi, addr, len));
+            match runs.last_mut() {
+                Some(r)
+                    if r.addr + r.pages * PAGE_SIZE as u64 == addr
+                        && r.file_off + r.pages * PAGE_SIZE as u64 == next_off =>
+                {
+                    r.pages += (j - i) as u64;
+                }
+                _ => runs.push(PageRun {
+                    addr,
+                    pages: (j - i) as u64,
+                    file_off: next_off,
+                }),
+            }
+            next_off += len as u64;
+            i = j;
+        }
+        out.push(Vma {
+            start: v.start,
+            end: v.end,
+            prot: v.prot,
+            shared: v.shared,
+            growsdown: gd.contains(&v.start),
+            name: v.name.clone(),
+            backing,
+            pages: runs,
+        });
+    }
+    // Pass 2: copy, reading on this thread and writing on another, so both cores work.
+    let (t_read, t_write) = copy_chunks(pid, &mem, &vmas, &chunks, pages)?;
+    tracing::info!(pid, read = ?t_read, write = ?t_write, "memory copied");
+    let field = |n: usize| stat.get(n - 1).copied().unwrap_or(0);
+    let fields = MmFields {
+        start_code: field(26),
+        end_code: field(27),
+        start_stack: field(28),
+        start_data: field(45),
+        end_data: field(46),
+        start_brk: field(47),
+        brk: task.brk,
+        arg_start: field(48),
+        arg_end: field(49),
+        env_start: field(50),
+        env_end: field(51),
+    };
+    let raw_auxv = std::fs::read(format!("/proc/{pid}/auxv"))
+        .with_context(|| format!("reading /proc/{pid}/auxv"))?;
+    let auxv: Vec<u64> = raw_auxv
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+        .collect();
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .with_context(|| format!("reading /proc/{pid}/exe"))?
+        .to_string_lossy()
+        .into_owned();
+
+    let vdso_bytes = match vdso_info.layout.vdso() {
+        Some(area) => stasis_vdso::read_image(pid, area)?,
+        None => Vec::new(),
+    };
+    let kernel_vdso = VdsoRecord {
+        auxv_ehdr: vdso_info.auxv_ehdr,
+        areas: vdso_info
+            .layout
+            .areas
+            .iter()
+            .map(|a| (a.name.clone(), a.start, a.end))
+            .collect(),
+        symbols: vdso_info
+            .symbols
+            .iter()
+            .map(|s| (s.name.clone(), s.version.clone(), s.offset, s.size))
+            .collect(),
+        vdso_bytes,
+    };
+    let vdso = match &proxy {
+        Some(found) => proxied_vdso(found, &mem, vdso_info.auxv_ehdr)?,
+        None => kernel_vdso,
+    };
+    Ok((
+        Mm {
+            vmas: out,
+            fields,
+            auxv,
+            exe,
+        },
+        vdso,
+    ))
+}
+
+/// Copies `chunks` of the target's memory into `pages`: a reader (this thread) and a writer
+/// thread hand a few buffers back and forth. Returns the time each side spent working.
+fn copy_chunks(
+    pid: i32,
+    mem: &File,
+    vmas: &[stasis_proc::Vma],
+    chunks: &[(usize, u64, usize)],
+    pages: &mut PageWriter,
+) -> Result<(Duration, Duration)> {
+    use std::sync::mpsc::sync_channel;
+    const BUFFERS: usize = 3;
+    let (full_tx, full_rx) = sync_channel::<(Vec<u8>, usize)>(BUFFERS);
+    let (empty_tx, empty_rx) = sync_channel::<Vec<u8>>(BUFFERS);
+    for _ in 0..BUFFERS {
+        empty_tx
+            .send(vec![0u8; CHUNK])
+            .map_err(|_| anyhow::anyhow!("buffer pool"))?;
+    }
+    std::thread::scope(|s| {
+        let writer = s.spawn(move || -> Result<Duration> {
+            let mut busy = Duration::ZERO;
+            for (buf, len) in full_rx {
+                let t = Instant::now();
+                pages.append(&buf[..len])?;
+                busy += t.elapsed();
+                // The reader may have finished and dropped its end: nothing left to recycle for.
+                let _ = empty_tx.send(buf);
+            }
+            Ok(busy)
+        });
+        let mut reading = Duration::ZERO;
+        let mut result = Ok(());
+        for &(vi, addr, len) in chunks {
+            let Ok(mut buf) = empty_rx.recv() else {
+                break; // the writer stopped early: its error is reported below
+            };
+            let t = Instant::now();
+            if let Err(e) = read_remote(pid, mem, &vmas[vi], addr, &mut buf[..len]) {
+                result = Err(e);
+                break;
+            }
+            reading += t.elapsed();
+            if full_tx.send((buf, len)).is_err() {
+                break;
+            }
+        }
+        drop(full_tx);
+        let writing = writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("the page writer thread panicked"))??;
+        result.map(|()| (reading, writing))
+    })
+}
+
+/// Reads target memory: `process_vm_readv` (one copy, pages pinned in batches) where the VMA
+/// is readable, /proc/PID/mem (which may read through PROT_NONE) where it is not.
+fn read_remote(
+    pid: i32,
+    mem: &File,
+    v: &stasis_proc::Vma,
+    addr: u64,
+    buf: &mut [u8],
+) -> Result<()> {
+    if v.prot & stasis_proc::PROT_READ != 0 {
+        let local = [std::io::IoSliceMut::new(buf)];
+        let len = local[0].len();
+        let remote = [nix::sys::uio::RemoteIoVec {
+            base: addr as usize,
+            len,
+        }];
+        match nix::sys::uio::process_vm_readv(
+            nix::unistd::Pid::from_raw(pid),
+            &mut [std::io::IoSliceMut::new(buf)],
+            &remote,
+        ) {
+            Ok(n) if n == len => return Ok(()),
+            _ => {}
+        }
+    }
+    mem.read_exact_at(buf, addr)
+        .with_context(|| format!("reading memory at {addr:#x} of {v}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ZERO: u64 = 0x1234;
+
+    fn file(shared: bool) -> (Backing, bool) {
+        (
+            Backing::File {
+                path: "/f".into(),
+                offset: 0,
+                dev: 0,
+                inode: 1,
+                ghost: None,
+            },
+            shared,
+        )
+    }
+
+    #[test]
+    fn which_pages_are_dumped() {
+        let present = PM_PRESENT | 0x99;
+        let swapped = PM_SWAPPED;
+        let file_page = PM_PRESENT | PM_FILE | 0x99;
+        let zero = PM_PRESENT | ZERO;
+        let anon = (Backing::Anon, false);
+        let shm = (Backing::AnonShared { id: 1, offset: 0 }, true);
+        let cases = [
+            (&anon, present, true),
+            (&anon, swapped, true),
+            (&anon, 0, false),
+            (&anon, zero, false),
+            (&shm, present, true),
+            (&shm, file_page, true),
+            (&file(false), file_page, false),
+            (&file(false), present, true),
+            (&file(false), swapped, true),
+            (&file(true), present, false),
+            (
+                &(
+                    Backing::Vdso {
+                        name: "[vdso]".into(),
+                    },
+                    false,
+                ),
+                present,
+                false,
+            ),
+        ];
+        for (i, ((b, shared), entry, want)) in cases.iter().enumerate() {
+            assert_eq!(
+                wants_page(b, *shared, *entry, Some(ZERO)),
+                *want,
+                "case {i}"
+            );
+        }
+        assert!(
+            wants_page(&Backing::Anon, false, zero, None),
+            "no zero pfn known"
+        );
+    }
+}

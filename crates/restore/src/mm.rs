@@ -1,0 +1,139 @@
+//! Mapping every dumped VMA in the new task and filling its pages from pages.img.
+
+use crate::fds::Helpers;
+use crate::plan::{Arg::V, Plan, SYS_MMAP};
+use anyhow::{Context, Result};
+use stasis_abi::{EXPECT_ANY, EXPECT_ARG0, EXPECT_ARG4, EXPECT_OK, EXPECT_PREAD_ALL};
+use stasis_image::model::*;
+use stasis_image::PAGE_SIZE;
+
+const PAGE: u64 = PAGE_SIZE as u64;
+const MADV_POPULATE_WRITE: u64 = 23;
+
+pub(crate) fn map_vma(p: &mut Plan, v: &Vma, h: &Helpers) -> Result<()> {
+    let len = v.end - v.start;
+    let needs_fill = !v.pages.is_empty();
+    let prot = v.prot as u64
+        | if needs_fill {
+            libc::PROT_WRITE as u64
+        } else {
+            0
+        };
+    let mut flags = libc::MAP_FIXED_NOREPLACE as u64;
+    if v.growsdown {
+        flags |= libc::MAP_GROWSDOWN as u64;
+    }
+    let what = format!("map {:#x}-{:#x} {}", v.start, v.end, v.name);
+    match &v.backing {
+        Backing::Vdso { .. } => return Ok(()),
+        Backing::Anon => {
+            flags |= (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+            p.op(
+                SYS_MMAP,
+                [V(v.start), V(len), V(prot), V(flags), V(u64::MAX), V(0)],
+                EXPECT_ARG0,
+                what,
+            );
+        }
+        Backing::AnonShared { id, offset } => {
+            // A further view of a shared object already mapped: duplicate that mapping
+            // (mremap with old size 0), so both views stay one object, as they were.
+            let first =
+                p.shm.get(id).copied().filter(|&(_, off, flen)| {
+                    *id != 0 && *offset >= off && offset + len <= off + flen
+                });
+            if let Some((fstart, foff, _)) = first {
+                let from = fstart + (offset - foff);
+                let dup = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
+                p.op(
+                    libc::SYS_mremap,
+                    [V(from), V(0), V(len), V(dup), V(v.start), V(0)],
+                    EXPECT_ARG4,
+                    format!("{what} (another view of shared object {id})"),
+                );
+                p.op(
+                    libc::SYS_mprotect,
+                    [V(v.start), V(len), V(prot), V(0), V(0), V(0)],
+                    EXPECT_OK,
+                    format!("protect the view at {:#x}", v.start),
+                );
+            } else {
+                flags |= (libc::MAP_SHARED | libc::MAP_ANONYMOUS) as u64;
+                p.op(
+                    SYS_MMAP,
+                    [V(v.start), V(len), V(prot), V(flags), V(u64::MAX), V(0)],
+                    EXPECT_ARG0,
+                    what,
+                );
+                if *id != 0 {
+                    p.shm.entry(*id).or_insert((v.start, *offset, len));
+                }
+            }
+        }
+        Backing::File { path, offset, .. } => {
+            let writable = v.shared && v.prot & libc::PROT_WRITE as u32 != 0;
+            let fd = *h
+                .files
+                .get(&(path.clone(), writable))
+                .with_context(|| format!("no helper fd for {path}"))?;
+            flags |= if v.shared {
+                libc::MAP_SHARED
+            } else {
+                libc::MAP_PRIVATE
+            } as u64;
+            p.op(
+                SYS_MMAP,
+                [
+                    V(v.start),
+                    V(len),
+                    V(prot),
+                    V(flags),
+                    V(fd as u64),
+                    V(*offset),
+                ],
+                EXPECT_ARG0,
+                what,
+            );
+        }
+    }
+    for r in &v.pages {
+        // Fault the destination in first, in one batch: far cheaper than taking one page
+        // fault per 4 KiB inside the copy. Only the dumped pages: sparse memory stays sparse.
+        // (Best effort: kernels before 5.14 lack MADV_POPULATE_WRITE; the read still works.)
+        p.op(
+            libc::SYS_madvise,
+            [
+                V(r.addr),
+                V(r.pages * PAGE),
+                V(MADV_POPULATE_WRITE),
+                V(0),
+                V(0),
+                V(0),
+            ],
+            EXPECT_ANY,
+            format!("populate {} pages at {:#x}", r.pages, r.addr),
+        );
+        p.op(
+            0,
+            [
+                V(h.pages_fd as u64),
+                V(r.addr),
+                V(r.pages * PAGE),
+                V(r.file_off),
+                V(0),
+                V(0),
+            ],
+            EXPECT_PREAD_ALL,
+            format!("fill {} pages at {:#x}", r.pages, r.addr),
+        );
+    }
+    if prot != v.prot as u64 {
+        p.op(
+            libc::SYS_mprotect,
+            [V(v.start), V(len), V(v.prot as u64), V(0), V(0), V(0)],
+            EXPECT_OK,
+            format!("protect {:#x}-{:#x}", v.start, v.end),
+        );
+    }
+    Ok(())
+}
