@@ -181,10 +181,10 @@ fn read_vdso_layout() -> Vec<(String, u64, u64)> {
     match stasis_proc::maps(std::process::id() as i32) {
         Ok(vmas) => vmas
             .into_iter()
-            .filter(|v| stasis_abi::is_vdso_area_name(v.name.as_bytes()))
+            .filter(|v| stasis_abi::is_vdso_area_name(&v.name))
             .map(|v| {
                 let size = v.len();
-                (v.name, v.start, size)
+                (v.name_lossy().into_owned(), v.start, size)
             })
             .collect(),
         Err(e) => {

@@ -6,10 +6,12 @@ use serde::Serialize;
 #[derive(Serialize)]
 struct Summary<'a> {
     pid: i32,
-    comm: &'a str,
+    comm: String,
     kernel: &'a str,
     created: u64,
     threads: &'a [i32],
+    /// One line per thread: tid, name, uid, where it stopped.
+    thread_details: Vec<String>,
     vmas: usize,
     pages: u64,
     page_bytes: u64,
@@ -36,10 +38,28 @@ pub fn show(dir: &std::path::Path, json: bool) -> Result<()> {
     };
     let s = Summary {
         pid: img.inventory.pid,
-        comm: &img.inventory.comm,
+        comm: img.inventory.comm.to_string(),
         kernel: &img.inventory.kernel,
         created: img.inventory.created,
         threads: &img.inventory.threads,
+        thread_details: img
+            .cores
+            .iter()
+            .map(|c| {
+                let in_syscall = (c.gpr.orig_rax as i64) >= 0;
+                format!(
+                    "{} {:?} uid {} {}",
+                    c.tid,
+                    c.comm,
+                    c.creds.uids[1],
+                    if in_syscall {
+                        format!("in system call {}", c.gpr.orig_rax)
+                    } else {
+                        format!("at {:#x}", c.gpr.rip)
+                    }
+                )
+            })
+            .collect(),
         vmas: img.mm.vmas.len(),
         pages,
         page_bytes: img.pages.data_len(),
@@ -47,7 +67,19 @@ pub fn show(dir: &std::path::Path, json: bool) -> Result<()> {
             .files
             .fds
             .iter()
-            .map(|f| format!("{}: {:?}", f.fd, f.kind))
+            .map(|f| {
+                let desc = img.files.desc(f.desc);
+                format!(
+                    "{}{}: #{} {}",
+                    f.fd,
+                    if f.cloexec { " (cloexec)" } else { "" },
+                    f.desc,
+                    desc.map_or("?".into(), |d| format!(
+                        "{:?} flags {:#o} pos {}",
+                        d.kind, d.flags, d.pos
+                    ))
+                )
+            })
             .collect(),
         vdso: img
             .vdso
@@ -81,7 +113,10 @@ pub fn show(dir: &std::path::Path, json: bool) -> Result<()> {
         "image of pid {} ({}) made under kernel {}",
         s.pid, s.comm, s.kernel
     );
-    println!("  threads: {:?}", s.threads);
+    println!("  threads: {}", s.threads.len());
+    for t in &s.thread_details {
+        println!("    {t}");
+    }
     println!(
         "  memory: {} VMAs, {} pages dumped ({:.1} MiB of page data)",
         s.vmas,
@@ -91,7 +126,7 @@ pub fn show(dir: &std::path::Path, json: bool) -> Result<()> {
     for m in &s.mappings {
         println!("    {m}");
     }
-    println!("  files:");
+    println!("  files (fd: #open file description):");
     for f in &s.fds {
         println!("    {f}");
     }

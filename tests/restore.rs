@@ -263,7 +263,8 @@ fn workload_keeps_writing_to_an_outside_pipe_after_restore() {
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
     let mut lines = BufReader::new(std::fs::File::from(r)).lines();
     let w2 = w.try_clone().expect("dup");
-    // SAFETY: setsid in the child: the workload gets its own session, like a service.
+    // SAFETY: setsid and close_range in the child: the workload gets its own session, like a
+    // service, and only its standard descriptors (not whatever the test runner leaked).
     let mut child = unsafe {
         std::process::Command::new(stasis_bin())
             .arg("demo-workload")
@@ -272,6 +273,7 @@ fn workload_keeps_writing_to_an_outside_pipe_after_restore() {
             .stderr(w2)
             .pre_exec(|| {
                 libc::setsid();
+                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
                 Ok(())
             })
             .spawn()

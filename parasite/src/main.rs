@@ -49,6 +49,7 @@ unsafe extern "C" fn parasite_main(area: *mut u8) {
     match CommandId::from_u32(cmd.id) {
         Some(CommandId::VdsoReport) => vdso::report(&mut out),
         Some(CommandId::TaskState) => task::report(&mut out),
+        Some(CommandId::ThreadState) => task::thread_report(&mut out),
         Some(id @ (CommandId::Restore | CommandId::TimerState)) => {
             // The input must lie inside the command area the host gave us, after the reply.
             let reply_end = REPLY_OFFSET as u64 + 16 + cmd.reply_cap;

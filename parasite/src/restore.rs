@@ -11,11 +11,13 @@
 use crate::reply::Reply;
 use crate::sys;
 use stasis_abi::{
-    PlanOp, RestoreResult, Status, EXPECT_ANY, EXPECT_ARG0, EXPECT_ARG4, EXPECT_COPY, EXPECT_OK,
-    EXPECT_PREAD_ALL,
+    PlanOp, RestoreResult, Status, EXPECT_ANY, EXPECT_ARG0, EXPECT_ARG4, EXPECT_CLONE, EXPECT_COPY,
+    EXPECT_OK, EXPECT_PREAD_ALL,
 };
 
 const SYS_PREAD64: usize = 17;
+const SYS_EXIT: usize = 60;
+const SYS_CLONE3: usize = 435;
 
 /// # Safety
 /// `plan` points to `len` readable bytes inside the shared region.
@@ -35,6 +37,7 @@ pub unsafe fn run(out: &mut Reply, plan: *const u8, len: usize) {
             EXPECT_OK | EXPECT_PREAD_ALL | EXPECT_COPY => r >= 0,
             EXPECT_ARG0 => r as u64 == op.args[0],
             EXPECT_ARG4 => r as u64 == op.args[4],
+            EXPECT_CLONE => r as u64 == op.args[2],
             EXPECT_ANY => true,
             _ => {
                 status = Status::BadPlan;
@@ -59,6 +62,20 @@ pub unsafe fn run(out: &mut Reply, plan: *const u8, len: usize) {
 
 fn execute(op: &PlanOp) -> isize {
     let a = op.args;
+    if op.expect == EXPECT_CLONE {
+        // SAFETY: a[0] is a `struct clone_args` of a[1] bytes in the plan area, for a thread
+        // (CLONE_VM | CLONE_THREAD …) without a stack of its own: it must not run here.
+        let r = unsafe { sys::syscall3(SYS_CLONE3, a[0] as usize, a[1] as usize, 0) };
+        if r == 0 {
+            // The new thread. The host traces clones, so it is stopped before it gets here; if
+            // it is not, it must not run the plan a second time on its parent's stack.
+            loop {
+                // SAFETY: exit(2) ends only this thread.
+                unsafe { sys::syscall3(SYS_EXIT, 0, 0, 0) };
+            }
+        }
+        return r;
+    }
     if op.expect == EXPECT_COPY {
         // SAFETY: the host mapped [dst, dst + len) writable in an earlier op and put `len`
         // bytes at src inside the plan area; the ranges cannot overlap (different mappings).

@@ -1,9 +1,10 @@
-//! `TaskState`: what only the task itself can read — signal handlers, sigaltstack, interval
-//! timers, the current brk, the clear-child-tid address, dumpability. Read-only system calls.
+//! `TaskState`: what only the process itself can read — signal handlers, interval timers, the
+//! current brk, dumpability; `ThreadState`: what only the thread itself can read — its
+//! sigaltstack, its clear-child-tid address. Read-only system calls.
 
 use crate::reply::Reply;
 use crate::sys;
-use stasis_abi::{KSigAction, Status, TaskState};
+use stasis_abi::{KSigAction, Status, TaskState, ThreadState};
 
 const SYS_RT_SIGACTION: usize = 13;
 const SYS_SIGALTSTACK: usize = 131;
@@ -16,10 +17,8 @@ pub fn report(out: &mut Reply) {
     let mut st = TaskState {
         sigactions: [KSigAction::default(); 64],
         sigactions_ok: 0,
-        altstack: [0; 3],
         itimers: [[0; 4]; 3],
         brk: 0,
-        tid_address: 0,
         dumpable: 0,
     };
     for sig in 1..=64usize {
@@ -39,11 +38,6 @@ pub fn report(out: &mut Reply) {
             st.sigactions_ok |= 1 << (sig - 1);
         }
     }
-    // SAFETY: query only; the out-pointer is a valid stack_t-sized array.
-    let r = unsafe { sys::syscall3(SYS_SIGALTSTACK, 0, st.altstack.as_mut_ptr() as usize, 0) };
-    if r < 0 {
-        return out.finish(Status::Syscall, (-r) as u32);
-    }
     for (which, t) in st.itimers.iter_mut().enumerate() {
         // SAFETY: getitimer writes one struct itimerval (4 × i64) into t.
         let r = unsafe { sys::syscall3(SYS_GETITIMER, which, t.as_mut_ptr() as usize, 0) };
@@ -53,6 +47,22 @@ pub fn report(out: &mut Reply) {
     }
     // SAFETY: brk(0) only reports the current break.
     st.brk = unsafe { sys::syscall3(SYS_BRK, 0, 0, 0) } as u64;
+    // SAFETY: PR_GET_DUMPABLE takes no pointers.
+    st.dumpable = unsafe { sys::syscall5(sys::SYS_PRCTL, PR_GET_DUMPABLE, 0, 0, 0, 0) } as i64;
+    match out.put(0, &st) {
+        Ok(()) => out.finish_len(Status::Ok, 0, core::mem::size_of::<TaskState>()),
+        Err(s) => out.finish(s, 0),
+    }
+}
+
+/// `ThreadState` for the calling thread.
+pub fn thread_report(out: &mut Reply) {
+    let mut st = ThreadState::default();
+    // SAFETY: query only; the out-pointer is a valid stack_t-sized array.
+    let r = unsafe { sys::syscall3(SYS_SIGALTSTACK, 0, st.altstack.as_mut_ptr() as usize, 0) };
+    if r < 0 {
+        return out.finish(Status::Syscall, (-r) as u32);
+    }
     // SAFETY: PR_GET_TID_ADDRESS writes one pointer-sized value to the given address.
     let r = unsafe {
         sys::syscall5(
@@ -67,10 +77,8 @@ pub fn report(out: &mut Reply) {
     if r < 0 {
         return out.finish(Status::Syscall, (-r) as u32);
     }
-    // SAFETY: PR_GET_DUMPABLE takes no pointers.
-    st.dumpable = unsafe { sys::syscall5(sys::SYS_PRCTL, PR_GET_DUMPABLE, 0, 0, 0, 0) } as i64;
     match out.put(0, &st) {
-        Ok(()) => out.finish_len(Status::Ok, 0, core::mem::size_of::<TaskState>()),
+        Ok(()) => out.finish_len(Status::Ok, 0, core::mem::size_of::<ThreadState>()),
         Err(s) => out.finish(s, 0),
     }
 }

@@ -269,6 +269,8 @@ fn demo() -> Result<()> {
             .stdin(std::process::Stdio::null())
             .pre_exec(|| {
                 libc::setsid();
+                // Only the standard descriptors: whatever our caller leaked would be refused.
+                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
                 Ok(())
             })
             .spawn()

@@ -24,7 +24,7 @@
 /// "STAS" — the first word of every command and reply.
 pub const MAGIC: u32 = 0x5341_5453;
 /// Bumped whenever a struct below changes shape.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// What the host asks the parasite to do. One screen, like the table it is.
 #[repr(u32)]
@@ -32,13 +32,16 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub enum CommandId {
     /// Answer with `VdsoReport` + areas + symbols + strings.
     VdsoReport = 1,
-    /// Answer with `TaskState`: what only the task itself can read (handlers, timers, brk…).
+    /// Answer with `TaskState`: what only the process itself can read (handlers, timers, brk…).
     TaskState = 2,
     /// Execute the `PlanOp` list at `Command::plan_off`; answer with `RestoreResult`.
     Restore = 3,
     /// For each `i32` POSIX timer id at `Command::plan_off`, answer its `timer_gettime`
     /// (`[i64; 4]`: interval sec/nsec, value sec/nsec), in the same order.
     TimerState = 4,
+    /// Answer with `ThreadState`: what only the calling thread itself can read (its
+    /// sigaltstack, its clear-child-tid address). Run in every thread.
+    ThreadState = 5,
 }
 
 impl CommandId {
@@ -48,6 +51,7 @@ impl CommandId {
             2 => Some(Self::TaskState),
             3 => Some(Self::Restore),
             4 => Some(Self::TimerState),
+            5 => Some(Self::ThreadState),
             _ => None,
         }
     }
@@ -228,16 +232,22 @@ pub struct TaskState {
     pub sigactions: [KSigAction; 64],
     /// Bit `i` set: `rt_sigaction` for signal `i + 1` succeeded.
     pub sigactions_ok: u64,
-    /// `stack_t`: ss_sp, ss_flags (low 32 bits), ss_size.
-    pub altstack: [u64; 3],
     /// ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF as `struct itimerval` (4 × i64 each).
     pub itimers: [[i64; 4]; 3],
     /// `brk(0)`.
     pub brk: u64,
-    /// `prctl(PR_GET_TID_ADDRESS)`.
-    pub tid_address: u64,
     /// `prctl(PR_GET_DUMPABLE)`.
     pub dumpable: i64,
+}
+
+/// Payload of `CommandId::ThreadState`, about the thread that ran the command.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ThreadState {
+    /// `stack_t`: ss_sp, ss_flags (low 32 bits), ss_size.
+    pub altstack: [u64; 3],
+    /// `prctl(PR_GET_TID_ADDRESS)`.
+    pub tid_address: u64,
 }
 
 /// One step of a restore plan: run system call `nr` with `args`, and check its result.
@@ -265,6 +275,10 @@ pub const EXPECT_PREAD_ALL: u32 = 4;
 /// A copy inside the task: `nr` is ignored; args = (dst, src, len). Used to place bytes the
 /// host prepared in the plan (a proxied vDSO) into freshly mapped memory.
 pub const EXPECT_COPY: u32 = 5;
+/// `clone3` of a thread: `nr` is ignored; args = (clone_args, size, expected tid). The result
+/// must be the expected tid. The new thread must never run the plan: the host traces clones,
+/// so it is stopped before it runs a single instruction; should it run regardless, it exits.
+pub const EXPECT_CLONE: u32 = 6;
 
 /// Payload of `CommandId::Restore`.
 #[repr(C)]

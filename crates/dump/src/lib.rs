@@ -1,14 +1,15 @@
 //! `stasis dump`: freeze a process, collect everything the image model holds, write the image,
 //! then kill the process (or, with `--leave-running`, let it go on).
 //!
-//! Order matters for safety: everything that can refuse the dump (unsupported files, threads)
-//! is checked while the process is frozen but before anything in it is changed, so a refused
-//! dump leaves the process exactly as it was. Memory is read after the parasite is cured, with
+//! Order matters for safety: everything that can refuse the dump (`preflight`, unsupported
+//! files and mappings) is checked while the process is frozen but before anything in it is
+//! changed, so a refused dump leaves the process exactly as it was. Memory is read after the parasite is cured, with
 //! the process still frozen, so the image never contains our region. The inventory is written
 //! last: an image without one is incomplete and `restore` refuses it.
 
 mod files;
 mod mm;
+mod preflight;
 mod task;
 mod thread;
 pub mod vdso_report;
@@ -34,6 +35,7 @@ pub struct DumpSummary {
     pub bytes: u64,
     pub vmas: usize,
     pub fds: usize,
+    pub threads: usize,
     /// How long the process was frozen.
     pub frozen: Duration,
     pub total: Duration,
@@ -42,17 +44,12 @@ pub struct DumpSummary {
 pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpSummary> {
     let t0 = Instant::now();
     stasis_infect::check_target(pid)?;
+    preflight::not_stopped(pid)?;
     let images = ImageDir::create(dir)
         .with_context(|| format!("preparing image directory {}", dir.display()))?;
     let mut seized = Seized::seize(pid)?;
     let frozen_at = Instant::now();
-    if seized.threads().len() > 1 {
-        bail!(
-            "pid {pid} has {} threads; this version dumps single-threaded processes only",
-            seized.threads().len()
-        );
-    }
-    let tid = nix::unistd::Pid::from_raw(pid);
+    let threads = seized.threads().to_vec();
     // A thread inside a vDSO function is stepped out of it first (CRIU issue #512).
     if let Some(vdso) = stasis_vdso::VdsoLayout::of_pid(pid)?.vdso() {
         let moved = seized.step_out_of((vdso.start, vdso.end), 100_000)?;
@@ -62,22 +59,25 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
     }
 
     // Everything that could refuse the dump comes first, before the process is changed.
+    preflight::check(pid, &threads)?;
     let mut pages = PageWriter::create(&images).context("creating pages.img")?;
-    let files = files::collect_files(pid, &mut pages)?;
-    if !opts.shell_job {
-        if let Some(f) = files
-            .fds
-            .iter()
-            .find(|f| matches!(f.kind, FdKind::Tty { .. }))
-        {
-            bail!(
-                "pid {pid} has a terminal open on fd {} (a shell job); dump it with --shell-job",
-                f.fd
-            );
-        }
-    }
-    let mut core = thread::collect_core(pid)?;
-    let shared_pending = thread::pending(tid, true).context("reading pending signals")?;
+    let mut files = Files::default();
+    files::collect_mapped(pid, &stasis_proc::maps(pid)?, &mut files, &mut pages)?;
+    let files = files::collect(
+        pid,
+        &files::Options {
+            shell_job: opts.shell_job,
+        },
+        files,
+        &mut pages,
+    )?;
+    let mut cores = threads
+        .iter()
+        .map(|&tid| thread::collect_core(pid, tid))
+        .collect::<Result<Vec<Core>>>()?;
+    let shared_pending = thread::pending(nix::unistd::Pid::from_raw(pid), true)
+        .context("reading pending signals")?;
+    let t_collected = frozen_at.elapsed();
 
     let blob = stasis_blobs::parasite()?;
     let proc_timers = stasis_proc::timers(pid)?;
@@ -102,15 +102,24 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
             vdso_report::COMMAND_TIMEOUT,
         )?
     };
+    // What only each thread can tell about itself: the parasite runs in every one of them.
+    let mut thread_raw = Vec::with_capacity(threads.len());
+    for &tid in &threads {
+        thread_raw.push(parasite.run_plan_in(
+            tid,
+            CommandId::ThreadState,
+            &[],
+            0,
+            vdso_report::COMMAND_TIMEOUT,
+        )?);
+    }
     parasite.cure()?;
+    let t_parasite = frozen_at.elapsed();
     let vdso_info = asked.verify()?;
     let task = decode_task_state(pid, &task_raw)?;
-    core.altstack = AltStack {
-        sp: task.altstack[0],
-        flags: task.altstack[1] as i32,
-        size: task.altstack[2],
-    };
-    core.clear_child_tid = task.tid_address;
+    for ((core, raw), &tid) in cores.iter_mut().zip(&thread_raw).zip(&threads) {
+        thread::apply_thread_state(core, &thread::decode_thread_state(tid, raw)?);
+    }
 
     // Still frozen, parasite gone: the address space as the process knows it.
     // /proc/PID/stat is read once, frozen, for both the mm fields and the session/pgid.
@@ -118,8 +127,15 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
     let stat = task::stat_fields(&stat).with_context(|| format!("parsing /proc/{pid}/stat"))?;
     let (mm, vdso) = mm::collect_mm(pid, &task, &vdso_info, &stat, &mut pages)?;
+    if mm.exe.ends_with(DELETED_SUFFIX) && files.unnamed(mm.exe_dev, mm.exe_inode).is_none() {
+        bail!(
+            "pid {pid} runs a deleted program ({}) that it no longer maps; its contents cannot be saved",
+            mm.exe
+        );
+    }
     let mut process = task::collect_process(pid, &task, &stat, shared_pending)?;
     process.posix_timers = task::posix_timers(pid, &proc_timers, &times)?;
+    let (monotonic_ns, boottime_ns) = task::clocks_seen_by(pid)?;
 
     let frozen;
     if opts.leave_running {
@@ -127,14 +143,26 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
         frozen = frozen_at.elapsed();
     } else {
         // Killed while still frozen: it never runs past the moment the image describes.
-        nix::sys::signal::kill(tid, nix::sys::signal::Signal::SIGKILL)
-            .context("killing the dumped process")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .context("killing the dumped process")?;
         frozen = frozen_at.elapsed();
         drop(seized);
     }
+    tracing::info!(
+        pid,
+        threads = threads.len(),
+        collected = ?t_collected,
+        parasite = ?t_parasite,
+        frozen = ?frozen,
+        "frozen phases"
+    );
 
     let summary_pages = pages.finish().context("finishing pages.img")?;
-    let xcr0 = core
+    let leader = &cores[0];
+    let xcr0 = leader
         .xsave
         .get(464..472)
         .and_then(|b| b.try_into().ok())
@@ -142,7 +170,7 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
         .unwrap_or(0);
     let inventory = Inventory {
         pid,
-        threads: vec![pid],
+        threads: threads.clone(),
         comm: process.comm.clone(),
         kernel: task::kernel_release(),
         created: std::time::SystemTime::now()
@@ -150,17 +178,19 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
             .map(|d| d.as_secs())
             .unwrap_or(0),
         stasis_version: env!("CARGO_PKG_VERSION").to_string(),
-        xsave_size: core.xsave.len() as u32,
+        xsave_size: leader.xsave.len() as u32,
         xcr0,
         xsave_layout: stasis_infect::xsave::layout(),
-        monotonic_ns: stasis_sys::clock_ns(libc::CLOCK_MONOTONIC),
-        boottime_ns: stasis_sys::clock_ns(libc::CLOCK_BOOTTIME),
+        monotonic_ns,
+        boottime_ns,
         page_data_len: summary_pages.data_len,
         page_data_xxh3: summary_pages.checksum,
     };
     let vmas = mm.vmas.len();
     let fds = files.fds.len();
-    write_record(&images, &core_name(pid), KIND_CORE, &core)?;
+    for core in &cores {
+        write_record(&images, &core_name(core.tid), KIND_CORE, core)?;
+    }
     write_record(&images, MM, KIND_MM, &mm)?;
     write_record(&images, PROCESS, KIND_PROCESS, &process)?;
     write_record(&images, FILES, KIND_FILES, &files)?;
@@ -171,6 +201,7 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
         bytes: summary_pages.data_len,
         vmas,
         fds,
+        threads: threads.len(),
         frozen,
         total: t0.elapsed(),
     };

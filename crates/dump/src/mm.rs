@@ -2,7 +2,6 @@
 //! pagemap), their contents copied into pages.img, the mm fields and auxv, the vDSO record
 //! (or the original vDSO behind a proxy an earlier restore left).
 
-use crate::files::append_padded;
 use crate::vdso_report::VdsoInfo;
 use anyhow::{bail, Context, Result};
 use stasis_abi::TaskState;
@@ -21,27 +20,84 @@ const PM_FILE: u64 = 1 << 61;
 /// Pages are read and written in chunks of at most this many bytes: bounds peak memory.
 const CHUNK: usize = 1 << 20;
 
-fn growsdown_set(pid: i32) -> Result<std::collections::HashSet<u64>> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+/// What smaps `VmFlags` says about one VMA.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct VmFlags {
+    growsdown: bool,
+    maywrite: bool,
+    advice: u32,
+    /// hugetlbfs memory (`ht`), device memory (`io`, `pf`), userfaultfd-registered (`um`,
+    /// `uw`, `ui`): kinds stasis does not restore.
+    unsupported: Option<&'static str>,
+}
+
+fn parse_vm_flags(flags: &str) -> VmFlags {
+    let mut f = VmFlags::default();
+    for flag in flags.split_whitespace() {
+        match flag {
+            "gd" => f.growsdown = true,
+            "mw" => f.maywrite = true,
+            "hg" => f.advice |= ADVICE_HUGEPAGE,
+            "nh" => f.advice |= ADVICE_NOHUGEPAGE,
+            "dc" => f.advice |= ADVICE_DONTFORK,
+            "wf" => f.advice |= ADVICE_WIPEONFORK,
+            "dd" => f.advice |= ADVICE_DONTDUMP,
+            "mg" => f.advice |= ADVICE_MERGEABLE,
+            "lo" => f.advice |= ADVICE_LOCKED,
+            "ht" => f.unsupported = Some("hugetlbfs memory"),
+            "io" | "pf" => f.unsupported = Some("a device mapping (VM_IO/VM_PFNMAP)"),
+            "um" | "uw" | "ui" => f.unsupported = Some("memory registered with userfaultfd"),
+            _ => {}
+        }
+    }
+    f
+}
+
+/// smaps `VmFlags` of every VMA, by start address.
+pub(crate) fn vm_flags(pid: i32) -> Result<std::collections::HashMap<u64, VmFlags>> {
+    let raw = std::fs::read(format!("/proc/{pid}/smaps"))
         .with_context(|| format!("reading /proc/{pid}/smaps"))?;
-    let mut set = std::collections::HashSet::new();
+    let mut out = std::collections::HashMap::new();
     let mut current = None;
-    for line in text.lines() {
-        if let Some(flags) = line.strip_prefix("VmFlags:") {
-            if flags.split_whitespace().any(|f| f == "gd") {
-                if let Some(start) = current {
-                    set.insert(start);
-                }
+    for line in raw.split(|&b| b == b'\n') {
+        if let Some(flags) = line.strip_prefix(b"VmFlags:") {
+            if let Some(start) = current.take() {
+                out.insert(start, parse_vm_flags(&String::from_utf8_lossy(flags)));
             }
-        } else if let Some((range, _)) = line.split_once(' ') {
-            if let Some((s, _)) = range.split_once('-') {
-                if let Ok(start) = u64::from_str_radix(s, 16) {
+        } else if let Some(range) = line.split(|&b| b == b' ').next() {
+            // A VMA's first line starts with its range; other lines with a "Key:".
+            if let Some(dash) = range.iter().position(|&b| b == b'-') {
+                if let Some(start) = std::str::from_utf8(&range[..dash])
+                    .ok()
+                    .and_then(|h| u64::from_str_radix(h, 16).ok())
+                {
                     current = Some(start);
                 }
             }
         }
     }
-    Ok(set)
+    Ok(out)
+}
+
+/// Everything about the memory map that would make the dump refuse, checked before the
+/// process is touched: every VMA must have a backing stasis restores faithfully.
+pub(crate) fn preflight(pid: i32) -> Result<()> {
+    let vmas = stasis_proc::maps(pid)?;
+    let flags = vm_flags(pid)?;
+    let mem = File::open(format!("/proc/{pid}/mem"))
+        .with_context(|| format!("opening /proc/{pid}/mem"))?;
+    let proxy = find_proxy(pid, &vmas, &mem);
+    for v in &vmas {
+        let backing = backing_of(pid, v, proxy.as_ref())?;
+        // The kernel's own special mappings (vvar is VM_PFNMAP) are rebuilt, not restored.
+        let special = matches!(backing, None | Some(Backing::Vdso { .. }));
+        if let Some(what) = flags.get(&v.start).and_then(|f| f.unsupported) {
+            if !special {
+                bail!("pid {pid}: mapping {v} is {what}; not supported yet");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// What a proxied restore (by an earlier stasis) left in a process: the proxy at the old
@@ -71,43 +127,6 @@ impl ProxyFound {
         }
         merged.iter().any(|&(s, e)| v.start >= s && v.end <= e)
     }
-}
-
-/// Saves the contents of every deleted file that is still mapped (once per file), read
-/// through /proc/PID/map_files, which opens the file itself even though it has no name.
-fn collect_ghosts(
-    pid: i32,
-    vmas: &[stasis_proc::Vma],
-    pages: &mut PageWriter,
-) -> Result<std::collections::HashMap<u64, Ghost>> {
-    let mut ghosts = std::collections::HashMap::new();
-    for v in vmas.iter().filter(|v| {
-        v.inode != 0 && v.name.starts_with('/') && v.name.ends_with(" (deleted)") && v.dev != (0, 1)
-    }) {
-        if ghosts.contains_key(&v.inode) {
-            continue;
-        }
-        let link = format!("/proc/{pid}/map_files/{:x}-{:x}", v.start, v.end);
-        let data = std::fs::read(&link).with_context(|| {
-            format!(
-                "reading deleted file {} mapped at {:#x} ({link})",
-                v.name, v.start
-            )
-        })?;
-        let mode = std::fs::metadata(&link)
-            .map(|m| m.mode() & 0o7777)
-            .unwrap_or(0o644);
-        let (data_off, len) = append_padded(pages, &data)?;
-        ghosts.insert(
-            v.inode,
-            Ghost {
-                data_off,
-                len,
-                mode,
-            },
-        );
-    }
-    Ok(ghosts)
 }
 
 /// Looks for a pristine copy: a small read-only private anonymous mapping starting with the
@@ -165,51 +184,57 @@ fn proxied_vdso(found: &ProxyFound, mem: &File, auxv_ehdr: u64) -> Result<VdsoRe
     })
 }
 
-fn backing_of(v: &stasis_proc::Vma, proxy: Option<&ProxyFound>) -> Result<Option<Backing>> {
+fn backing_of(
+    pid: i32,
+    v: &stasis_proc::Vma,
+    proxy: Option<&ProxyFound>,
+) -> Result<Option<Backing>> {
     if proxy.is_some_and(|p| p.owns(v)) {
         // Rebuilt from the vDSO record on restore, never restored as plain memory.
         return Ok(Some(Backing::Vdso {
-            name: format!("{} (stasis vDSO proxy)", v.name),
+            name: format!("{} (stasis vDSO proxy)", v.name_lossy()),
         }));
     }
-    if stasis_abi::is_vdso_area_name(v.name.as_bytes()) {
+    if stasis_abi::is_vdso_area_name(&v.name) {
         return Ok(Some(Backing::Vdso {
-            name: v.name.clone(),
+            name: v.name_lossy().into_owned(),
         }));
     }
-    if v.name == "[vsyscall]" {
+    if v.name == b"[vsyscall]" {
         return Ok(None);
     }
-    // shmem (dev 00:01): MAP_SHARED|MAP_ANONYMOUS shows as "/dev/zero (deleted)", SysV shm,
-    // memfd mappings. Their contents are dumped like anonymous memory.
-    let shmem = v.dev == (0, 1);
-    if v.shared && (v.inode == 0 || shmem) {
+    if crate::files::is_unnamed_mapping(v)
+        || (v.inode != 0 && v.name.starts_with(b"/") && v.dev != SHMEM_DEV)
+    {
+        // A file, with a name or (deleted, memfd) without: `files::collect_mapped` saved the
+        // contents of the latter, found again on restore by (dev, inode).
+        return Ok(Some(Backing::File {
+            path: Bytes(v.name.clone()).without_deleted(),
+            offset: v.offset,
+            dev: kdev(v.dev.0, v.dev.1),
+            inode: v.inode,
+        }));
+    }
+    if v.dev == SHMEM_DEV && v.name.starts_with(b"/SYSV") {
+        bail!("pid {pid} is attached to a SysV shared memory segment ({v}); not supported yet");
+    }
+    // MAP_SHARED|MAP_ANONYMOUS: shmem shown as "/dev/zero (deleted)"; its contents are dumped
+    // like anonymous memory, and its views stay one object (by inode).
+    let anon_shared = v.inode == 0 || (v.dev == SHMEM_DEV && v.name == b"/dev/zero (deleted)");
+    if v.shared && anon_shared {
         return Ok(Some(Backing::AnonShared {
             id: v.inode,
             offset: v.offset,
         }));
     }
-    if v.inode != 0 && v.name.starts_with('/') && !shmem {
-        // A deleted file (its contents are saved by `collect_ghosts`) keeps its old path.
-        let path = v
-            .name
-            .strip_suffix(" (deleted)")
-            .unwrap_or(&v.name)
-            .to_string();
-        let dev = ((v.dev.0 as u64) << 20) | v.dev.1 as u64;
-        return Ok(Some(Backing::File {
-            path,
-            offset: v.offset,
-            dev,
-            inode: v.inode,
-            ghost: None,
-        }));
-    }
-    if v.shared {
-        bail!("mapping {v}: shared mapping of an unknown kind");
+    if v.inode != 0 || v.shared {
+        bail!("pid {pid}: mapping {v} is of a kind stasis does not restore yet");
     }
     Ok(Some(Backing::Anon))
 }
+
+/// The internal shmem mount: shared anonymous memory, memfds, SysV segments.
+const SHMEM_DEV: (u32, u32) = (0, 1);
 
 const PM_PFN: u64 = (1 << 55) - 1;
 
@@ -267,7 +292,7 @@ pub(crate) fn collect_mm(
     pages: &mut PageWriter,
 ) -> Result<(Mm, VdsoRecord)> {
     let vmas = stasis_proc::maps(pid)?;
-    let gd = growsdown_set(pid)?;
+    let flags = vm_flags(pid)?;
     let pagemap = File::open(format!("/proc/{pid}/pagemap"))
         .with_context(|| format!("opening /proc/{pid}/pagemap"))?;
     let mem = File::open(format!("/proc/{pid}/mem"))
@@ -279,18 +304,12 @@ pub(crate) fn collect_mm(
     let mut entries = Vec::new();
     let zero_pfn = zero_page_pfn();
     let proxy = find_proxy(pid, &vmas, &mem);
-    // Deleted files' contents go first, so page offsets computed below stay right.
-    let ghosts = collect_ghosts(pid, &vmas, pages)?;
     let mut next_off = stasis_image::DATA_OFFSET + pages.data_len();
     for (vi, v) in vmas.iter().enumerate() {
-        let Some(mut backing) = backing_of(v, proxy.as_ref())? else {
+        let Some(backing) = backing_of(pid, v, proxy.as_ref())? else {
             continue;
         };
-        if let Backing::File { inode, ghost, .. } = &mut backing {
-            if v.name.ends_with(" (deleted)") {
-                *ghost = ghosts.get(inode).copied();
-            }
-        }
+        let vf = flags.get(&v.start).copied().unwrap_or_default();
         let npages = (v.len() / PAGE_SIZE as u64) as usize;
         entries.resize(npages * 8, 0);
         pagemap
@@ -336,8 +355,10 @@ pub(crate) fn collect_mm(
             end: v.end,
             prot: v.prot,
             shared: v.shared,
-            growsdown: gd.contains(&v.start),
-            name: v.name.clone(),
+            growsdown: vf.growsdown,
+            maywrite: vf.maywrite,
+            advice: vf.advice,
+            name: Bytes(v.name.clone()),
             backing,
             pages: runs,
         });
@@ -365,10 +386,11 @@ pub(crate) fn collect_mm(
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
         .collect();
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
-        .with_context(|| format!("reading /proc/{pid}/exe"))?
-        .to_string_lossy()
-        .into_owned();
+    let exe_link = format!("/proc/{pid}/exe");
+    let exe: Bytes = std::fs::read_link(&exe_link)
+        .with_context(|| format!("reading {exe_link}"))?
+        .into();
+    let exe_meta = std::fs::metadata(&exe_link).with_context(|| format!("stat of {exe_link}"))?;
 
     let vdso_bytes = match vdso_info.layout.vdso() {
         Some(area) => stasis_vdso::read_image(pid, area)?,
@@ -399,6 +421,8 @@ pub(crate) fn collect_mm(
             fields,
             auxv,
             exe,
+            exe_dev: kdev(libc::major(exe_meta.dev()), libc::minor(exe_meta.dev())),
+            exe_inode: exe_meta.ino(),
         },
         vdso,
     ))
@@ -500,7 +524,6 @@ mod tests {
                 offset: 0,
                 dev: 0,
                 inode: 1,
-                ghost: None,
             },
             shared,
         )

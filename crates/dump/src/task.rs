@@ -4,6 +4,29 @@ use anyhow::{bail, Context, Result};
 use stasis_abi::TaskState;
 use stasis_image::model::*;
 
+/// CLOCK_MONOTONIC and CLOCK_BOOTTIME as the process sees them: this machine's, plus the
+/// offsets of its time namespace (one an earlier restore may have made).
+pub(crate) fn clocks_seen_by(pid: i32) -> Result<(u64, u64)> {
+    let mut mono = stasis_sys::clock_ns(libc::CLOCK_MONOTONIC) as i128;
+    let mut boot = stasis_sys::clock_ns(libc::CLOCK_BOOTTIME) as i128;
+    if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/timens_offsets")) {
+        for line in text.lines() {
+            let w: Vec<&str> = line.split_whitespace().collect();
+            let [clock, secs, nsecs] = w[..] else {
+                continue;
+            };
+            let off = secs.parse::<i128>().unwrap_or(0) * 1_000_000_000
+                + nsecs.parse::<i128>().unwrap_or(0);
+            match clock {
+                "monotonic" | "1" => mono += off,
+                "boottime" | "7" => boot += off,
+                _ => {}
+            }
+        }
+    }
+    Ok((mono.max(0) as u64, boot.max(0) as u64))
+}
+
 pub fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
@@ -42,22 +65,6 @@ pub(crate) fn collect_process(
             .trim()
             .to_string()
     };
-    let ids = |key: &str| -> Result<[u32; 4]> {
-        let v: Vec<u32> = line(key)
-            .split_whitespace()
-            .filter_map(|x| x.parse().ok())
-            .collect();
-        v.try_into()
-            .map_err(|_| anyhow::anyhow!("pid {pid}: cannot parse {key} in status"))
-    };
-    let creds = Creds {
-        uids: ids("Uid:")?,
-        gids: ids("Gid:")?,
-        groups: line("Groups:")
-            .split_whitespace()
-            .filter_map(|x| x.parse().ok())
-            .collect(),
-    };
     let umask = u32::from_str_radix(&line("Umask:"), 8).unwrap_or(0o022);
     let f = stat;
     let mut rlimits = Vec::new();
@@ -76,20 +83,22 @@ pub(crate) fn collect_process(
             });
         }
     }
-    let link = |what: &str| -> Result<String> {
+    let link = |what: &str| -> Result<Bytes> {
         Ok(std::fs::read_link(format!("/proc/{pid}/{what}"))
             .with_context(|| format!("reading /proc/{pid}/{what}"))?
-            .to_string_lossy()
-            .into_owned())
+            .into())
     };
     let personality = std::fs::read_to_string(format!("/proc/{pid}/personality"))
         .ok()
         .and_then(|s| u32::from_str_radix(s.trim(), 16).ok())
         .unwrap_or(0);
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .unwrap_or_default()
-        .trim_end_matches('\n')
-        .to_string();
+    let mut comm = std::fs::read(format!("/proc/{pid}/comm"))
+        .with_context(|| format!("reading /proc/{pid}/comm"))?;
+    if comm.last() == Some(&b'\n') {
+        comm.pop();
+    }
+    let cwd = link("cwd")?;
+    let cwd_deleted_mode = deleted_cwd_mode(pid, &cwd)?;
     let itimer = |t: &[i64; 4]| ITimer {
         interval_sec: t[0],
         interval_usec: t[1],
@@ -115,16 +124,29 @@ pub(crate) fn collect_process(
             itimer(&task.itimers[2]),
         ],
         rlimits,
-        creds,
         umask,
-        cwd: link("cwd")?,
+        cwd: if cwd_deleted_mode.is_some() {
+            cwd.without_deleted()
+        } else {
+            cwd
+        },
+        cwd_deleted_mode,
         root: link("root")?,
         personality,
-        comm,
+        comm: Bytes(comm),
         dumpable: task.dumpable as i32,
         pgid: f.get(4).copied().unwrap_or(0) as i32,
         sid: f.get(5).copied().unwrap_or(0) as i32,
     })
+}
+
+/// The mode of the cwd when it has been removed (rmdir while the process sat in it), so the
+/// restore can make, enter and remove it again; None for a cwd that still exists.
+fn deleted_cwd_mode(pid: i32, cwd: &Bytes) -> Result<Option<u32>> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(format!("/proc/{pid}/cwd"))
+        .with_context(|| format!("stat of the cwd of pid {pid}"))?;
+    Ok((meta.nlink() == 0 || cwd.ends_with(DELETED_SUFFIX)).then_some(meta.mode() & 0o7777))
 }
 
 /// POSIX timers: what /proc says about each, with the times the parasite read.

@@ -1,7 +1,10 @@
-//! Per-thread state read through ptrace: registers, XSAVE, signal mask, thread-directed pending
-//! signals, rseq, robust list.
+//! Per-thread state: through ptrace (registers, XSAVE, signal mask, thread-directed pending
+//! signals, rseq, robust list), through /proc/PID/task/TID (name, credentials, capabilities,
+//! no_new_privs, seccomp) and the scheduler calls (policy, priority, nice, affinity). What only
+//! the thread itself can tell (sigaltstack, clear-child-tid) comes from the parasite's
+//! `ThreadState`, run in each thread.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use stasis_image::model::*;
 use stasis_sys::ptrace as sys;
 
@@ -47,7 +50,150 @@ fn gpr_of(r: &sys::Regs) -> Gpr {
     }
 }
 
-pub(crate) fn collect_core(tid: i32) -> Result<Core> {
+/// `/proc/PID/task/TID/status`, the lines a dump needs.
+pub(crate) struct ThreadStatus {
+    pub creds: Creds,
+    /// CapInh, CapPrm, CapEff, CapBnd, CapAmb.
+    pub caps: [u64; 5],
+    pub no_new_privs: bool,
+    /// 0: none, 1: strict, 2: filter.
+    pub seccomp: u32,
+}
+
+pub(crate) fn thread_status(pid: i32, tid: i32) -> Result<ThreadStatus> {
+    let path = format!("/proc/{pid}/task/{tid}/status");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let line = |key: &str| -> &str {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or("")
+            .trim()
+    };
+    let ids = |key: &str| -> Result<[u32; 4]> {
+        let v: Vec<u32> = line(key)
+            .split_whitespace()
+            .map(|x| x.parse())
+            .collect::<std::result::Result<_, _>>()
+            .with_context(|| format!("{path}: cannot parse {key}"))?;
+        v.try_into()
+            .map_err(|_| anyhow::anyhow!("{path}: cannot parse {key}"))
+    };
+    let hex = |key: &str| -> Result<u64> {
+        u64::from_str_radix(line(key), 16).with_context(|| format!("{path}: cannot parse {key}"))
+    };
+    Ok(ThreadStatus {
+        creds: Creds {
+            uids: ids("Uid:")?,
+            gids: ids("Gid:")?,
+            groups: line("Groups:")
+                .split_whitespace()
+                .map(|x| x.parse())
+                .collect::<std::result::Result<_, _>>()
+                .with_context(|| format!("{path}: cannot parse Groups"))?,
+        },
+        caps: [
+            hex("CapInh:")?,
+            hex("CapPrm:")?,
+            hex("CapEff:")?,
+            hex("CapBnd:")?,
+            hex("CapAmb:")?,
+        ],
+        no_new_privs: line("NoNewPrivs:") == "1",
+        seccomp: line("Seccomp:").parse().unwrap_or(0),
+    })
+}
+
+/// The online CPUs, as `sched_getaffinity` words (`/sys/devices/system/cpu/online`: "0-3,8").
+fn online_cpus() -> Option<Vec<u64>> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/online").ok()?;
+    let mut words = Vec::new();
+    for part in text.trim().split(',') {
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (a.parse::<usize>().ok()?, b.parse::<usize>().ok()?),
+            None => {
+                let a = part.parse::<usize>().ok()?;
+                (a, a)
+            }
+        };
+        if b >= 1 << 16 {
+            return None;
+        }
+        for cpu in a..=b {
+            if words.len() <= cpu / 64 {
+                words.resize(cpu / 64 + 1, 0);
+            }
+            words[cpu / 64] |= 1 << (cpu % 64);
+        }
+    }
+    Some(words)
+}
+
+/// The CPUs `tid` may run on; None when that is every online CPU (the default, which should
+/// stay "every CPU" on a machine with more of them).
+fn affinity(tid: i32) -> Result<Option<Vec<u64>>> {
+    // SAFETY: cpu_set_t is plain bits; sched_getaffinity fills at most its size.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: a query about a thread of a process we have frozen.
+    let r =
+        unsafe { libc::sched_getaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if r != 0 {
+        bail!(
+            "sched_getaffinity of thread {tid}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    // SAFETY: cpu_set_t is an array of u64 words on x86_64.
+    let words: [u64; 16] = unsafe { std::mem::transmute(set) };
+    let mut mask = words.to_vec();
+    while mask.last() == Some(&0) {
+        mask.pop();
+    }
+    Ok((Some(&mask) != online_cpus().as_ref()).then_some(mask))
+}
+
+/// Policy (with SCHED_RESET_ON_FORK), real-time priority and nice value of `tid`.
+fn sched(tid: i32) -> Result<Sched> {
+    const SCHED_DEADLINE: i32 = 6;
+    // SAFETY: queries about a thread; param is a valid out-pointer.
+    let policy = unsafe { libc::sched_getscheduler(tid) };
+    if policy < 0 {
+        bail!(
+            "sched_getscheduler of thread {tid}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    if policy & !libc::SCHED_RESET_ON_FORK == SCHED_DEADLINE {
+        bail!("thread {tid} runs under SCHED_DEADLINE; not supported yet");
+    }
+    let mut param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: as above.
+    if unsafe { libc::sched_getparam(tid, &mut param) } != 0 {
+        bail!(
+            "sched_getparam of thread {tid}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    // getpriority may return -1 as a value: clear errno first to tell.
+    // SAFETY: errno is thread-local; getpriority only reads.
+    let nice = unsafe {
+        *libc::__errno_location() = 0;
+        let n = libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t);
+        if n == -1 && *libc::__errno_location() != 0 {
+            bail!(
+                "getpriority of thread {tid}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        n
+    };
+    Ok(Sched {
+        policy,
+        priority: param.sched_priority,
+        nice,
+    })
+}
+
+pub(crate) fn collect_core(pid: i32, tid: i32) -> Result<Core> {
     let t = nix::unistd::Pid::from_raw(tid);
     let regs = sys::get_regs(t).with_context(|| format!("registers of thread {tid}"))?;
     let rseq = sys::rseq_config(t)
@@ -55,6 +201,12 @@ pub(crate) fn collect_core(tid: i32) -> Result<Core> {
         .map(|(addr, len, sig)| Rseq { addr, len, sig });
     let (robust_list, robust_list_len) =
         sys::robust_list(t).with_context(|| format!("robust list of thread {tid}"))?;
+    let status = thread_status(pid, tid)?;
+    let comm_path = format!("/proc/{pid}/task/{tid}/comm");
+    let mut comm = std::fs::read(&comm_path).with_context(|| format!("reading {comm_path}"))?;
+    if comm.last() == Some(&b'\n') {
+        comm.pop();
+    }
     Ok(Core {
         tid,
         gpr: gpr_of(&regs),
@@ -66,5 +218,32 @@ pub(crate) fn collect_core(tid: i32) -> Result<Core> {
         robust_list,
         robust_list_len,
         clear_child_tid: 0,
+        comm: Bytes(comm),
+        creds: status.creds,
+        sched: sched(tid)?,
+        affinity: affinity(tid)?,
+        no_new_privs: status.no_new_privs,
     })
+}
+
+/// Decodes the parasite's `ThreadState` reply (untrusted bytes: exact size or an error).
+pub(crate) fn decode_thread_state(tid: i32, raw: &[u8]) -> Result<stasis_abi::ThreadState> {
+    if raw.len() != std::mem::size_of::<stasis_abi::ThreadState>() {
+        bail!(
+            "thread {tid}: bad reply from the parasite: thread state of {} bytes",
+            raw.len()
+        );
+    }
+    // SAFETY: ThreadState is plain integers (any bit pattern is valid); raw has its exact size.
+    Ok(unsafe { std::ptr::read_unaligned(raw.as_ptr() as *const stasis_abi::ThreadState) })
+}
+
+/// Puts what the thread reported about itself into its core.
+pub(crate) fn apply_thread_state(core: &mut Core, st: &stasis_abi::ThreadState) {
+    core.altstack = AltStack {
+        sp: st.altstack[0],
+        flags: st.altstack[1] as i32,
+        size: st.altstack[2],
+    };
+    core.clear_child_tid = st.tid_address;
 }

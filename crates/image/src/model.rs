@@ -2,11 +2,16 @@
 //! file (see the crate doc for the container); page contents live in `pages.img` and are
 //! referenced by `PageRun`s.
 //!
-//! Shaped for several threads from the start: per-thread state (registers, signal mask, pending
-//! signals, sigaltstack, rseq, robust list) is in one `Core` per thread; process-wide state is in
-//! `Process` and `Mm`.
+//! Per-thread state (registers, signal mask, pending signals, sigaltstack, rseq, robust list,
+//! credentials, name, scheduling) is in one `Core` per thread; process-wide state is in
+//! `Process` and `Mm`. Open files are open file *descriptions*, each once with an id, and the
+//! descriptors that refer to them, so fds that shared one description (dup, fork) share it again.
+//!
+//! Paths and names are the kernel's bytes ([`Bytes`]): a file name need not be UTF-8.
 
 use serde::{Deserialize, Serialize};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
 
 pub const KIND_INVENTORY: u32 = 1;
 pub const KIND_CORE: u32 = 2;
@@ -25,13 +30,130 @@ pub fn core_name(tid: i32) -> String {
     format!("core-{tid}.img")
 }
 
+/// Bytes as the kernel gave them: a path, a file or thread name. Stored as a JSON string when
+/// they are UTF-8 (readable, diffable) and as `{"hex": "…"}` when they are not, so nothing is
+/// ever rewritten the way a lossy conversion would.
+#[derive(Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Bytes(pub Vec<u8>);
+
+impl Bytes {
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    pub fn as_os_str(&self) -> &OsStr {
+        OsStr::from_bytes(&self.0)
+    }
+
+    pub fn as_path(&self) -> &std::path::Path {
+        std::path::Path::new(self.as_os_str())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn starts_with(&self, prefix: &[u8]) -> bool {
+        self.0.starts_with(prefix)
+    }
+
+    pub fn ends_with(&self, suffix: &[u8]) -> bool {
+        self.0.ends_with(suffix)
+    }
+
+    /// Without the " (deleted)" the kernel appends to the name of an unlinked file.
+    pub fn without_deleted(&self) -> Bytes {
+        Bytes(
+            self.0
+                .strip_suffix(DELETED_SUFFIX)
+                .unwrap_or(&self.0)
+                .to_vec(),
+        )
+    }
+}
+
+/// What /proc appends to the path of a file that has been unlinked.
+pub const DELETED_SUFFIX: &[u8] = b" (deleted)";
+
+impl From<&str> for Bytes {
+    fn from(s: &str) -> Bytes {
+        Bytes(s.as_bytes().to_vec())
+    }
+}
+
+impl From<&[u8]> for Bytes {
+    fn from(s: &[u8]) -> Bytes {
+        Bytes(s.to_vec())
+    }
+}
+
+impl From<&OsStr> for Bytes {
+    fn from(s: &OsStr) -> Bytes {
+        Bytes(s.as_bytes().to_vec())
+    }
+}
+
+impl From<std::path::PathBuf> for Bytes {
+    fn from(p: std::path::PathBuf) -> Bytes {
+        Bytes(p.into_os_string().into_vec())
+    }
+}
+
+impl std::fmt::Display for Bytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", String::from_utf8_lossy(&self.0))
+    }
+}
+
+impl std::fmt::Debug for Bytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match std::str::from_utf8(&self.0) {
+            Ok(s) => write!(f, "{s:?}"),
+            Err(_) => write!(f, "{}", self.0.escape_ascii()),
+        }
+    }
+}
+
+impl Serialize for Bytes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match std::str::from_utf8(&self.0) {
+            Ok(text) => s.serialize_str(text),
+            Err(_) => {
+                use serde::ser::SerializeMap;
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry("hex", &hex_bytes::encode(&self.0))?;
+                m.end()
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Bytes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Text(String),
+            Hex { hex: String },
+        }
+        match Form::deserialize(d)? {
+            Form::Text(t) => Ok(Bytes(t.into_bytes())),
+            Form::Hex { hex } => hex_bytes::decode(&hex)
+                .map(Bytes)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+use std::os::unix::ffi::OsStringExt;
+
 /// The image's table of contents, written last: an image without it is incomplete.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Inventory {
     pub pid: i32,
     /// Thread ids, the leader first; one `core-<tid>.img` each.
     pub threads: Vec<i32>,
-    pub comm: String,
+    pub comm: Bytes,
     /// `uname -r` of the kernel the image was made under.
     pub kernel: String,
     /// Unix time of the dump.
@@ -128,6 +250,24 @@ pub struct Core {
     pub robust_list_len: u64,
     /// `set_tid_address` value.
     pub clear_child_tid: u64,
+    /// The thread's name (`/proc/PID/task/TID/comm`).
+    pub comm: Bytes,
+    /// Credentials: per thread in the kernel, set on every thread on restore.
+    pub creds: Creds,
+    pub sched: Sched,
+    /// CPUs the thread may run on, as a bit mask in 64-bit words; None: every CPU there was.
+    pub affinity: Option<Vec<u64>>,
+    /// `PR_SET_NO_NEW_PRIVS` (one-way, per thread).
+    pub no_new_privs: bool,
+}
+
+/// A thread's scheduling: policy (`SCHED_*`, with `SCHED_RESET_ON_FORK` or'ed in), its
+/// real-time priority, and its nice value.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Sched {
+    pub policy: i32,
+    pub priority: i32,
+    pub nice: i32,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -190,12 +330,14 @@ pub struct Process {
     pub itimers: [ITimer; 3],
     pub posix_timers: Vec<PosixTimer>,
     pub rlimits: Vec<Rlimit>,
-    pub creds: Creds,
     pub umask: u32,
-    pub cwd: String,
-    pub root: String,
+    pub cwd: Bytes,
+    /// The cwd had been removed (rmdir) while the process sat in it: its mode, so a directory
+    /// can be made, entered and removed again on restore.
+    pub cwd_deleted_mode: Option<u32>,
+    pub root: Bytes,
     pub personality: u32,
-    pub comm: String,
+    pub comm: Bytes,
     pub dumpable: i32,
     pub pgid: i32,
     pub sid: i32,
@@ -215,26 +357,22 @@ pub enum Backing {
         #[serde(default)]
         offset: u64,
     },
-    /// A file mapping; private ones also carry their modified pages. `ghost`: the file had
-    /// been deleted (e.g. a binary replaced by an upgrade); its contents are in pages.img.
+    /// A file mapping; private ones also carry their modified pages. When `(dev, inode)` is
+    /// one of `Files::unnamed` (a deleted file, e.g. a binary replaced by an upgrade, or a
+    /// memfd), the file is recreated from its saved contents.
     File {
-        path: String,
+        path: Bytes,
         offset: u64,
         dev: u64,
         inode: u64,
-        #[serde(default)]
-        ghost: Option<Ghost>,
     },
     /// A kernel vDSO-related special mapping (`[vdso]`, `[vvar]`, `[vvar_vclock]`, …).
     Vdso { name: String },
 }
 
-/// The contents of a deleted file that is still mapped, stored once per file in pages.img.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Ghost {
-    pub data_off: u64,
-    pub len: u64,
-    pub mode: u32,
+/// `dev` as the kernel encodes it internally and /proc/PID/maps shows it (major:minor).
+pub fn kdev(major: u32, minor: u32) -> u64 {
+    ((major as u64) << 20) | minor as u64
 }
 
 /// Consecutive dumped pages of one VMA, stored contiguously in pages.img.
@@ -254,11 +392,25 @@ pub struct Vma {
     pub prot: u32,
     pub shared: bool,
     pub growsdown: bool,
+    /// `VM_MAYWRITE` (smaps `mw`): the mapping may be made writable; a shared file mapping
+    /// needs its file opened for writing for that.
+    pub maywrite: bool,
+    /// `ADVICE_*` bits: madvise/mlock state to apply again.
+    pub advice: u32,
     /// The name /proc/PID/maps showed (`[heap]`, a path, empty…), for humans.
-    pub name: String,
+    pub name: Bytes,
     pub backing: Backing,
     pub pages: Vec<PageRun>,
 }
+
+/// `Vma::advice` bits, from smaps `VmFlags`.
+pub const ADVICE_HUGEPAGE: u32 = 1 << 0;
+pub const ADVICE_NOHUGEPAGE: u32 = 1 << 1;
+pub const ADVICE_DONTFORK: u32 = 1 << 2;
+pub const ADVICE_WIPEONFORK: u32 = 1 << 3;
+pub const ADVICE_DONTDUMP: u32 = 1 << 4;
+pub const ADVICE_MERGEABLE: u32 = 1 << 5;
+pub const ADVICE_LOCKED: u32 = 1 << 6;
 
 /// `struct prctl_mm_map` fields.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -282,49 +434,114 @@ pub struct Mm {
     pub vmas: Vec<Vma>,
     pub fields: MmFields,
     pub auxv: Vec<u64>,
-    pub exe: String,
+    pub exe: Bytes,
+    /// The exe's `(dev, inode)`, to find it among `Files::unnamed` when it was deleted.
+    pub exe_dev: u64,
+    pub exe_inode: u64,
+}
+
+/// What an open file description refers to.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum FileKind {
+    /// A file with a name (regular file or directory), opened again by that name.
+    Path { path: Bytes, dev: u64, inode: u64 },
+    /// A file without a name (deleted while open, or a memfd): `Files::unnamed` has its
+    /// contents, under the same `(dev, inode)`.
+    Unnamed { dev: u64, inode: u64 },
+    /// A character device opened by path (`/dev/null`, …); the device number must match.
+    CharDev { path: Bytes, rdev: u64 },
+    /// One end of a pipe (read or write per the description's access mode). `inherit`: the
+    /// other end is outside the process, so the restoring stasis's own descriptor of that
+    /// number (a pipe) stands in, as for a shell job.
+    Pipe { inode: u64, inherit: Option<i32> },
+    /// A terminal of a shell job (`--shell-job`): `inherit` is the restoring stasis's own
+    /// descriptor of that number (its terminal) to take over; `None`: a further description of
+    /// the same terminal, opened again through the inherited one. `termios` (a raw
+    /// `struct termios`) is set on the terminal once the process is back.
+    Tty {
+        path: Bytes,
+        rdev: u64,
+        inherit: Option<i32>,
+        #[serde(with = "hex_bytes")]
+        termios: Vec<u8>,
+    },
+}
+
+/// One open file description, recorded once however many descriptors refer to it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileDesc {
+    pub id: u32,
+    /// open(2) status flags from fdinfo (access mode, O_APPEND, O_NONBLOCK…; no O_CLOEXEC,
+    /// which belongs to a descriptor).
+    pub flags: u32,
+    pub pos: u64,
+    pub kind: FileKind,
+}
+
+/// One descriptor: its number, close-on-exec, and the description it refers to.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Fd {
+    pub fd: i32,
+    pub cloexec: bool,
+    pub desc: u32,
+}
+
+/// The data buffered in a pipe, once per pipe (`inode`), read without consuming it.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PipeBuf {
+    pub inode: u64,
+    pub data_off: u64,
+    pub len: u64,
+    /// `F_GETPIPE_SZ`.
+    pub size: u32,
+}
+
+/// A file that has no name any more — deleted while open or mapped, or a memfd — whose
+/// contents are saved once (in pages.img) for every description and mapping of it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UnnamedFile {
+    pub dev: u64,
+    pub inode: u64,
+    pub what: Unnamed,
+    /// Permission bits.
+    pub mode: u32,
+    pub data_off: u64,
+    pub len: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "kind", rename_all = "snake_case")]
-pub enum FdKind {
-    /// A file with a name (regular file or directory).
-    Path { path: String },
-    /// A regular file that was deleted while open; its contents are in pages.img.
-    Deleted {
-        path: String,
-        data_off: u64,
-        len: u64,
-        mode: u32,
-    },
-    /// A character device opened by path (`/dev/null`, …).
-    CharDev { path: String, rdev: u64 },
-    /// One end of a pipe. `id` is the pipe inode, shared by both ends; the buffered data is
-    /// recorded once per pipe, on the first end met.
-    Pipe {
-        id: u64,
-        data_off: u64,
-        len: u64,
-        size: u32,
-    },
-    /// A terminal, taken over from the restoring stasis (`--shell-job`).
-    Tty { path: String },
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Fd {
-    pub fd: i32,
-    /// open(2) flags from fdinfo (access mode, O_APPEND, O_NONBLOCK…).
-    pub flags: u32,
-    pub cloexec: bool,
-    pub pos: u64,
-    pub kind: FdKind,
+pub enum Unnamed {
+    /// A regular file unlinked while in use; recreated under its old path and unlinked again.
+    Deleted { path: Bytes },
+    /// `memfd_create(name)`, with its seals (`F_GET_SEALS`).
+    Memfd { name: Bytes, seals: u32 },
 }
 
 /// Open files: `files.img`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Files {
     pub fds: Vec<Fd>,
+    pub descs: Vec<FileDesc>,
+    pub pipes: Vec<PipeBuf>,
+    pub unnamed: Vec<UnnamedFile>,
+}
+
+impl Files {
+    pub fn desc(&self, id: u32) -> Option<&FileDesc> {
+        self.descs.iter().find(|d| d.id == id)
+    }
+
+    pub fn unnamed(&self, dev: u64, inode: u64) -> Option<&UnnamedFile> {
+        self.unnamed
+            .iter()
+            .find(|u| u.dev == dev && u.inode == inode)
+    }
+
+    pub fn pipe(&self, inode: u64) -> Option<&PipeBuf> {
+        self.pipes.iter().find(|p| p.inode == inode)
+    }
 }
 
 /// The vDSO as the parasite reported it from inside, plus the `[vdso]` bytes: `vdso.img`.
@@ -344,29 +561,36 @@ pub struct VdsoRecord {
 mod hex_bytes {
     use serde::{de::Error, Deserialize, Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    pub fn encode(v: &[u8]) -> String {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut out = String::with_capacity(v.len() * 2);
         for b in v {
             out.push(HEX[(b >> 4) as usize] as char);
             out.push(HEX[(b & 15) as usize] as char);
         }
-        s.serialize_str(&out)
+        out
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        let s = String::deserialize(d)?;
-        if s.len() % 2 != 0 {
-            return Err(D::Error::custom("odd-length hex string"));
+    pub fn decode(s: &str) -> Result<Vec<u8>, &'static str> {
+        if !s.len().is_multiple_of(2) {
+            return Err("odd-length hex string");
         }
         let nib = |c: u8| match c {
             b'0'..=b'9' => Ok(c - b'0'),
             b'a'..=b'f' => Ok(c - b'a' + 10),
-            _ => Err(D::Error::custom("bad hex digit")),
+            _ => Err("bad hex digit"),
         };
         s.as_bytes()
             .chunks_exact(2)
             .map(|p| Ok(nib(p[0])? << 4 | nib(p[1])?))
             .collect()
+    }
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        decode(&String::deserialize(d)?).map_err(D::Error::custom)
     }
 }

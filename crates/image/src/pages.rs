@@ -577,7 +577,7 @@ mod tests {
                 err,
                 ImageError::UnsupportedVersion {
                     found: 7,
-                    supported: 1,
+                    supported: crate::FORMAT_VERSION,
                     ..
                 }
             ),

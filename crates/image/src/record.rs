@@ -214,10 +214,10 @@ mod tests {
             matches!(
                 err,
                 ImageError::UnsupportedVersion {
-                    found: 2,
-                    supported: 1,
+                    found,
+                    supported: crate::FORMAT_VERSION,
                     ..
-                }
+                } if found == crate::FORMAT_VERSION + 1
             ),
             "{err}"
         );

@@ -17,7 +17,8 @@ fn inconsistent(dir: &ImageDir, why: String) -> ImageError {
 pub struct Image {
     pub dir: ImageDir,
     pub inventory: Inventory,
-    pub core: Core,
+    /// One per thread, in `inventory.threads` order: the leader first.
+    pub cores: Vec<Core>,
     pub mm: Mm,
     pub process: Process,
     pub files: Files,
@@ -29,16 +30,25 @@ pub struct Image {
 pub fn load(dir: &std::path::Path) -> Result<Image> {
     let d = ImageDir::open(dir)?;
     let inventory: Inventory = read_record(&d, INVENTORY, KIND_INVENTORY)?;
-    if inventory.threads != [inventory.pid] {
+    if inventory.threads.first() != Some(&inventory.pid) {
+        return Err(inconsistent(
+            &d,
+            "the thread list does not start with the process's own id".into(),
+        ));
+    }
+    if inventory.threads.len() > MAX_THREADS {
         return Err(inconsistent(
             &d,
             format!(
-                "{} threads; this version restores single-threaded processes only",
+                "{} threads, more than the {MAX_THREADS} this stasis restores",
                 inventory.threads.len()
             ),
         ));
     }
-    let core: Core = read_record(&d, &core_name(inventory.pid), KIND_CORE)?;
+    let mut cores = Vec::with_capacity(inventory.threads.len());
+    for &tid in &inventory.threads {
+        cores.push(read_record::<Core>(&d, &core_name(tid), KIND_CORE)?);
+    }
     let mm: Mm = read_record(&d, MM, KIND_MM)?;
     let process: Process = read_record(&d, PROCESS, KIND_PROCESS)?;
     let files: Files = read_record(&d, FILES, KIND_FILES)?;
@@ -54,7 +64,7 @@ pub fn load(dir: &std::path::Path) -> Result<Image> {
     let img = Image {
         dir: d,
         inventory,
-        core,
+        cores,
         mm,
         process,
         files,
@@ -65,15 +75,41 @@ pub fn load(dir: &std::path::Path) -> Result<Image> {
     Ok(img)
 }
 
+/// Threads a restore will create at most (the kernel's own limit is far higher; an image that
+/// names more is implausible and would make us allocate per thread before anything fails).
+pub const MAX_THREADS: usize = 16384;
+
+impl Image {
+    /// The leader's core (`load` guarantees there is one).
+    pub fn leader(&self) -> &Core {
+        &self.cores[0]
+    }
+}
+
 /// Cross-record checks an attacker-made image could break: every page run inside its VMA and
-/// inside pages.img, VMAs sorted and disjoint, the thread's ids agreeing.
+/// inside pages.img, VMAs sorted and disjoint, thread ids agreeing and distinct, every fd
+/// naming a description, every saved file's data inside pages.img.
 fn check_consistency(img: &Image) -> Result<()> {
     let bad = |why: String| inconsistent(&img.dir, why);
-    if img.core.tid != img.inventory.pid {
-        return Err(bad("core record belongs to another thread".into()));
+    let mut tids = std::collections::HashSet::new();
+    for (core, &tid) in img.cores.iter().zip(&img.inventory.threads) {
+        if core.tid != tid || tid <= 0 || !tids.insert(tid) {
+            return Err(bad(format!(
+                "core record of thread {tid} belongs to thread {} or repeats one",
+                core.tid
+            )));
+        }
     }
     let page = PAGE_SIZE as u64;
     let data_end = crate::DATA_OFFSET + img.pages.data_len();
+    // Saved file data is read into memory before restore creates anything: it must lie in
+    // pages.img, whose size is real, before a byte of it is allocated.
+    let data_ok = |off: u64, len: u64| {
+        len == 0
+            || (off >= crate::DATA_OFFSET
+                && off.is_multiple_of(page)
+                && off.checked_add(len).is_some_and(|e| e <= data_end))
+    };
     let mut prev_end = 0;
     for v in &img.mm.vmas {
         if v.start % page != 0 || v.end % page != 0 || v.end <= v.start || v.start < prev_end {
@@ -83,6 +119,14 @@ fn check_consistency(img: &Image) -> Result<()> {
             )));
         }
         prev_end = v.end;
+        if v.shared && matches!(v.backing, Backing::File { .. }) && !v.pages.is_empty() {
+            // The pages of a shared file mapping live in the file: a dump never saves them,
+            // and a restore must never write an image's bytes into a file.
+            return Err(bad(format!(
+                "shared file mapping {:#x}-{:#x} carries page data",
+                v.start, v.end
+            )));
+        }
         for r in &v.pages {
             let len = r
                 .pages
@@ -102,6 +146,46 @@ fn check_consistency(img: &Image) -> Result<()> {
     }
     if img.process.sigactions.len() != 64 {
         return Err(bad("signal handler table of the wrong size".into()));
+    }
+    let f = &img.files;
+    let mut ids = std::collections::HashSet::new();
+    if !f.descs.iter().all(|d| ids.insert(d.id)) {
+        return Err(bad("two open file descriptions share an id".into()));
+    }
+    let mut numbers = std::collections::HashSet::new();
+    for fd in &f.fds {
+        if fd.fd < 0 || !numbers.insert(fd.fd) || !ids.contains(&fd.desc) {
+            return Err(bad(format!(
+                "fd {} is negative, repeated, or names no description",
+                fd.fd
+            )));
+        }
+    }
+    for p in &f.pipes {
+        if !data_ok(p.data_off, p.len) || p.len > p.size as u64 {
+            return Err(bad(format!(
+                "the data of pipe {} lies outside pages.img or exceeds its size",
+                p.inode
+            )));
+        }
+    }
+    for u in &f.unnamed {
+        if !data_ok(u.data_off, u.len) {
+            return Err(bad(format!(
+                "the contents of unnamed file {} lie outside pages.img",
+                u.inode
+            )));
+        }
+    }
+    for d in &f.descs {
+        if let FileKind::Unnamed { dev, inode } = d.kind {
+            if f.unnamed(dev, inode).is_none() {
+                return Err(bad(format!(
+                    "description {} refers to an unnamed file that has no saved contents",
+                    d.id
+                )));
+            }
+        }
     }
     Ok(())
 }

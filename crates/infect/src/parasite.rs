@@ -35,6 +35,8 @@ const MEMFD_NAME_OFF: u64 = 8;
 const STACK_SIZE: usize = 64 * 1024;
 
 const SIGTRAP: i32 = libc::SIGTRAP;
+/// The signal mask of a thread running injected code: everything blocked but SIGTRAP.
+const ALL_BUT_TRAP: u64 = !(1u64 << (SIGTRAP - 1));
 
 /// How the region is sized and placed. The reply area bounds what one command can return;
 /// the plan area what a restore plan can carry.
@@ -142,6 +144,8 @@ pub struct Parasite<'s> {
     entry: u64,
     gone: bool,
     cured: bool,
+    /// Threads the blob created (traced clones), not yet adopted.
+    cloned: Vec<i32>,
 }
 
 impl<'s> Parasite<'s> {
@@ -184,10 +188,10 @@ impl<'s> Parasite<'s> {
             entry: blob.entry(),
             gone: false,
             cured: false,
+            cloned: Vec::new(),
         };
         // From here on, Drop undoes whatever was done.
-        let all_but_trap = !(1u64 << (SIGTRAP - 1));
-        sys::set_sigmask(tid, all_but_trap).map_err(ptrace_err("SETSIGMASK"))?;
+        sys::set_sigmask(tid, ALL_BUT_TRAP).map_err(ptrace_err("SETSIGMASK"))?;
         p.map_region(blob, size)?;
         Ok(p)
     }
@@ -299,7 +303,7 @@ impl<'s> Parasite<'s> {
         regs.r8 = args[4];
         regs.r9 = args[5];
         self.write_site(&SITE_CODE)?;
-        let run = self.run_until_trap(&regs, None);
+        let run = self.run_until_trap(self.tid, &regs, None);
         // The original code goes back whatever happened.
         let restored = self.write_site(&self.site_orig.clone());
         let after = run?;
@@ -326,10 +330,10 @@ impl<'s> Parasite<'s> {
             })
     }
 
-    /// Sets `regs`, lets the main thread run, and waits for the `int3` that ends injected code.
-    /// Returns the registers at the trap.
-    fn run_until_trap(&mut self, regs: &Regs, timeout: Option<Duration>) -> Result<Regs> {
-        let (pid, tid) = (self.pid, self.tid);
+    /// Sets `regs` on thread `tid`, lets it run, and waits for the `int3` that ends injected
+    /// code. Returns the registers at the trap. Threads the code creates are noted in `cloned`.
+    fn run_until_trap(&mut self, tid: Pid, regs: &Regs, timeout: Option<Duration>) -> Result<Regs> {
+        let pid = self.pid;
         let perr = |op| {
             move |errno| InfectError::Ptrace {
                 op,
@@ -348,7 +352,7 @@ impl<'s> Parasite<'s> {
                     let w = sys::wait(tid, true);
                     if w == Ok(Wait::Running) {
                         if Instant::now() >= d {
-                            return Err(self.stop_runaway(timeout.unwrap_or_default()));
+                            return Err(self.stop_runaway(tid, timeout.unwrap_or_default()));
                         }
                         // Yield first (a command takes ~100 µs), then sleep briefly.
                         spins += 1;
@@ -375,6 +379,15 @@ impl<'s> Parasite<'s> {
                 }
                 // A leftover interrupt (e.g. after a timeout): keep going.
                 Wait::Stopped { event, .. } if event == sys::PTRACE_EVENT_STOP => {
+                    sys::cont(tid, 0).map_err(perr("CONT"))?;
+                }
+                // The code created a thread: it starts traced and stopped; note it, go on.
+                Wait::Stopped {
+                    sig: SIGTRAP,
+                    event: sys::PTRACE_EVENT_CLONE,
+                } => {
+                    self.cloned
+                        .push(sys::event_msg(tid).map_err(perr("GETEVENTMSG"))?);
                     sys::cont(tid, 0).map_err(perr("CONT"))?;
                 }
                 Wait::Stopped { sig, event: 0 } => {
@@ -414,12 +427,12 @@ impl<'s> Parasite<'s> {
     }
 
     /// Stops a blob that ran past its deadline.
-    fn stop_runaway(&mut self, timeout: Duration) -> InfectError {
+    fn stop_runaway(&mut self, tid: Pid, timeout: Duration) -> InfectError {
         let pid = self.pid;
-        if sys::interrupt(self.tid).is_ok() {
+        if sys::interrupt(tid).is_ok() {
             // The next stop is either the interrupt or a signal that raced it; both leave the
             // thread stopped, which is all cure needs.
-            match sys::wait(self.tid, false) {
+            match sys::wait(tid, false) {
                 Ok(Wait::Exited(_)) | Ok(Wait::Killed(_)) => self.gone = true,
                 _ => {}
             }
@@ -452,6 +465,85 @@ impl<'s> Parasite<'s> {
     /// `ops_len` bytes as operations (the rest is data the operations point at).
     pub fn run_plan(
         &mut self,
+        id: CommandId,
+        plan: &[u8],
+        ops_len: usize,
+        timeout: Duration,
+    ) -> Result<Vec<u8>> {
+        let (tid, base) = (self.tid, self.saved.regs);
+        self.run_command(tid, &base, id, plan, ops_len, timeout)
+    }
+
+    /// Runs a command in thread `tid` of the process (the main thread runs `run_plan`). The
+    /// thread's registers, XSAVE area and signal mask are saved first and put back afterwards,
+    /// whatever happens; meanwhile every signal but SIGTRAP is blocked in it. The region's one
+    /// stack serves every thread: commands run one at a time.
+    pub fn run_plan_in(
+        &mut self,
+        tid: i32,
+        id: CommandId,
+        plan: &[u8],
+        ops_len: usize,
+        timeout: Duration,
+    ) -> Result<Vec<u8>> {
+        if tid == self.pid {
+            return self.run_plan(id, plan, ops_len, timeout);
+        }
+        let t = Pid::from_raw(tid);
+        let perr = |op| move |errno| InfectError::Ptrace { op, tid, errno };
+        let saved = Saved {
+            regs: sys::get_regs(t).map_err(perr("GETREGS"))?,
+            xstate: sys::get_xstate(t).map_err(perr("GETREGSET(XSTATE)"))?,
+            sigmask: sys::get_sigmask(t).map_err(perr("GETSIGMASK"))?,
+        };
+        sys::set_sigmask(t, ALL_BUT_TRAP).map_err(perr("SETSIGMASK"))?;
+        let reply = self.run_command(t, &saved.regs, id, plan, ops_len, timeout);
+        if self.gone {
+            return reply;
+        }
+        let back = sys::set_regs(t, &saved.regs)
+            .map_err(perr("SETREGS"))
+            .and_then(|()| sys::set_xstate(t, &saved.xstate).map_err(perr("SETREGSET(XSTATE)")))
+            .and_then(|()| sys::set_sigmask(t, saved.sigmask).map_err(perr("SETSIGMASK")));
+        let reply = reply?;
+        back?;
+        Ok(reply)
+    }
+
+    /// Threads the blob created since the last call (traced clones, see `Seized::trace_clones`):
+    /// waits until each is in its first stop, and adds it to the threads released at the end.
+    pub fn adopt_clones(&mut self) -> Result<Vec<i32>> {
+        let cloned = std::mem::take(&mut self.cloned);
+        for &tid in &cloned {
+            let t = Pid::from_raw(tid);
+            loop {
+                match sys::wait(t, false) {
+                    Ok(Wait::Stopped { event, .. }) if event == sys::PTRACE_EVENT_STOP => break,
+                    Ok(Wait::Stopped { sig, event }) => {
+                        return Err(InfectError::UnexpectedStop {
+                            pid: self.pid,
+                            sig,
+                            event,
+                        })
+                    }
+                    Ok(Wait::Running) => continue,
+                    Ok(Wait::Exited(_) | Wait::Killed(_)) | Err(_) => {
+                        return Err(InfectError::TargetGone {
+                            pid: self.pid,
+                            how: format!("its new thread {tid} exited"),
+                        })
+                    }
+                }
+            }
+            self._seized.adopt(tid);
+        }
+        Ok(cloned)
+    }
+
+    fn run_command(
+        &mut self,
+        tid: Pid,
+        base: &Regs,
         id: CommandId,
         plan: &[u8],
         ops_len: usize,
@@ -494,7 +586,7 @@ impl<'s> Parasite<'s> {
                 ReplyHeader::default(),
             );
         }
-        let mut regs = self.saved.regs;
+        let mut regs = *base;
         regs.rip = region.remote + self.entry;
         regs.rsp = region.remote + region.stack_top as u64;
         regs.rdi = region.remote + cmd_off as u64;
@@ -502,7 +594,7 @@ impl<'s> Parasite<'s> {
         // Clear TF (single-step) and DF (string direction) for code compiled for the ABI.
         regs.eflags &= !(0x100 | 0x400);
         let reply_cap = region.reply_cap;
-        self.run_until_trap(&regs, Some(timeout))?;
+        self.run_until_trap(tid, &regs, Some(timeout))?;
 
         let region = self.region.as_ref().ok_or_else(|| InfectError::BadReply {
             pid,
@@ -671,8 +763,8 @@ fn injection_site(pid: i32, region: Option<(u64, usize)>) -> Result<u64> {
             v.prot & stasis_proc::PROT_EXEC != 0
                 && region.is_none_or(|(start, len)| v.end <= start || v.start >= start + len as u64)
                 && v.len() >= SITE_LEN as u64
-                && !stasis_abi::is_vdso_area_name(v.name.as_bytes())
-                && v.name != "[vsyscall]"
+                && !stasis_abi::is_vdso_area_name(&v.name)
+                && v.name != b"[vsyscall]"
         })
         .map(|v| v.start)
         .ok_or(InfectError::NoInjectionSite(pid))

@@ -253,6 +253,22 @@ impl Seized {
         &self.threads
     }
 
+    /// Makes threads the leader creates from now on start traced (and stopped) by us.
+    pub fn trace_clones(&self) -> Result<()> {
+        sys::trace_clones(Pid::from_raw(self.pid)).map_err(|errno| InfectError::Ptrace {
+            op: "SETOPTIONS(TRACECLONE)",
+            tid: self.pid,
+            errno,
+        })
+    }
+
+    /// Takes a thread that started traced (a traced clone) into the set released at the end.
+    pub(crate) fn adopt(&mut self, tid: i32) {
+        if !self.threads.contains(&tid) {
+            self.threads.push(tid);
+        }
+    }
+
     /// Detaches every thread, letting the process run on. Idempotent.
     pub fn release(&mut self) -> Result<()> {
         if self.released {

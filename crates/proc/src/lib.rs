@@ -50,8 +50,9 @@ pub struct Vma {
     pub offset: u64,
     pub dev: (u32, u32),
     pub inode: u64,
-    /// Path or special name (`[heap]`, `[vdso]`…); empty for anonymous memory.
-    pub name: String,
+    /// Path or special name (`[heap]`, `[vdso]`…), the kernel's bytes (a path need not be
+    /// UTF-8); empty for anonymous memory.
+    pub name: Vec<u8>,
 }
 
 impl Vma {
@@ -66,11 +67,16 @@ impl Vma {
     pub fn contains(&self, addr: u64) -> bool {
         self.start <= addr && addr < self.end
     }
+
+    /// The name for messages (lossy where it is not UTF-8).
+    pub fn name_lossy(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(&self.name)
+    }
 }
 
 impl fmt::Display for Vma {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:x}-{:x} {}", self.start, self.end, self.name)
+        write!(f, "{:x}-{:x} {}", self.start, self.end, self.name_lossy())
     }
 }
 
@@ -78,31 +84,49 @@ fn path(pid: i32, file: &str) -> PathBuf {
     PathBuf::from(format!("/proc/{pid}/{file}"))
 }
 
-fn read(pid: i32, file: &str) -> Result<String> {
+fn read_bytes(pid: i32, file: &str) -> Result<Vec<u8>> {
     let p = path(pid, file);
-    std::fs::read_to_string(&p).map_err(|e| match e.raw_os_error() {
+    std::fs::read(&p).map_err(|e| match e.raw_os_error() {
         Some(libc_enoent) if libc_enoent == 2 || libc_enoent == 3 => ProcError::NoProcess(pid),
         _ => ProcError::Io { path: p, source: e },
     })
 }
 
-/// Parses the text of a maps file.
-pub fn parse_maps(text: &str) -> std::result::Result<Vec<Vma>, String> {
-    text.lines()
+fn read(pid: i32, file: &str) -> Result<String> {
+    let bytes = read_bytes(pid, file)?;
+    String::from_utf8(bytes).map_err(|_| ProcError::Parse {
+        path: path(pid, file),
+        what: "text that is not UTF-8".into(),
+    })
+}
+
+/// Parses a maps file. Names are kept as bytes: only they can be other than ASCII.
+pub fn parse_maps(text: &[u8]) -> std::result::Result<Vec<Vma>, String> {
+    text.split(|&b| b == b'\n')
         .filter(|l| !l.is_empty())
         .map(parse_maps_line)
         .collect()
 }
 
-fn parse_maps_line(line: &str) -> std::result::Result<Vma, String> {
-    let bad = || format!("maps line {line:?}");
-    let mut it = line.splitn(6, ' ');
-    let range = it.next().ok_or_else(bad)?;
-    let perms = it.next().ok_or_else(bad)?.as_bytes();
-    let offset = it.next().ok_or_else(bad)?;
-    let dev = it.next().ok_or_else(bad)?;
-    let inode = it.next().ok_or_else(bad)?;
-    let name = it.next().unwrap_or("").trim_start().to_string();
+fn parse_maps_line(raw: &[u8]) -> std::result::Result<Vma, String> {
+    let bad = || format!("maps line {:?}", String::from_utf8_lossy(raw));
+    let mut it = raw.splitn(6, |&b| b == b' ');
+    let mut field = || -> std::result::Result<&str, String> {
+        std::str::from_utf8(it.next().ok_or_else(bad)?).map_err(|_| bad())
+    };
+    let range = field()?;
+    let perms = field()?.as_bytes();
+    let offset = field()?;
+    let dev = field()?;
+    let inode = field()?;
+    let name_at = range.len() + perms.len() + offset.len() + dev.len() + inode.len() + 5;
+    let name = raw
+        .get(name_at..)
+        .unwrap_or(b"")
+        .iter()
+        .skip_while(|&&b| b == b' ')
+        .copied()
+        .collect();
     let (s, e) = range.split_once('-').ok_or_else(bad)?;
     let start = u64::from_str_radix(s, 16).map_err(|_| bad())?;
     let end = u64::from_str_radix(e, 16).map_err(|_| bad())?;
@@ -137,7 +161,7 @@ fn parse_maps_line(line: &str) -> std::result::Result<Vma, String> {
 
 /// All mappings of `pid`, in address order.
 pub fn maps(pid: i32) -> Result<Vec<Vma>> {
-    let text = read(pid, "maps")?;
+    let text = read_bytes(pid, "maps")?;
     parse_maps(&text).map_err(|what| ProcError::Parse {
         path: path(pid, "maps"),
         what,
@@ -300,26 +324,31 @@ mod tests {
 
     #[test]
     fn parses_maps_lines() {
-        let text = "7ffd1000-7ffd5000 r--p 00000000 00:00 0                          [vvar]\n\
+        let text = b"7ffd1000-7ffd5000 r--p 00000000 00:00 0                          [vvar]\n\
                     55e0a000-55e0b000 r-xp 00001000 fd:01 1234  /usr/bin/a b\n\
                     7f00-8000 rw-s 00000000 00:05 77 /memfd:x (deleted)\n\
-                    9000-a000 ---p 00000000 00:00 0 \n";
+                    9000-a000 ---p 00000000 00:00 0 \n\
+                    a000-b000 r--p 00000000 fd:01 99 /tmp/\xff\xfename\n";
         let v = parse_maps(text).unwrap();
-        assert_eq!(v[0].name, "[vvar]");
+        assert_eq!(v[0].name, b"[vvar]");
         assert_eq!(v[0].prot, PROT_READ);
-        assert_eq!(v[1].name, "/usr/bin/a b");
+        assert_eq!(v[1].name, b"/usr/bin/a b");
         assert_eq!(v[1].offset, 0x1000);
         assert_eq!(v[1].dev, (0xfd, 1));
         assert!(v[2].shared);
-        assert_eq!(v[3].name, "");
+        assert_eq!(v[3].name, b"");
         assert_eq!(v[3].prot, 0);
+        assert_eq!(
+            v[4].name, b"/tmp/\xff\xfename",
+            "a name that is not UTF-8 is kept"
+        );
     }
 
     #[test]
     fn rejects_garbage_maps() {
-        assert!(parse_maps("zz-1 r-xp 0 0:0 0\n").is_err());
-        assert!(parse_maps("2000-1000 r-xp 0 0:0 0\n").is_err());
-        assert!(parse_maps("1000-2000 r-x 0 0:0 0\n").is_err());
+        assert!(parse_maps(b"zz-1 r-xp 0 0:0 0\n").is_err());
+        assert!(parse_maps(b"2000-1000 r-xp 0 0:0 0\n").is_err());
+        assert!(parse_maps(b"1000-2000 r-x 0 0:0 0\n").is_err());
     }
 
     #[test]

@@ -16,16 +16,17 @@
 
 mod child;
 mod fds;
+mod files;
 mod mm;
 mod plan;
 mod rebuild;
 mod spawn;
+mod thread;
 mod vdso;
 
 pub use vdso::{VdsoMode, VdsoPlan};
 
 use anyhow::{bail, Context, Result};
-use fds::inherited;
 use plan::PlanError;
 use spawn::{spawn_child, ChildGuard};
 use stasis_image::model::*;
@@ -41,96 +42,31 @@ pub struct RestoreOptions {
     pub vdso: VdsoMode,
 }
 
-/// The image's XSAVE area made fit for this CPU: as is when the layouts agree, else moved
-/// component by component (`xsave::translate`). Refused when the thread holds state of a
-/// feature this CPU/kernel does not enable. `runtime` is the XSAVE area of the freshly created task: its
-/// size and XCR0 (bytes 464..472) are this kernel's own.
-fn xsave_for_here(img: &Image, runtime: &[u8]) -> Result<Vec<u8>> {
-    let xcr0 = runtime
-        .get(464..472)
-        .and_then(|b| b.try_into().ok())
-        .map(u64::from_le_bytes)
-        .unwrap_or(0);
-    // Only state the thread actually holds (XSTATE_BV) must fit; a feature the dumping CPU
-    // merely enabled does not matter. (Code that chose instructions for that CPU at start-up
-    // may still use some this one lacks: that is the user's call, as with CRIU's --cpu-cap.)
-    let in_use = img
-        .core
-        .xsave
-        .get(512..520)
-        .and_then(|b| b.try_into().ok())
-        .map(u64::from_le_bytes)
-        .unwrap_or(0);
-    if in_use & !xcr0 != 0 {
-        bail!(
-            "image {}: the thread holds XSAVE state {:#x} that this CPU does not enable ({:#x})",
-            img.dir.path().display(),
-            in_use & !xcr0,
-            xcr0
-        );
-    }
-    if img.inventory.xcr0 != xcr0 {
-        tracing::warn!(
-            "the image was made on a CPU with XSAVE features {:#x}, this one has {xcr0:#x}: code tuned for that CPU may not run here",
-            img.inventory.xcr0
-        );
-    }
-    let here = stasis_infect::xsave::layout();
-    if img.core.xsave.len() == runtime.len()
-        && (img.inventory.xsave_layout.is_empty() || img.inventory.xsave_layout == here)
-    {
-        return Ok(img.core.xsave.clone());
-    }
-    if img.inventory.xsave_layout.is_empty() {
-        bail!(
-            "image {}: XSAVE area of {} bytes, {} here, and no layout recorded to translate it",
-            img.dir.path().display(),
-            img.core.xsave.len(),
-            runtime.len()
-        );
-    }
-    let x = stasis_infect::xsave::translate(
-        &img.core.xsave,
-        &img.inventory.xsave_layout,
-        &here,
-        runtime.len(),
-    )?;
-    tracing::info!(
-        from = img.core.xsave.len(),
-        to = x.len(),
-        "XSAVE area translated for this CPU"
-    );
-    Ok(x)
-}
-
 pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
     let t0 = Instant::now();
     let img = load(dir)?;
     tracing::info!(elapsed = ?t0.elapsed(), "image loaded and verified");
     let pid = img.inventory.pid;
-    if std::path::Path::new(&format!("/proc/{pid}")).exists() {
-        bail!("pid {pid} is in use: the restored process needs its old pid (kill the process using it, or wait for it to be reaped)");
+    for &tid in &img.inventory.threads {
+        if std::path::Path::new(&format!("/proc/{tid}")).exists() {
+            let what = if tid == pid { "pid" } else { "thread id" };
+            bail!("{what} {tid} is in use: the restored process needs its old ids (kill the process using it, or wait for it to be reaped)");
+        }
     }
     let vdso = VdsoPlan::decide(&img.vdso, opts.vdso)?;
     tracing::info!(pid, "vDSO: {}", vdso.describe());
     if !opts.shell_job {
-        if let Some(f) = img
-            .files
-            .fds
-            .iter()
-            .find(|f| matches!(f.kind, FdKind::Tty { .. }))
-        {
+        if let Some(f) = img.files.fds.iter().find(|f| {
+            img.files
+                .desc(f.desc)
+                .is_some_and(|d| matches!(d.kind, FileKind::Tty { .. }))
+        }) {
             bail!("pid {pid} had a terminal on fd {}; restore it with --shell-job to give it this one", f.fd);
         }
     }
-    for fd in inherited(&img) {
-        // SAFETY: fcntl(F_GETFD) only checks that the descriptor exists.
-        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-            bail!("image {}: fd {fd} is a terminal or an outside pipe, taken over from stasis's own fd {fd}, which is not open", dir.display());
-        }
-    }
+    fds::check_lent(&img)?;
     let helpers = fds::Helpers::new(&img)?;
-    let file_data = child::file_data(&img)?;
+    let file_data = files::FileData::read(&img)?;
     let loaded = t0.elapsed();
 
     shift_clocks_if_behind(&img.inventory)?;
@@ -138,15 +74,29 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
     let mut guard = ChildGuard { pid, armed: true };
     let t1 = Instant::now();
     let mut seized = Seized::seize(pid)?;
-    let xsave = xsave_for_here(&img, &sys::get_xstate(nix::unistd::Pid::from_raw(pid))?)?;
+    seized.trace_clones()?;
+    let leader = nix::unistd::Pid::from_raw(pid);
+    let runtime_xsave = sys::get_xstate(leader)?;
+    let xsaves = img
+        .cores
+        .iter()
+        .map(|c| thread::xsave_for_here(&img, c, &runtime_xsave))
+        .collect::<Result<Vec<_>>>()?;
     let child_maps = stasis_proc::maps(pid)?;
-    let child_rseq = sys::rseq_config(nix::unistd::Pid::from_raw(pid))?;
+    let child_rseq = sys::rseq_config(leader)?;
 
     let blob = stasis_blobs::parasite()?;
-    let plan = rebuild::build(&img, &helpers, &vdso, &child_maps, child_rseq, &child)?;
+    let plan = rebuild::build(&img, &helpers, &vdso, &child_maps, child_rseq)?;
+    let thread_plans: Vec<plan::Plan> = img.cores[1..]
+        .iter()
+        .map(|c| thread::plan(&img, c))
+        .collect();
     let mut size = RegionSize {
         reply_cap: 4096,
-        plan_cap: plan.byte_len(),
+        plan_cap: thread_plans
+            .iter()
+            .map(plan::Plan::byte_len)
+            .fold(plan.byte_len(), usize::max),
         at: None,
     };
     size.at = Some(vdso::free_range(
@@ -156,18 +106,61 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
         size.total_len(blob) as u64,
     )?);
     let mut parasite = Parasite::infect(&mut seized, blob, size)?;
-    let base = parasite.plan_base().context("no plan area")?;
-    let (bytes, ops_len) = plan.encode(base);
     tracing::debug!(region = ?parasite.remote_region(), "restorer region");
     plan.log();
     let t_plan = Instant::now();
-    let reply = parasite.run_plan(
+    run_plan(&mut parasite, pid, pid, &plan)?;
+    tracing::info!(pid, elapsed = ?t_plan.elapsed(), ops = plan.len(), "restorer ran the plan");
+
+    // The threads the plan created: each the one the image names, each runs its own plan.
+    let created = parasite.adopt_clones()?;
+    let expected: Vec<i32> = img.cores[1..].iter().map(|c| c.tid).collect();
+    if created != expected {
+        parasite.abandon();
+        bail!("pid {pid}: the restorer created threads {created:?}, expected {expected:?}");
+    }
+    for (c, p) in img.cores[1..].iter().zip(&thread_plans) {
+        run_plan(&mut parasite, pid, c.tid, p)?;
+    }
+    tracing::info!(pid, threads = img.cores.len(), elapsed = ?t_plan.elapsed(), "threads restored");
+
+    // Every thread into its dumped state; the leader last, as it removes the region.
+    for (c, x) in img.cores.iter().zip(&xsaves).skip(1) {
+        let t = nix::unistd::Pid::from_raw(c.tid);
+        let what = |op: &str, e| anyhow::anyhow!("thread {} of pid {pid}: {op}: {e}", c.tid);
+        sys::set_regs(t, &thread::regs_for_resume(&c.gpr)).map_err(|e| what("SETREGS", e))?;
+        sys::set_xstate(t, x).map_err(|e| what("SETREGSET(XSTATE)", e))?;
+        sys::set_sigmask(t, c.sigmask).map_err(|e| what("SETSIGMASK", e))?;
+    }
+    let l = img.leader();
+    parasite.cure_into(
+        thread::regs_for_resume(&l.gpr),
+        xsaves[0].clone(),
+        l.sigmask,
+    )?;
+    seized.release()?;
+    guard.armed = false;
+    drop(child);
+    set_terminal_modes(&img);
+    tracing::info!(pid, loaded = ?loaded, frozen = ?t1.elapsed(), total = ?t0.elapsed(), "restored");
+    if opts.detach {
+        return Ok(0);
+    }
+    wait_exit(pid)
+}
+
+/// Runs one plan in thread `tid`; on failure names the operation, and gives the task up (the
+/// guard kills it: a half-rebuilt task has nothing to cure).
+fn run_plan(parasite: &mut Parasite<'_>, pid: i32, tid: i32, plan: &plan::Plan) -> Result<()> {
+    let base = parasite.plan_base().context("no plan area")?;
+    let (bytes, ops_len) = plan.encode(base);
+    let reply = parasite.run_plan_in(
+        tid,
         stasis_abi::CommandId::Restore,
         &bytes,
         ops_len,
         Duration::from_secs(60),
     );
-    tracing::info!(pid, elapsed = ?t_plan.elapsed(), ops = plan.len(), "restorer ran the plan");
     if reply.is_err() {
         tracing::debug!(maps = %std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default(), "task at failure");
     }
@@ -177,25 +170,33 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
         | Err(stasis_infect::InfectError::BadReply { .. }) => {
             // The reply carries which operation failed; fetch it for the message.
             let why = plan.describe_failure(&parasite.last_reply());
-            // The task is half rebuilt and will be killed: there is nothing to cure.
-            parasite.abandon();
-            bail!("pid {pid}: the restorer failed: {why}")
+            bail!("pid {pid}: the restorer failed in thread {tid}: {why}")
         }
         Err(e) => return Err(e.into()),
     };
     plan.check_result(&reply)
-        .map_err(|e: PlanError| anyhow::anyhow!("pid {pid}: {e}"))?;
+        .map_err(|e: PlanError| anyhow::anyhow!("pid {pid}, thread {tid}: {e}"))
+}
 
-    let regs = regs_for_resume(&img.core.gpr);
-    parasite.cure_into(regs, xsave, img.core.sigmask)?;
-    seized.release()?;
-    guard.armed = false;
-    drop(child);
-    tracing::info!(pid, loaded = ?loaded, frozen = ?t1.elapsed(), total = ?t0.elapsed(), "restored");
-    if opts.detach {
-        return Ok(0);
+/// The shell job's terminal gets the modes the process had set (raw mode, no echo…) once the
+/// process is back: it is this stasis's own terminal, lent to the process.
+fn set_terminal_modes(img: &Image) {
+    for d in &img.files.descs {
+        if let FileKind::Tty {
+            inherit: Some(n),
+            termios,
+            ..
+        } = &d.kind
+        {
+            let Ok(t) = <[u8; stasis_sys::fs::KERNEL_TERMIOS_LEN]>::try_from(termios.as_slice())
+            else {
+                continue;
+            };
+            if let Err(e) = stasis_sys::fs::tty_set_attr(*n, &t) {
+                tracing::warn!("setting the terminal modes on fd {n}: {e}");
+            }
+        }
     }
-    wait_exit(pid)
 }
 
 /// When this machine's CLOCK_MONOTONIC or CLOCK_BOOTTIME is behind the image's (it booted
@@ -235,49 +236,6 @@ fn shift_clocks_if_behind(inv: &Inventory) -> Result<()> {
         "clocks shifted forward in a new time namespace"
     );
     Ok(())
-}
-
-/// Registers for the resumed thread. A thread stopped inside a system call carries
-/// `orig_rax` = the call and `rax` = -ERESTART*; detaching lets the kernel restart it, except
-/// for -ERESTART_RESTARTBLOCK, whose restart state (`restart_block`) belonged to the old task:
-/// that call is re-issued from the start with its original arguments (still in the registers).
-fn regs_for_resume(g: &Gpr) -> sys::Regs {
-    const ERESTART_RESTARTBLOCK: i64 = -516;
-    // SAFETY: user_regs_struct is plain integers; all-zero is a valid value.
-    let mut r: sys::Regs = unsafe { std::mem::zeroed() };
-    r.r15 = g.r15;
-    r.r14 = g.r14;
-    r.r13 = g.r13;
-    r.r12 = g.r12;
-    r.rbp = g.rbp;
-    r.rbx = g.rbx;
-    r.r11 = g.r11;
-    r.r10 = g.r10;
-    r.r9 = g.r9;
-    r.r8 = g.r8;
-    r.rax = g.rax;
-    r.rcx = g.rcx;
-    r.rdx = g.rdx;
-    r.rsi = g.rsi;
-    r.rdi = g.rdi;
-    r.orig_rax = g.orig_rax;
-    r.rip = g.rip;
-    r.cs = g.cs;
-    r.eflags = g.eflags;
-    r.rsp = g.rsp;
-    r.ss = g.ss;
-    r.fs_base = g.fs_base;
-    r.gs_base = g.gs_base;
-    r.ds = g.ds;
-    r.es = g.es;
-    r.fs = g.fs;
-    r.gs = g.gs;
-    if (g.orig_rax as i64) >= 0 && g.rax as i64 == ERESTART_RESTARTBLOCK {
-        r.rax = g.orig_rax;
-        r.rip = g.rip.wrapping_sub(2);
-        r.orig_rax = u64::MAX;
-    }
-    r
 }
 
 fn wait_exit(pid: i32) -> Result<i32> {

@@ -71,10 +71,8 @@ pub(crate) fn map_vma(p: &mut Plan, v: &Vma, h: &Helpers) -> Result<()> {
             }
         }
         Backing::File { path, offset, .. } => {
-            let writable = v.shared && v.prot & libc::PROT_WRITE as u32 != 0;
-            let fd = *h
-                .files
-                .get(&(path.clone(), writable))
+            let fd = h
+                .map_fd(v)
                 .with_context(|| format!("no helper fd for {path}"))?;
             flags |= if v.shared {
                 libc::MAP_SHARED
@@ -135,5 +133,68 @@ pub(crate) fn map_vma(p: &mut Plan, v: &Vma, h: &Helpers) -> Result<()> {
             format!("protect {:#x}-{:#x}", v.start, v.end),
         );
     }
+    advise(p, v);
     Ok(())
+}
+
+/// The madvise and mlock state of the VMA. What changes behaviour (fork, core dumps, locking)
+/// must take; what only tunes (huge pages, merging) is best effort, as kernels differ.
+fn advise(p: &mut Plan, v: &Vma) {
+    const ADVICE: &[(u32, u64, bool, &str)] = &[
+        (
+            ADVICE_DONTFORK,
+            libc::MADV_DONTFORK as u64,
+            true,
+            "MADV_DONTFORK",
+        ),
+        (
+            ADVICE_WIPEONFORK,
+            libc::MADV_WIPEONFORK as u64,
+            true,
+            "MADV_WIPEONFORK",
+        ),
+        (
+            ADVICE_DONTDUMP,
+            libc::MADV_DONTDUMP as u64,
+            true,
+            "MADV_DONTDUMP",
+        ),
+        (
+            ADVICE_HUGEPAGE,
+            libc::MADV_HUGEPAGE as u64,
+            false,
+            "MADV_HUGEPAGE",
+        ),
+        (
+            ADVICE_NOHUGEPAGE,
+            libc::MADV_NOHUGEPAGE as u64,
+            false,
+            "MADV_NOHUGEPAGE",
+        ),
+        (
+            ADVICE_MERGEABLE,
+            libc::MADV_MERGEABLE as u64,
+            false,
+            "MADV_MERGEABLE",
+        ),
+    ];
+    let len = v.end - v.start;
+    for &(bit, advice, must, name) in ADVICE {
+        if v.advice & bit != 0 {
+            p.op(
+                libc::SYS_madvise,
+                [V(v.start), V(len), V(advice), V(0), V(0), V(0)],
+                if must { EXPECT_OK } else { EXPECT_ANY },
+                format!("{name} {:#x}-{:#x}", v.start, v.end),
+            );
+        }
+    }
+    if v.advice & ADVICE_LOCKED != 0 {
+        p.op(
+            libc::SYS_mlock,
+            [V(v.start), V(len), V(0), V(0), V(0), V(0)],
+            EXPECT_OK,
+            format!("mlock {:#x}-{:#x}", v.start, v.end),
+        );
+    }
 }

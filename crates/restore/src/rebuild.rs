@@ -1,13 +1,13 @@
 //! The restorer's plan for one task, in the order the kernel needs it: the new task's own
 //! mappings go, the vDSO moves into place, every dumped VMA is mapped and filled, then mm
-//! fields, per-thread and process-wide state, and credentials last. Each step's system calls
+//! fields, the other threads, the leader's per-thread and the process-wide state, and
+//! credentials last. Each step's system calls
 //! come from the module that knows that resource (`mm`, `vdso`); this file only orders them.
 
 use crate::fds::{same_file, Helpers};
 use crate::plan::{Arg::D, Arg::V, Plan};
-use crate::spawn::Child;
 use crate::vdso::{free_range_in, VdsoPlan};
-use crate::{mm, vdso};
+use crate::{mm, thread, vdso};
 use anyhow::{bail, Result};
 use stasis_abi::{EXPECT_ANY, EXPECT_ARG4, EXPECT_OK};
 use stasis_image::model::*;
@@ -19,7 +19,6 @@ pub(crate) fn build(
     vdso: &VdsoPlan,
     child_maps: &[stasis_proc::Vma],
     child_rseq: Option<(u64, u32, u32)>,
-    child: &Child,
 ) -> Result<Plan> {
     let mut p = Plan::new();
     // 1. The child's rseq area is about to disappear: unregister it first, or the kernel
@@ -34,7 +33,7 @@ pub(crate) fn build(
     }
     // 2. Unmap the child's own memory (it was a copy of stasis), all but the vDSO set.
     for v in child_maps {
-        if stasis_abi::is_vdso_area_name(v.name.as_bytes()) || v.name == "[vsyscall]" {
+        if stasis_abi::is_vdso_area_name(&v.name) || v.name == b"[vsyscall]" {
             continue;
         }
         p.op(
@@ -120,7 +119,7 @@ pub(crate) fn build(
     // The kernel refuses to replace the exe link while the old exe is still mapped (EBUSY).
     // When the dumped program is the very binary the new task started as (stasis), the
     // link is already right: pass -1 to leave it.
-    let exe_fd = if same_file(&img.mm.exe, "/proc/self/exe") {
+    let exe_fd = if same_file(img.mm.exe.as_path(), std::path::Path::new("/proc/self/exe")) {
         u32::MAX
     } else {
         h.exe_fd as u32
@@ -147,53 +146,15 @@ pub(crate) fn build(
         EXPECT_OK,
         "PR_SET_MM_MAP (mm fields, auxv, exe)",
     );
-    // 6. Per-thread kernel state.
-    let c = &img.core;
-    let ss_flags = (c.altstack.flags & !1) as u64; // SS_ONSTACK is a state, not a setting
-    let ss = p.put_u64s(&[c.altstack.sp, ss_flags, c.altstack.size]);
-    p.op(
-        libc::SYS_sigaltstack,
-        [ss, V(0), V(0), V(0), V(0), V(0)],
-        EXPECT_OK,
-        "sigaltstack",
-    );
-    if c.robust_list != 0 {
-        p.op(
-            libc::SYS_set_robust_list,
-            [
-                V(c.robust_list),
-                V(c.robust_list_len),
-                V(0),
-                V(0),
-                V(0),
-                V(0),
-            ],
-            EXPECT_OK,
-            "set_robust_list",
-        );
+    // 6. The other threads, with their tids: they start traced and stopped (the host traces
+    //    clones) and run their own plans (`thread::plan`) once this one is done. They exist
+    //    before the timers, which may be aimed at one of them (SIGEV_THREAD_ID).
+    for c in &img.cores[1..] {
+        thread::create(&mut p, c.tid);
     }
-    p.op(
-        libc::SYS_set_tid_address,
-        [V(c.clear_child_tid), V(0), V(0), V(0), V(0), V(0)],
-        EXPECT_ANY,
-        "set_tid_address",
-    );
-    if let Some(r) = c.rseq {
-        p.op(
-            libc::SYS_rseq,
-            [
-                V(r.addr),
-                V(r.len as u64),
-                V(0),
-                V(r.sig as u64),
-                V(0),
-                V(0),
-            ],
-            EXPECT_OK,
-            "register rseq",
-        );
-    }
-    // 7. Process-wide state: timers, pending signals, name, limits.
+    // 7. The leader's own per-thread state.
+    thread::own_state(&mut p, img.inventory.pid, img.leader());
+    // 8. Process-wide state: timers, pending signals, limits.
     let pr = &img.process;
     for (which, t) in pr.itimers.iter().enumerate() {
         if t.value_sec != 0 || t.value_usec != 0 {
@@ -222,25 +183,6 @@ pub(crate) fn build(
             format!("queue pending signal {}", s.signo),
         );
     }
-    for s in &c.pending {
-        let info = p.put(&s.siginfo);
-        p.op(
-            libc::SYS_rt_tgsigqueueinfo,
-            [V(pid), V(c.tid as u64), V(s.signo as u64), info, V(0), V(0)],
-            EXPECT_OK,
-            format!("queue pending thread signal {}", s.signo),
-        );
-    }
-    let mut comm = pr.comm.as_bytes().to_vec();
-    comm.truncate(15);
-    comm.push(0);
-    let name = p.put(&comm);
-    p.op(
-        libc::SYS_prctl,
-        [V(libc::PR_SET_NAME as u64), name, V(0), V(0), V(0), V(0)],
-        EXPECT_OK,
-        "PR_SET_NAME",
-    );
     for l in &pr.rlimits {
         let r = p.put_u64s(&[l.cur, l.max]);
         p.op(
@@ -250,11 +192,8 @@ pub(crate) fn build(
             format!("rlimit {}", l.resource),
         );
     }
-    // 8. Close the helpers and the handshake pipe.
-    let mut helper_fds = vec![h.pages_fd, h.exe_fd, h.hold_fd];
-    helper_fds.extend(h.files.values());
-    helper_fds.extend(&child.leftover_fds);
-    for fd in helper_fds {
+    // 9. Close the helpers and the handshake pipe.
+    for fd in h.numbers().into_iter().filter(|&fd| fd != h.ready_fd) {
         p.op(
             libc::SYS_close,
             [V(fd as u64), V(0), V(0), V(0), V(0), V(0)],
@@ -262,67 +201,8 @@ pub(crate) fn build(
             format!("close helper fd {fd}"),
         );
     }
-    // 9. Credentials last: dropping them earlier would forbid the calls above.
-    let cr = &pr.creds;
-    let groups: Vec<u8> = cr.groups.iter().flat_map(|g| g.to_le_bytes()).collect();
-    let groups_arg = if groups.is_empty() {
-        V(0)
-    } else {
-        p.put(&groups)
-    };
-    p.op(
-        libc::SYS_setgroups,
-        [
-            V(cr.groups.len() as u64),
-            groups_arg,
-            V(0),
-            V(0),
-            V(0),
-            V(0),
-        ],
-        EXPECT_OK,
-        "setgroups",
-    );
-    p.op(
-        libc::SYS_setresgid,
-        [
-            V(cr.gids[0] as u64),
-            V(cr.gids[1] as u64),
-            V(cr.gids[2] as u64),
-            V(0),
-            V(0),
-            V(0),
-        ],
-        EXPECT_OK,
-        "setresgid",
-    );
-    p.op(
-        libc::SYS_setresuid,
-        [
-            V(cr.uids[0] as u64),
-            V(cr.uids[1] as u64),
-            V(cr.uids[2] as u64),
-            V(0),
-            V(0),
-            V(0),
-        ],
-        EXPECT_OK,
-        "setresuid",
-    );
-    // Changing credentials resets dumpability; set it afterwards.
-    p.op(
-        libc::SYS_prctl,
-        [
-            V(libc::PR_SET_DUMPABLE as u64),
-            V(pr.dumpable.clamp(0, 1) as u64),
-            V(0),
-            V(0),
-            V(0),
-            V(0),
-        ],
-        EXPECT_OK,
-        "PR_SET_DUMPABLE",
-    );
+    // 10. Credentials last: dropping them earlier would forbid the calls above.
+    thread::credentials(&mut p, img.leader(), pr.dumpable);
     Ok(p)
 }
 

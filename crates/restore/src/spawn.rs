@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Result};
 use stasis_image::Image;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 
 /// Kills the half-made task unless the restore got to the end.
 pub(crate) struct ChildGuard {
@@ -23,12 +23,10 @@ impl Drop for ChildGuard {
     }
 }
 
-/// The child's end of the handshake; the descriptors it must close once restored.
+/// The parent's end of the handshake with the new task.
 pub struct Child {
     /// Parent's end of the hold pipe: the child blocks reading it until it is seized.
     _hold_w: OwnedFd,
-    /// fd numbers inside the child to close at the end of the plan.
-    pub leftover_fds: Vec<RawFd>,
 }
 
 /// Creates the task with the dumped pid and lets it prepare itself; returns once it is blocked
@@ -36,7 +34,7 @@ pub struct Child {
 pub(crate) fn spawn_child(
     img: &Image,
     helpers: &crate::fds::Helpers,
-    file_data: &crate::child::FileData,
+    file_data: &crate::files::FileData,
 ) -> Result<Child> {
     let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let (hold_r, hold_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
@@ -80,8 +78,5 @@ pub(crate) fn spawn_child(
     }
     guard.armed = false;
     let _ = hold_w.as_raw_fd();
-    Ok(Child {
-        _hold_w: hold_w,
-        leftover_fds: crate::child::leftover_fds(),
-    })
+    Ok(Child { _hold_w: hold_w })
 }

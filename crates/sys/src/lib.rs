@@ -3,6 +3,7 @@
 //! functions returning `Result`s. The rest of stasis uses these or nix, never `libc::syscall`.
 
 pub mod clone;
+pub mod fs;
 pub mod ptrace;
 
 /// A clock's reading in ns (0 if it cannot be read).

@@ -16,6 +16,9 @@ const NT_X86_XSTATE: libc::c_int = 0x202;
 /// Larger than any XSAVE area the kernel reports today (AMX makes it ~11 KiB).
 const XSTATE_MAX: usize = 64 * 1024;
 
+/// `status >> 16` of the stop a traced `clone` makes (with `PTRACE_O_TRACECLONE`).
+pub const PTRACE_EVENT_CLONE: i32 = 3;
+
 /// `si_code` of the SIGTRAP an `int3` raises.
 pub const SI_KERNEL: i32 = 0x80;
 /// `status >> 16` of a stop caused by `PTRACE_INTERRUPT` or a group stop under SEIZE.
@@ -23,6 +26,17 @@ pub const PTRACE_EVENT_STOP: i32 = 128;
 
 pub fn seize(tid: Pid) -> Result<(), Errno> {
     ptrace::seize(tid, ptrace::Options::empty())
+}
+
+/// Makes every thread `tid` creates start traced by us, stopped before its first instruction
+/// (`PTRACE_O_TRACECLONE`; under SEIZE the new thread reports a `PTRACE_EVENT_STOP`).
+pub fn trace_clones(tid: Pid) -> Result<(), Errno> {
+    ptrace::setoptions(tid, ptrace::Options::PTRACE_O_TRACECLONE)
+}
+
+/// The message of the last ptrace event (for `PTRACE_EVENT_CLONE`: the new thread's id).
+pub fn event_msg(tid: Pid) -> Result<i32, Errno> {
+    ptrace::getevent(tid).map(|v| v as i32)
 }
 
 pub fn interrupt(tid: Pid) -> Result<(), Errno> {

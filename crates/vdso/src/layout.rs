@@ -44,7 +44,7 @@ impl VdsoArea {
 impl From<&Vma> for VdsoArea {
     fn from(v: &Vma) -> Self {
         VdsoArea {
-            name: v.name.clone(),
+            name: v.name_lossy().into_owned(),
             start: v.start,
             end: v.end,
             prot: v.prot,
@@ -66,7 +66,7 @@ impl VdsoLayout {
     pub fn from_vmas(vmas: &[Vma]) -> VdsoLayout {
         let areas = vmas
             .iter()
-            .filter(|v| stasis_abi::is_vdso_area_name(v.name.as_bytes()))
+            .filter(|v| stasis_abi::is_vdso_area_name(&v.name))
             .map(VdsoArea::from)
             .collect();
         VdsoLayout { areas }
@@ -129,7 +129,7 @@ mod tests {
     use stasis_proc::parse_maps;
 
     fn layout(maps: &str) -> VdsoLayout {
-        VdsoLayout::from_vmas(&parse_maps(maps).expect("test maps text parses"))
+        VdsoLayout::from_vmas(&parse_maps(maps.as_bytes()).expect("test maps text parses"))
     }
 
     fn names(l: &VdsoLayout) -> Vec<&str> {

@@ -31,7 +31,7 @@ macro_rules! testdata_str {
 }
 
 fn areas_from_maps(text: &str) -> Vec<(String, u64)> {
-    let vmas = stasis_proc::parse_maps(text).expect("testdata maps parse");
+    let vmas = stasis_proc::parse_maps(text.as_bytes()).expect("testdata maps parse");
     VdsoLayout::from_vmas(&vmas)
         .areas
         .iter()

@@ -1,0 +1,265 @@
+//! Open files: every descriptor, the open file description behind it, and what that refers to.
+//!
+//! Each kind of file is one module with one [`Kind`]: whether it claims a descriptor, and how to
+//! dump the description. This file only walks the table, groups descriptors into descriptions
+//! (`kcmp`: dup'd and inherited descriptors share one description, hence one offset and one
+//! set of flags) and runs the checks that need the whole table. A descriptor no kind claims is
+//! refused, naming the pid, the fd and what it is: stasis never drops a file silently. So is a
+//! file lock of any kind, which would not survive the restore.
+
+mod chardev;
+mod path;
+mod pipe;
+mod tty;
+mod unnamed;
+
+use anyhow::{bail, Context, Result};
+use stasis_image::model::*;
+use stasis_image::{PageWriter, PAGE_SIZE};
+use std::fs::Metadata;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+
+pub(crate) use unnamed::{collect_mapped, is_unnamed_mapping};
+
+/// What is known about one descriptor before its kind is chosen.
+pub(crate) struct Probe {
+    pub pid: i32,
+    pub fd: i32,
+    /// `/proc/PID/fd/N`: opening it opens the file itself, even one without a name.
+    pub proc_path: PathBuf,
+    /// What the magic link says (`/path`, `pipe:[123]`, `socket:[456]`, `anon_inode:[eventfd]`).
+    pub link: Bytes,
+    /// `stat` through the link: the file itself.
+    pub meta: Metadata,
+    /// open(2) status flags, without O_CLOEXEC.
+    pub flags: u32,
+    pub pos: u64,
+}
+
+impl Probe {
+    pub fn file_type(&self) -> u32 {
+        self.meta.mode() & libc::S_IFMT
+    }
+
+    pub fn dev(&self) -> u64 {
+        kdev(libc::major(self.meta.dev()), libc::minor(self.meta.dev()))
+    }
+
+    pub fn is_deleted(&self) -> bool {
+        self.meta.nlink() == 0 || self.link.ends_with(DELETED_SUFFIX)
+    }
+}
+
+/// One kind of file, as the dump sees it.
+pub(crate) trait Kind: Sync {
+    /// Whether this kind handles the descriptor.
+    fn claims(&self, p: &Probe) -> bool;
+    /// Records the description (called for the first descriptor of each description).
+    fn dump(&self, p: &Probe, cx: &mut Cx) -> Result<FileKind>;
+}
+
+/// Every kind, in the order they are asked; the first that claims a descriptor owns it.
+static KINDS: &[&dyn Kind] = &[
+    &pipe::PIPE,
+    &tty::TTY,
+    &chardev::CHARDEV,
+    &unnamed::UNNAMED,
+    &path::PATH,
+];
+
+/// State shared by the kinds while one process's files are dumped.
+pub(crate) struct Cx<'a> {
+    pub pages: &'a mut PageWriter,
+    pub files: Files,
+}
+
+pub(crate) struct Options {
+    /// Terminals are allowed (taken over from the restoring stasis: `--shell-job`).
+    pub shell_job: bool,
+}
+
+/// Dumps every descriptor of `pid` into `files` (which may already hold unnamed files found
+/// in the memory map). Refuses what cannot be restored faithfully.
+pub(crate) fn collect(
+    pid: i32,
+    opts: &Options,
+    files: Files,
+    pages: &mut PageWriter,
+) -> Result<Files> {
+    let dir = format!("/proc/{pid}/fd");
+    let mut fds: Vec<i32> = std::fs::read_dir(&dir)
+        .with_context(|| format!("listing {dir}"))?
+        .filter_map(|e| {
+            std::str::from_utf8(e.ok()?.file_name().as_bytes())
+                .ok()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    fds.sort_unstable();
+    let mut cx = Cx { pages, files };
+    // (description id, a descriptor of it, its (dev, inode)) for the kcmp comparisons.
+    let mut reps: Vec<(u32, i32, (u64, u64))> = Vec::new();
+    for fd in fds {
+        let (probe, info) = probe(pid, fd)?;
+        refuse_locks(pid, fd, &probe, &info)?;
+        let key = (probe.meta.dev(), probe.meta.ino());
+        let cloexec = info.cloexec;
+        if let Some(id) = same_as_earlier(pid, fd, key, &reps)? {
+            cx.files.fds.push(Fd {
+                fd,
+                cloexec,
+                desc: id,
+            });
+            continue;
+        }
+        let Some(kind) = KINDS.iter().find(|k| k.claims(&probe)) else {
+            bail!(
+                "fd {fd} of pid {pid} is {}: this kind of file is not supported yet",
+                probe.link
+            );
+        };
+        let kind = kind.dump(&probe, &mut cx)?;
+        let id = cx.files.descs.len() as u32;
+        cx.files.descs.push(FileDesc {
+            id,
+            flags: probe.flags,
+            pos: probe.pos,
+            kind,
+        });
+        cx.files.fds.push(Fd {
+            fd,
+            cloexec,
+            desc: id,
+        });
+        reps.push((id, fd, key));
+    }
+    let mut files = cx.files;
+    pipe::settle_outside_ends(pid, &mut files)?;
+    tty::settle_shell_job(pid, opts.shell_job, &mut files)?;
+    Ok(files)
+}
+
+/// The parts of `/proc/PID/fdinfo/N` the dump uses.
+struct FdInfo {
+    cloexec: bool,
+    locks: Vec<String>,
+}
+
+fn probe(pid: i32, fd: i32) -> Result<(Probe, FdInfo)> {
+    let proc_path = PathBuf::from(format!("/proc/{pid}/fd/{fd}"));
+    let link: Bytes = std::fs::read_link(&proc_path)
+        .with_context(|| format!("reading {}", proc_path.display()))?
+        .into();
+    let text = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"))
+        .with_context(|| format!("reading fdinfo of fd {fd} of pid {pid}"))?;
+    let field = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let pos: u64 = field("pos:")
+        .parse()
+        .with_context(|| format!("fdinfo of fd {fd} of pid {pid}: no position"))?;
+    let raw_flags = u32::from_str_radix(&field("flags:"), 8)
+        .with_context(|| format!("fdinfo of fd {fd} of pid {pid}: no flags"))?;
+    let meta = std::fs::metadata(&proc_path)
+        .with_context(|| format!("stat of fd {fd} ({link}) of pid {pid}"))?;
+    let locks = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("lock:"))
+        .map(|l| l.trim().to_string())
+        .collect();
+    Ok((
+        Probe {
+            pid,
+            fd,
+            proc_path,
+            link,
+            meta,
+            flags: raw_flags & !(libc::O_CLOEXEC as u32),
+            pos,
+        },
+        FdInfo {
+            cloexec: raw_flags & libc::O_CLOEXEC as u32 != 0,
+            locks,
+        },
+    ))
+}
+
+/// A lock (POSIX record lock, OFD lock, flock, lease) held through this descriptor would be
+/// lost: another process could take it while this one is away, or after the restore.
+fn refuse_locks(pid: i32, fd: i32, p: &Probe, info: &FdInfo) -> Result<()> {
+    if let Some(lock) = info.locks.first() {
+        bail!(
+            "pid {pid} holds a file lock on fd {fd} ({}): {lock}; file locks are not dumped yet",
+            p.link
+        );
+    }
+    Ok(())
+}
+
+/// The description an earlier descriptor of the same file already has, if this one shares it.
+fn same_as_earlier(
+    pid: i32,
+    fd: i32,
+    key: (u64, u64),
+    reps: &[(u32, i32, (u64, u64))],
+) -> Result<Option<u32>> {
+    for &(id, other, _) in reps.iter().filter(|r| r.2 == key) {
+        match stasis_sys::fs::same_description(pid, other, pid, fd) {
+            Ok(true) => return Ok(Some(id)),
+            Ok(false) => {}
+            Err(e) => bail!(
+                "pid {pid}: cannot tell whether fds {other} and {fd} share one open file \
+                 (kcmp: {e}); the kernel needs CONFIG_KCMP"
+            ),
+        }
+    }
+    Ok(None)
+}
+
+/// Appends `data` padded to whole pages; returns (file offset, unpadded length).
+pub(crate) fn append_padded(pages: &mut PageWriter, data: &[u8]) -> Result<(u64, u64)> {
+    if data.is_empty() {
+        return Ok((0, 0));
+    }
+    let mut padded = data.to_vec();
+    padded.resize(data.len().next_multiple_of(PAGE_SIZE), 0);
+    Ok((pages.append(&padded)?, data.len() as u64))
+}
+
+/// Streams a whole file into pages.img (in chunks, so a big file never sits in memory);
+/// returns (file offset, length).
+pub(crate) fn append_file(pages: &mut PageWriter, file: &mut std::fs::File) -> Result<(u64, u64)> {
+    use std::io::Read;
+    const CHUNK: usize = 1 << 20;
+    let mut buf = vec![0u8; CHUNK];
+    let (mut first, mut total) = (None, 0u64);
+    loop {
+        let mut got = 0;
+        while got < CHUNK {
+            match file.read(&mut buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if got == 0 {
+            break;
+        }
+        let padded = got.next_multiple_of(PAGE_SIZE);
+        buf[got..padded].fill(0);
+        let off = pages.append(&buf[..padded])?;
+        first.get_or_insert(off);
+        total += got as u64;
+        if got < CHUNK {
+            break;
+        }
+    }
+    Ok((first.unwrap_or(0), total))
+}

@@ -1,0 +1,149 @@
+//! Pipes: each end is a description; the data buffered in the pipe is saved once per pipe,
+//! read without consuming it. A pipe whose other end is outside the process can only come
+//! back on the standard descriptors, taken over from the restoring stasis (as a shell job's
+//! terminal is); anywhere else it is refused, since a fresh pipe would have nobody at the
+//! other end.
+
+use super::{append_padded, Cx, Kind, Probe};
+use anyhow::{bail, Context, Result};
+use stasis_image::model::*;
+use stasis_image::PageWriter;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+
+pub(crate) struct Pipe;
+pub(crate) static PIPE: Pipe = Pipe;
+
+impl Kind for Pipe {
+    fn claims(&self, p: &Probe) -> bool {
+        p.file_type() == libc::S_IFIFO && p.link.starts_with(b"pipe:[")
+    }
+
+    fn dump(&self, p: &Probe, cx: &mut Cx) -> Result<FileKind> {
+        let inode = p.meta.ino();
+        if cx.files.pipe(inode).is_none() {
+            let (data_off, len, size) = contents(&p.proc_path, cx.pages).with_context(|| {
+                format!(
+                    "reading the buffered data of pipe fd {} of pid {}",
+                    p.fd, p.pid
+                )
+            })?;
+            cx.files.pipes.push(PipeBuf {
+                inode,
+                data_off,
+                len,
+                size,
+            });
+        }
+        Ok(FileKind::Pipe {
+            inode,
+            inherit: None,
+        })
+    }
+}
+
+fn ends(flags: u32) -> (bool, bool) {
+    match flags & libc::O_ACCMODE as u32 {
+        a if a == libc::O_RDONLY as u32 => (true, false),
+        a if a == libc::O_WRONLY as u32 => (false, true),
+        _ => (true, true),
+    }
+}
+
+/// Marks the descriptions of pipes with an end outside the process as taken over from the
+/// restoring stasis's standard descriptor of the same number, or refuses.
+pub(crate) fn settle_outside_ends(pid: i32, files: &mut Files) -> Result<()> {
+    let mut inodes: Vec<u64> = files
+        .descs
+        .iter()
+        .filter_map(|d| match d.kind {
+            FileKind::Pipe { inode, .. } => Some(inode),
+            _ => None,
+        })
+        .collect();
+    inodes.sort_unstable();
+    inodes.dedup();
+    for inode in inodes {
+        let of_pipe =
+            |d: &FileDesc| matches!(d.kind, FileKind::Pipe { inode: i, .. } if i == inode);
+        let (read, write) =
+            files
+                .descs
+                .iter()
+                .filter(|d| of_pipe(d))
+                .fold((false, false), |acc, d| {
+                    let e = ends(d.flags);
+                    (acc.0 || e.0, acc.1 || e.1)
+                });
+        if read && write {
+            continue;
+        }
+        for d in files.descs.iter_mut().filter(|d| of_pipe(d)) {
+            let lowest = files
+                .fds
+                .iter()
+                .filter(|f| f.desc == d.id)
+                .map(|f| f.fd)
+                .min();
+            match lowest {
+                Some(fd @ 0..=2) => {
+                    d.kind = FileKind::Pipe {
+                        inode,
+                        inherit: Some(fd),
+                    }
+                }
+                _ => bail!(
+                    "fd {} of pid {pid} is one end of a pipe whose other end is outside the process; only the standard descriptors 0-2 of such a pipe can be taken over on restore",
+                    lowest.unwrap_or(-1)
+                ),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The bytes buffered in a pipe, read without consuming them: open another reader on the same
+/// pipe through /proc, and `tee` its contents into a pipe of our own.
+fn contents(proc_fd: &std::path::Path, pages: &mut PageWriter) -> Result<(u64, u64, u32)> {
+    let src = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(proc_fd)
+        .with_context(|| format!("opening {}", proc_fd.display()))?;
+    // SAFETY: fcntl on a descriptor we own.
+    let size = unsafe { libc::fcntl(src.as_raw_fd(), libc::F_GETPIPE_SZ) };
+    if size < 0 {
+        bail!("F_GETPIPE_SZ: {}", std::io::Error::last_os_error());
+    }
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
+    // SAFETY: fcntl on our own pipe; make it as large as the source so tee can copy it all.
+    unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, size) };
+    // SAFETY: tee between two pipe descriptors we hold; it copies without consuming.
+    let n = unsafe {
+        libc::tee(
+            src.as_raw_fd(),
+            w.as_raw_fd(),
+            size as usize,
+            libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EAGAIN) {
+            bail!("tee: {e}");
+        }
+        return Ok((0, 0, size as u32));
+    }
+    let mut data = vec![0u8; n as usize];
+    let mut got = 0;
+    while got < data.len() {
+        let k = nix::unistd::read(&r, &mut data[got..])?;
+        if k == 0 {
+            break;
+        }
+        got += k;
+    }
+    data.truncate(got);
+    let (off, len) = append_padded(pages, &data)?;
+    Ok((off, len, size as u32))
+}

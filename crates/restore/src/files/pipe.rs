@@ -1,0 +1,70 @@
+//! Pipes: the first description of each end is an end of a new pipe holding the saved data;
+//! further descriptions of an end are opened again through /proc, so each keeps its own flags
+//! (one end may be non-blocking and the other not, as dumped). A description taken over from
+//! the restoring stasis (`inherit`) never gets here.
+
+use super::{check, dup_at_least, reopen, set_status_flags, write_all, Open, OpenCx};
+use anyhow::{bail, Result};
+use stasis_image::model::*;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+pub(crate) struct Pipe;
+pub(crate) static PIPE: Pipe = Pipe;
+
+/// The two ends of a pipe made for the restore, and whether each has been given out.
+pub(crate) struct Pair {
+    ends: [OwnedFd; 2],
+    given: [bool; 2],
+}
+
+impl Open for Pipe {
+    fn open(&self, d: &FileDesc, cx: &mut OpenCx) -> Result<OwnedFd> {
+        let FileKind::Pipe { inode, .. } = d.kind else {
+            unreachable!("dispatched by kind")
+        };
+        if !cx.pipes.contains_key(&inode) {
+            let pair = new_pipe(cx, inode)?;
+            cx.pipes.insert(inode, pair);
+        }
+        let Some(pair) = cx.pipes.get_mut(&inode) else {
+            bail!("pipe {inode} vanished");
+        };
+        let end = match d.flags & libc::O_ACCMODE as u32 {
+            a if a == libc::O_RDONLY as u32 => 0,
+            a if a == libc::O_WRONLY as u32 => 1,
+            _ => bail!("a pipe end open for reading and writing is not supported"),
+        };
+        let fd = if pair.given[end] {
+            reopen(pair.ends[end].as_raw_fd(), d.flags)?
+        } else {
+            pair.given[end] = true;
+            dup_at_least(pair.ends[end].as_raw_fd(), cx.stage_base)?
+        };
+        set_status_flags(fd.as_raw_fd(), d.flags)?;
+        Ok(fd)
+    }
+}
+
+fn new_pipe(cx: &OpenCx, inode: u64) -> Result<Pair> {
+    let mut ends = [0; 2];
+    // SAFETY: pipe2 into a valid array.
+    check(
+        unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) },
+        || "pipe2".into(),
+    )?;
+    let (r, w) = (super::own(ends[0]), super::own(ends[1]));
+    let (r, w) = (cx.stage(r)?, cx.stage(w)?);
+    if let Some(buf) = cx.img.files.pipe(inode) {
+        if buf.size > 0 {
+            // SAFETY: fcntl on our pipe.
+            unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, buf.size as libc::c_int) };
+        }
+    }
+    if let Some(data) = cx.data.pipes.get(&inode) {
+        write_all(w.as_raw_fd(), data)?;
+    }
+    Ok(Pair {
+        ends: [r, w],
+        given: [false, false],
+    })
+}
