@@ -406,6 +406,7 @@ fn shared_anonymous_views_stay_one_object() {
 /// restored process runs on, and /proc still shows its exe and mappings as "(deleted)".
 #[test]
 fn process_running_a_deleted_binary_comes_back() {
+    use std::os::unix::process::CommandExt;
     if !require_root("process_running_a_deleted_binary_comes_back") {
         return;
     }
@@ -413,14 +414,20 @@ fn process_running_a_deleted_binary_comes_back() {
     let exe = dir.path().join("sleeper-copy");
     std::fs::copy(fixture_bin("sleeper"), &exe).expect("copy the fixture");
     let (pidfile, out) = (dir.path().join("pid"), dir.path().join("out"));
-    let status = std::process::Command::new(&exe)
-        .arg("--pidfile")
-        .arg(&pidfile)
-        .arg("--out")
-        .arg(&out)
-        .arg("--daemon")
-        .status()
-        .expect("start the copy");
+    // SAFETY: close_range is async-signal-safe; only the standard descriptors go along.
+    let status = unsafe {
+        std::process::Command::new(&exe).pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        })
+    }
+    .arg("--pidfile")
+    .arg(&pidfile)
+    .arg("--out")
+    .arg(&out)
+    .arg("--daemon")
+    .status()
+    .expect("start the copy");
     assert!(status.success());
     let pid: i32 = std::fs::read_to_string(&pidfile)
         .expect("pid")

@@ -194,6 +194,13 @@ fn survivor_four_threads_survives_200_infections() {
     }
 }
 
+#[test]
+fn survivor_sixty_four_threads_survives_200_infections() {
+    if require_root("survivor_sixty_four_threads_survives_200_infections") {
+        survive("64");
+    }
+}
+
 /// The target shares its memory with a process stasis does not freeze, which scribbles 0xCC
 /// over the shared region as soon as it appears. stasis must fail cleanly (never report
 /// garbage, never crash the target), and the target must carry on intact.

@@ -44,6 +44,22 @@ pub fn fixture_bin(name: &str) -> PathBuf {
     Path::new(env!("OUT_DIR")).join("fixtures").join(name)
 }
 
+/// A command for fixture `name` that starts with only its standard descriptors: whatever the
+/// test runner's environment leaked (a CI runner's pipe, a shell's extra descriptor) would
+/// otherwise be part of every image, and a pipe with an outside end is refused by design.
+pub fn fixture_command(name: &str) -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut c = Command::new(fixture_bin(name));
+    // SAFETY: close_range is async-signal-safe; it runs in the child before exec.
+    unsafe {
+        c.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    c
+}
+
 /// A running fixture; killed on drop if the test did not finish it.
 pub struct Fixture {
     pub child: Child,
@@ -88,7 +104,7 @@ impl Fixture {
         let dir = tempdir::Dir::new(name);
         let pidfile = dir.path().join("pid");
         let out = dir.path().join("out");
-        let child = Command::new(fixture_bin(name))
+        let child = fixture_command(name)
             .arg("--pidfile")
             .arg(&pidfile)
             .arg("--out")
@@ -215,7 +231,7 @@ impl Daemon {
     pub fn start(name: &str, args: &[&str]) -> Daemon {
         let dir = tempdir::Dir::new(name);
         let pidfile = dir.path().join("pid");
-        let status = Command::new(fixture_bin(name))
+        let status = fixture_command(name)
             .arg("--pidfile")
             .arg(&pidfile)
             .arg("--out")

@@ -46,9 +46,27 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(GUEST_TIMEOUT + 60);
 const GUEST_FIRST_PID: u32 = 30000;
 /// At most this many CPUs in a guest (TCG runs one host thread per guest CPU).
 const GUEST_MAX_CPUS: usize = 4;
-/// glibc's hardware capabilities masked for a host-made image that is restored in a guest.
-const GLIBC_NO_AVX512: &str =
-    "glibc.cpu.hwcaps=-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-AVX512ER,-AVX512PF";
+/// glibc hardware capabilities that some hosts have and no guest CPU (QEMU TCG) does: glibc
+/// picks its string functions by CPU at start-up, so a host-made image would run them in the
+/// guest. (host /proc/cpuinfo flag, glibc's names for it.)
+const HOST_ONLY_CAPS: &[(&str, &str)] = &[
+    (
+        "avx512f",
+        "-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-AVX512ER,-AVX512PF",
+    ),
+    // Transactional memory: glibc's *_rtm variants execute xtest, which TCG lacks.
+    ("rtm", "-RTM"),
+];
+
+/// The GLIBC_TUNABLES that keep a host fixture to what the guests offer, if any is needed.
+fn glibc_mask(host_flags: &[String]) -> Option<String> {
+    let masked: Vec<&str> = HOST_ONLY_CAPS
+        .iter()
+        .filter(|(flag, _)| host_flags.iter().any(|f| f == flag))
+        .map(|(_, caps)| *caps)
+        .collect();
+    (!masked.is_empty()).then(|| format!("glibc.cpu.hwcaps={}", masked.join(",")))
+}
 /// Lines of a failing step's output shown under the matrix.
 const TAIL_LINES: usize = 40;
 
@@ -93,7 +111,7 @@ done
 echo "== restored pid $PID"
 sleep 1
 [ -s out ] && verdict
-[ -d "/proc/$PID" ] || { sleep 0.5; [ -s out ] && verdict; fail "the restored process (pid $PID) is gone, without a verdict"; }
+[ -d "/proc/$PID" ] || { sleep 0.5; [ -s out ] && verdict; dmesg | tail -n 5; fail "the restored process (pid $PID) is gone, without a verdict"; }
 kill -TERM "$PID" || fail "kill -TERM $PID failed"
 i=0
 while [ ! -s out ]; do
@@ -116,7 +134,8 @@ struct Setup {
     guest_cpus: usize,
     host_cpus: usize,
     /// This host has AVX-512, which QEMU's TCG guests lack.
-    host_avx512: bool,
+    /// GLIBC_TUNABLES for host fixtures that will be restored in a guest.
+    host_glibc_mask: Option<String>,
     /// Guest version → (kernel directory, its release).
     guests: Vec<(&'static str, PathBuf, String)>,
 }
@@ -174,10 +193,8 @@ pub fn run() -> Result<()> {
     if let Some(cpu) = &setup.guest_cpu {
         println!("== guest CPU: {cpu} (this host has no protection keys)");
     }
-    if setup.host_avx512 {
-        println!(
-            "== host fixtures start with GLIBC_TUNABLES={GLIBC_NO_AVX512} (no guest has AVX-512)"
-        );
+    if let Some(mask) = &setup.host_glibc_mask {
+        println!("== host fixtures start with GLIBC_TUNABLES={mask} (CPU features no guest has)");
     }
     println!(
         "== guests get {} CPUs (this host has {})",
@@ -353,7 +370,7 @@ fn prepare() -> Result<Setup> {
         fixture,
         host_release,
         guest_cpu: guest_cpu(&host_flags),
-        host_avx512: host_flags.iter().any(|f| f == "avx512f"),
+        host_glibc_mask: glibc_mask(&host_flags),
         guest_cpus: host_cpus.min(GUEST_MAX_CPUS),
         host_cpus,
         guests,
@@ -501,11 +518,11 @@ fn step(
             let mut c = Command::new("/bin/sh");
             c.current_dir(dir);
             close_inherited_fds(&mut c);
-            if dumping && setup.host_avx512 {
-                // glibc picks its string functions by CPU at start-up: on AVX-512 they use
-                // zmm/opmask state, which no guest CPU has. Keep the fixture to what the
-                // guests offer, as one must for any migration to a smaller CPU.
-                c.env("GLIBC_TUNABLES", GLIBC_NO_AVX512);
+            if let (true, Some(mask)) = (dumping, &setup.host_glibc_mask) {
+                // glibc picks its string functions by CPU at start-up (AVX-512, RTM…), and
+                // the guest CPU has not all of this host's features. Keep the fixture to what
+                // the guests offer, as one must for any migration to a smaller CPU.
+                c.env("GLIBC_TUNABLES", mask);
             }
             if !dumping && setup.host_cpus > setup.guest_cpus {
                 // The restored process (it inherits stasis's affinity) runs only on CPUs a

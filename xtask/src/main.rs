@@ -8,6 +8,7 @@ use std::process::Command;
 mod bench;
 mod bench_cr;
 mod cross;
+mod programs;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -26,6 +27,11 @@ enum Cmd {
         /// another, in QEMU guests; needs root and ../shared/tools).
         #[arg(long)]
         cross_kernel: bool,
+        /// Instead: real multi-threaded programs (Python, Node.js, Go, Java) dumped and restored
+        /// twice each, which must carry on exactly (needs root; missing toolchains are installed
+        /// with apt-get).
+        #[arg(long, conflicts_with = "cross_kernel")]
+        programs: bool,
     },
     /// `cargo fmt --check` and `cargo clippy --all-targets -- -D warnings`.
     Lint,
@@ -43,8 +49,13 @@ enum Cmd {
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::BuildParasite => build_parasite(),
-        Cmd::Test { cross_kernel } => {
-            if cross_kernel {
+        Cmd::Test {
+            cross_kernel,
+            programs,
+        } => {
+            if programs {
+                programs::run()
+            } else if cross_kernel {
                 cross::run()
             } else {
                 test()

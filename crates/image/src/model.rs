@@ -455,6 +455,11 @@ pub enum FileKind {
     /// other end is outside the process, so the restoring stasis's own descriptor of that
     /// number (a pipe) stands in, as for a shell job.
     Pipe { inode: u64, inherit: Option<i32> },
+    /// `eventfd`: its counter and whether it counts as a semaphore.
+    EventFd { count: u64, semaphore: bool },
+    /// An epoll instance and everything registered with it (added once every descriptor is
+    /// back at its number).
+    Epoll { watches: Vec<EpollWatch> },
     /// A terminal of a shell job (`--shell-job`): `inherit` is the restoring stasis's own
     /// descriptor of that number (its terminal) to take over; `None`: a further description of
     /// the same terminal, opened again through the inherited one. `termios` (a raw
@@ -466,6 +471,16 @@ pub enum FileKind {
         #[serde(with = "hex_bytes")]
         termios: Vec<u8>,
     },
+}
+
+/// One registration of an epoll instance: the descriptor number it was added with (epoll keys
+/// registrations by file and number), the events (EPOLLET, EPOLLONESHOT… included) and the
+/// user data.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EpollWatch {
+    pub fd: i32,
+    pub events: u32,
+    pub data: u64,
 }
 
 /// One open file description, recorded once however many descriptors refer to it.

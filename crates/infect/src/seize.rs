@@ -85,6 +85,9 @@ impl Seized {
                 s.seize_thread(tid)?;
             }
         }
+        for &tid in &s.threads {
+            make_restartable(tid)?;
+        }
         if s.threads.first() != Some(&pid) {
             // The leader exited (or was never seen): nothing sensible to freeze.
             return Err(InfectError::TargetGone {
@@ -290,6 +293,29 @@ impl Seized {
         }
         first_err.map_or(Ok(()), Err)
     }
+}
+
+/// System calls that fail with EINTR, never restarting, when their thread is stopped (by our
+/// interrupt as by SIGSTOP, see signal(7)): epoll_wait, epoll_pwait, epoll_pwait2,
+/// io_getevents, io_pgetevents, semop, semtimedop, rt_sigtimedwait.
+const EINTR_ON_STOP: &[u64] = &[232, 281, 441, 208, 333, 65, 220, 128];
+const EINTR: u64 = (-4i64) as u64;
+const ERESTARTNOHAND: u64 = (-514i64) as u64;
+
+/// A thread our interrupt took out of one of `EINTR_ON_STOP` would see an EINTR nobody sent.
+/// Its result is turned into -ERESTARTNOHAND, which the kernel resolves when the thread runs
+/// again exactly as it would have without us: restart the call, or EINTR if a signal handler
+/// runs first. So a freeze, a dump or a restore is invisible to it.
+fn make_restartable(tid: i32) -> Result<()> {
+    let t = Pid::from_raw(tid);
+    let perr = |op| move |errno| InfectError::Ptrace { op, tid, errno };
+    let mut regs = sys::get_regs(t).map_err(perr("GETREGS"))?;
+    if regs.rax == EINTR && EINTR_ON_STOP.contains(&regs.orig_rax) {
+        regs.rax = ERESTARTNOHAND;
+        sys::set_regs(t, &regs).map_err(perr("SETREGS"))?;
+        tracing::debug!(tid, nr = regs.orig_rax, "interrupted call made restartable");
+    }
+    Ok(())
 }
 
 impl Drop for Seized {

@@ -8,6 +8,8 @@
 //! file lock of any kind, which would not survive the restore.
 
 mod chardev;
+mod epoll;
+mod eventfd;
 mod path;
 mod pipe;
 mod tty;
@@ -36,9 +38,19 @@ pub(crate) struct Probe {
     /// open(2) status flags, without O_CLOEXEC.
     pub flags: u32,
     pub pos: u64,
+    /// The whole of `/proc/PID/fdinfo/N`, for kinds that report their state there.
+    pub fdinfo: String,
 }
 
 impl Probe {
+    /// The value after `key` on a line of fdinfo (`eventfd-count:` …).
+    pub fn info_field(&self, key: &str) -> Option<&str> {
+        self.fdinfo
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(str::trim)
+    }
+
     pub fn file_type(&self) -> u32 {
         self.meta.mode() & libc::S_IFMT
     }
@@ -63,6 +75,8 @@ pub(crate) trait Kind: Sync {
 /// Every kind, in the order they are asked; the first that claims a descriptor owns it.
 static KINDS: &[&dyn Kind] = &[
     &pipe::PIPE,
+    &eventfd::EVENTFD,
+    &epoll::EPOLL,
     &tty::TTY,
     &chardev::CHARDEV,
     &unnamed::UNNAMED,
@@ -102,10 +116,13 @@ pub(crate) fn collect(
     let mut cx = Cx { pages, files };
     // (description id, a descriptor of it, its (dev, inode)) for the kcmp comparisons.
     let mut reps: Vec<(u32, i32, (u64, u64))> = Vec::new();
+    // fd → inode, for checking what epoll instances watch.
+    let mut watched = std::collections::HashMap::new();
     for fd in fds {
         let (probe, info) = probe(pid, fd)?;
         refuse_locks(pid, fd, &probe, &info)?;
         let key = (probe.meta.dev(), probe.meta.ino());
+        watched.insert(fd, probe.meta.ino());
         let cloexec = info.cloexec;
         if let Some(id) = same_as_earlier(pid, fd, key, &reps)? {
             cx.files.fds.push(Fd {
@@ -137,6 +154,7 @@ pub(crate) fn collect(
         reps.push((id, fd, key));
     }
     let mut files = cx.files;
+    epoll::check_watches(pid, &files, &watched)?;
     pipe::settle_outside_ends(pid, &mut files)?;
     tty::settle_shell_job(pid, opts.shell_job, &mut files)?;
     Ok(files)
@@ -182,6 +200,7 @@ fn probe(pid: i32, fd: i32) -> Result<(Probe, FdInfo)> {
             meta,
             flags: raw_flags & !(libc::O_CLOEXEC as u32),
             pos,
+            fdinfo: text.clone(),
         },
         FdInfo {
             cloexec: raw_flags & libc::O_CLOEXEC as u32 != 0,

@@ -14,6 +14,8 @@
 //! restored process because everything not placed is closed at the end (`close_unplaced`).
 
 mod chardev;
+mod epoll;
+mod eventfd;
 mod path;
 mod pipe;
 mod tty;
@@ -34,6 +36,10 @@ pub(crate) trait Open: Sync {
     }
     /// Opens the description (anywhere: the engine moves it to the staging range).
     fn open(&self, d: &FileDesc, cx: &mut OpenCx) -> Result<OwnedFd>;
+    /// Runs once every descriptor is at its number (`fd` is this description, staged).
+    fn after_place(&self, _d: &FileDesc, _fd: RawFd) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The one dispatch from a dumped kind to its operations.
@@ -44,6 +50,8 @@ fn ops(kind: &FileKind) -> &'static dyn Open {
         FileKind::CharDev { .. } => &chardev::CHARDEV,
         FileKind::Pipe { .. } => &pipe::PIPE,
         FileKind::Tty { .. } => &tty::TTY,
+        FileKind::EventFd { .. } => &eventfd::EVENTFD,
+        FileKind::Epoll { .. } => &epoll::EPOLL,
     }
 }
 
@@ -159,7 +167,7 @@ pub(crate) fn open_all<'a>(
                     .with_context(|| format!("opening {}", describe(img, d)))?;
                 let fd = cx.stage(fd)?;
                 cx.staged.insert(d.id, fd);
-                left.swap_remove(i);
+                left.remove(i);
             } else {
                 i += 1;
             }
@@ -194,6 +202,13 @@ pub(crate) fn place(cx: &OpenCx) -> Result<()> {
         check(unsafe { libc::dup3(src.as_raw_fd(), f.fd, flags) }, || {
             format!("placing fd {}", f.fd)
         })?;
+    }
+    for d in &cx.img.files.descs {
+        if let Some(fd) = cx.staged.get(&d.id) {
+            ops(&d.kind)
+                .after_place(d, fd.as_raw_fd())
+                .with_context(|| format!("completing {}", describe(cx.img, d)))?;
+        }
     }
     Ok(())
 }
@@ -234,6 +249,8 @@ fn describe(img: &Image, d: &FileDesc) -> String {
         }
         FileKind::CharDev { path, .. } | FileKind::Tty { path, .. } => path.to_string(),
         FileKind::Pipe { inode, .. } => format!("pipe:[{inode}]"),
+        FileKind::EventFd { .. } => "eventfd".into(),
+        FileKind::Epoll { .. } => "epoll".into(),
     };
     format!("fd {} ({what})", fds.join(", "))
 }

@@ -1,6 +1,6 @@
-//! Pipes: the first description of each end is an end of a new pipe holding the saved data;
-//! further descriptions of an end are opened again through /proc, so each keeps its own flags
-//! (one end may be non-blocking and the other not, as dumped). A description taken over from
+//! Pipes: a new pipe holding the saved data; the description pipe(2) made of each end is that
+//! end, descriptions opened later through /proc are opened again the same way, so each keeps
+//! its own flags (one may be non-blocking and another not, as dumped). A description taken over from
 //! the restoring stasis (`inherit`) never gets here.
 
 use super::{check, dup_at_least, reopen, set_status_flags, write_all, Open, OpenCx};
@@ -34,11 +34,15 @@ impl Open for Pipe {
             a if a == libc::O_WRONLY as u32 => 1,
             _ => bail!("a pipe end open for reading and writing is not supported"),
         };
-        let fd = if pair.given[end] {
-            reopen(pair.ends[end].as_raw_fd(), d.flags)?
-        } else {
+        // pipe(2) makes its ends without O_LARGEFILE, open(2) (of /proc/PID/fd/N) always
+        // with it: a description without it is the pipe's own end, one with it was opened
+        // again, and is opened again here too.
+        let own_end = d.flags & libc::O_LARGEFILE as u32 == 0;
+        let fd = if own_end && !pair.given[end] {
             pair.given[end] = true;
             dup_at_least(pair.ends[end].as_raw_fd(), cx.stage_base)?
+        } else {
+            reopen(pair.ends[end].as_raw_fd(), d.flags)?
         };
         set_status_flags(fd.as_raw_fd(), d.flags)?;
         Ok(fd)

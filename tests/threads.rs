@@ -1,0 +1,182 @@
+//! Multi-threaded processes, dumped (killed) and restored with the same thread ids: every
+//! thread's registers, sigaltstack, blocked mask, pending signals, name, scheduling, affinity,
+//! robust list and clear-child-tid come back, and a thread that was blocked in a system call
+//! carries on with it. The fixtures check themselves (see tests/fixtures/threads.c).
+
+mod common;
+
+use common::*;
+
+/// Dump and restore twice, then the verdict.
+fn twice(name: &str, args: &[&str]) -> String {
+    let d = Daemon::start(name, args);
+    let tids = threads_of(d.pid);
+    d.dump(1);
+    d.restore(1);
+    assert_eq!(threads_of(d.pid), tids, "the same thread ids after restore");
+    d.dump(2);
+    d.restore(2);
+    assert_eq!(
+        threads_of(d.pid),
+        tids,
+        "the same thread ids after a second restore"
+    );
+    assert_pass(&d.finish())
+}
+
+fn threads_of(pid: i32) -> Vec<i32> {
+    let mut t: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("task dir")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    t.sort_unstable();
+    t
+}
+
+#[test]
+fn one_thread_with_its_state_comes_back() {
+    if require_root("one_thread_with_its_state_comes_back") {
+        let d = twice("threads", &["--threads", "1"]);
+        assert!(d.contains("threads=1"), "{d}");
+    }
+}
+
+#[test]
+fn four_threads_each_with_its_own_state_come_back() {
+    if require_root("four_threads_each_with_its_own_state_come_back") {
+        let d = twice("threads", &["--threads", "4"]);
+        assert!(d.contains("threads=4"), "{d}");
+        assert!(d.contains("epoll_eintr=0"), "a freeze showed as EINTR: {d}");
+    }
+}
+
+#[test]
+fn sixty_four_threads_blocked_in_every_kind_of_call_come_back() {
+    if require_root("sixty_four_threads_blocked_in_every_kind_of_call_come_back") {
+        let d = twice("threads", &["--threads", "64", "--strict-epoll"]);
+        assert!(d.contains("threads=64"), "{d}");
+    }
+}
+
+/// Each blocking call on its own, every thread in it at the dump.
+#[test]
+fn threads_all_blocked_in_one_call_resume_it() {
+    if !require_root("threads_all_blocked_in_one_call_resume_it") {
+        return;
+    }
+    for mode in ["futex", "nanosleep", "read", "poll", "epoll"] {
+        let d = twice(
+            "threads",
+            &["--threads", "4", "--block", mode, "--strict-epoll"],
+        );
+        assert!(d.contains(&format!("mode={mode}")), "{d}");
+    }
+}
+
+/// The survivor (per-thread POSIX timers, futex, poll, read, registers) with workers on
+/// several threads, dumped and restored while signals keep arriving.
+#[test]
+fn survivor_with_four_workers_comes_back() {
+    if require_root("survivor_with_four_workers_comes_back") {
+        twice("survivor", &["--threads", "4"]);
+    }
+}
+
+/// Threads are created and exit thousands of times a second while stasis freezes the process:
+/// every freeze must catch a consistent set (none missed, none half-made), the process must
+/// carry on unharmed after each, and a dump of it must restore.
+#[test]
+fn threads_created_and_exiting_during_the_freeze() {
+    if !require_root("threads_created_and_exiting_during_the_freeze") {
+        return;
+    }
+    let d = Daemon::start("thread_churn", &["--workers", "4", "--pause-us", "50"]);
+    for n in 0..20 {
+        let img = d.image(100 + n);
+        let o = stasis(&[
+            "dump",
+            "-t",
+            &d.pid.to_string(),
+            "-D",
+            &img.to_string_lossy(),
+            "--leave-running",
+        ]);
+        assert!(o.status.success(), "dump {n}: {}", stderr_of(&o));
+        assert_eq!(tracer_of(d.pid), 0, "still traced after dump {n}");
+    }
+    d.dump(1);
+    d.restore(1);
+    let v = assert_pass(&d.finish());
+    assert!(detail(&v, "created") > 1000, "the threads churned: {v}");
+}
+
+/// A restore needs every thread id free, not only the pid.
+#[test]
+fn restore_refuses_when_a_thread_id_is_taken() {
+    if !require_root("restore_refuses_when_a_thread_id_is_taken") {
+        return;
+    }
+    let d = Daemon::start("threads", &["--threads", "2"]);
+    let tids = threads_of(d.pid);
+    d.dump(1);
+    // Take the second thread's id with a process of our own.
+    let mut taker = None;
+    for _ in 0..3 {
+        // SAFETY: a child that only sleeps, created with the wanted pid (root).
+        let r = unsafe { clone_with_pid(tids[1]) };
+        if r > 0 {
+            taker = Some(r);
+            break;
+        }
+        wait_gone(tids[1]);
+    }
+    let taker = taker.expect("could not take the thread id");
+    let o = stasis(&["restore", "-D", &d.image(1).to_string_lossy(), "--detach"]);
+    // SAFETY: our own child.
+    unsafe {
+        libc::kill(taker, libc::SIGKILL);
+        libc::waitpid(taker, std::ptr::null_mut(), 0);
+    }
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr_of(&o);
+    assert!(
+        e.contains(&format!("thread id {} is in use", tids[1])),
+        "{e}"
+    );
+    assert!(!std::path::Path::new(&format!("/proc/{}", d.pid)).exists());
+}
+
+/// fork() whose child has pid `pid` and sleeps until killed; returns the pid or -1.
+unsafe fn clone_with_pid(pid: i32) -> i32 {
+    #[repr(C)]
+    #[derive(Default)]
+    struct Args {
+        flags: u64,
+        pidfd: u64,
+        child_tid: u64,
+        parent_tid: u64,
+        exit_signal: u64,
+        stack: u64,
+        stack_size: u64,
+        tls: u64,
+        set_tid: u64,
+        set_tid_size: u64,
+        cgroup: u64,
+    }
+    let want = [pid];
+    let args = Args {
+        exit_signal: libc::SIGCHLD as u64,
+        set_tid: want.as_ptr() as u64,
+        set_tid_size: 1,
+        ..Args::default()
+    };
+    // SAFETY: a fork-like clone3; the child only pauses.
+    let r = unsafe { libc::syscall(libc::SYS_clone3, &args as *const Args, 88usize) };
+    if r == 0 {
+        loop {
+            // SAFETY: the child waits to be killed.
+            unsafe { libc::pause() };
+        }
+    }
+    r as i32
+}
