@@ -165,8 +165,10 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             };
             let s = stasis_dump::dump(pid, &images_dir, &opts)?;
             eprintln!(
-                "dumped pid {pid} into {}: {} VMAs, {} pages ({:.1} MiB), {} fds; frozen {:.1} ms, total {:.1} ms",
+                "dumped pid {pid} into {}: {} thread{}, {} VMAs, {} pages ({:.1} MiB), {} fds; frozen {:.1} ms, total {:.1} ms",
                 images_dir.display(),
+                s.threads,
+                if s.threads == 1 { "" } else { "s" },
                 s.vmas,
                 s.pages,
                 s.bytes as f64 / (1 << 20) as f64,

@@ -21,18 +21,35 @@ pub enum Which {
         /// Measured runs per size and tool.
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Threads of the workload (all but one nap in nanosleep).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
         /// A CRIU (>= 4.1) binary to measure in the same run; default: `criu` on PATH.
         #[arg(long)]
         criu: Option<std::path::PathBuf>,
+    },
+    /// How long a `--leave-running` dump keeps the process frozen, by thread count: the cost
+    /// of each further thread.
+    Freeze {
+        /// Thread counts to measure.
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32,64")]
+        threads: Vec<usize>,
+        /// Measured dumps per thread count.
+        #[arg(long, default_value_t = 9)]
+        runs: usize,
     },
 }
 
 pub fn run(which: Which) -> Result<()> {
     match which {
         Which::Infect { runs } => infect(runs),
-        Which::DumpRestore { sizes, runs, criu } => {
-            crate::bench_cr::run(&sizes, runs, crate::bench_cr::find_criu(criu))
-        }
+        Which::DumpRestore {
+            sizes,
+            runs,
+            threads,
+            criu,
+        } => crate::bench_cr::run(&sizes, runs, threads, crate::bench_cr::find_criu(criu)),
+        Which::Freeze { threads, runs } => crate::bench_cr::freeze(&threads, runs),
     }
 }
 

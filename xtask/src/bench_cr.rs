@@ -28,7 +28,7 @@ fn memhold(work: &Path) -> Result<PathBuf> {
     let src = crate::repo_root().join("xtask/workloads/memhold.c");
     let exe = work.join("memhold");
     let status = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
-        .args(["-O2", "-Wall", "-o"])
+        .args(["-O2", "-Wall", "-pthread", "-o"])
         .arg(&exe)
         .arg(&src)
         .status()
@@ -58,6 +58,22 @@ fn timed(cmd: &mut Command, what: &str, log: &Path) -> Result<(Duration, u64)> {
     Ok((elapsed, ru.ru_maxrss as u64))
 }
 
+/// `setsid -f …`: the workload in a session of its own, with only the standard descriptors
+/// (anything our caller leaked would be in the image, or refused).
+fn workload_launcher() -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut c = Command::new("setsid");
+    c.arg("-f");
+    // SAFETY: close_range is async-signal-safe; it runs between fork and exec.
+    unsafe {
+        c.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    c
+}
+
 fn wait_until(deadline: Duration, mut f: impl FnMut() -> bool, what: &str) -> Result<()> {
     let end = Instant::now() + deadline;
     while !f() {
@@ -73,20 +89,20 @@ fn gone(pid: i32) -> bool {
     !Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// One dump + restore of a fresh `memhold mib` with `tool`.
-pub fn round(tool: &Tool, memhold: &Path, work: &Path, mib: u64) -> Result<Round> {
+/// One dump + restore of a fresh `memhold mib` (with `threads` threads) with `tool`.
+pub fn round(tool: &Tool, memhold: &Path, work: &Path, mib: u64, threads: usize) -> Result<Round> {
     let dir = work.join(format!("{}-{mib}", tool.name));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let state = dir.join("state");
     let img = dir.join("img");
     std::fs::create_dir_all(&img)?;
-    let mut launcher = Command::new("setsid");
+    let mut launcher = workload_launcher();
     launcher
-        .arg("-f")
         .arg(memhold)
         .arg(mib.to_string())
         .arg(&state)
+        .arg(threads.to_string())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
@@ -169,7 +185,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-pub fn run(sizes: &[u64], runs: usize, criu: Option<PathBuf>) -> Result<()> {
+pub fn run(sizes: &[u64], runs: usize, threads: usize, criu: Option<PathBuf>) -> Result<()> {
     if runs == 0 {
         bail!("--runs must be at least 1");
     }
@@ -194,7 +210,7 @@ pub fn run(sizes: &[u64], runs: usize, criu: Option<PathBuf>) -> Result<()> {
         ),
     }
     println!(
-        "bench dump-restore: {runs} runs per size, medians; memory verified after every restore"
+        "bench dump-restore: {runs} runs per size, medians; {threads} thread(s); memory verified after every restore"
     );
     println!(
         "{:<8} {:<7} {:>10} {:>10} {:>13} {:>13}",
@@ -204,9 +220,9 @@ pub fn run(sizes: &[u64], runs: usize, criu: Option<PathBuf>) -> Result<()> {
         let mut medians = Vec::new();
         for tool in &tools {
             // One warm-up round: the first touch of fresh memory is far slower on this VM.
-            round(tool, &memhold, &work, mib.min(64))?;
+            round(tool, &memhold, &work, mib.min(64), threads)?;
             let rounds: Vec<Round> = (0..runs)
-                .map(|_| round(tool, &memhold, &work, mib))
+                .map(|_| round(tool, &memhold, &work, mib, threads))
                 .collect::<Result<_>>()?;
             let d = median(rounds.iter().map(|r| r.dump).collect());
             let r = median(rounds.iter().map(|r| r.restore).collect());
@@ -250,4 +266,94 @@ pub fn find_criu(explicit: Option<PathBuf>) -> Option<PathBuf> {
     let mut parts = version.split('.').map(|x| x.parse::<u32>().unwrap_or(0));
     let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
     ((major, minor) >= (4, 1)).then(|| PathBuf::from("criu"))
+}
+
+/// `cargo xtask bench freeze`: how long a `--leave-running` dump keeps a process with N
+/// threads frozen (as stasis reports it: from the first thread seized to the last released),
+/// and what each thread beyond the first costs.
+pub fn freeze(thread_counts: &[usize], runs: usize) -> Result<()> {
+    if runs == 0 || thread_counts.is_empty() {
+        bail!("--runs and --threads must not be empty");
+    }
+    let root = crate::repo_root();
+    let mut b = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    b.current_dir(&root)
+        .args(["build", "--release", "--quiet", "--bin", "stasis"]);
+    if !b.status()?.success() {
+        bail!("building stasis");
+    }
+    let stasis = root.join("target/release/stasis");
+    let work = root.join("target/bench");
+    std::fs::create_dir_all(&work)?;
+    let memhold = memhold(&work)?;
+    println!("bench freeze: 16 MiB, --leave-running dumps, median of {runs}");
+    println!(
+        "{:>8} {:>12} {:>16}",
+        "threads", "frozen", "per extra thread"
+    );
+    let mut first: Option<(usize, f64)> = None;
+    for &n in thread_counts {
+        let dir = work.join(format!("freeze-{n}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let state = dir.join("state");
+        let status = workload_launcher()
+            .arg(&memhold)
+            .arg("16")
+            .arg(&state)
+            .arg(n.to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!("starting memhold with {n} threads");
+        }
+        let read_state = || std::fs::read_to_string(&state).unwrap_or_default();
+        wait_until(
+            Duration::from_secs(60),
+            || read_state().starts_with("READY"),
+            "memhold to be ready",
+        )?;
+        let pid: i32 = read_state()
+            .trim()
+            .trim_start_matches("READY pid=")
+            .parse()
+            .context("memhold state")?;
+        let mut frozen = Vec::new();
+        for i in 0..=runs {
+            let img = dir.join(format!("img{i}"));
+            let o = Command::new(&stasis)
+                .args(["dump", "--leave-running", "-t", &pid.to_string(), "-D"])
+                .arg(&img)
+                .output()?;
+            let err = String::from_utf8_lossy(&o.stderr);
+            if !o.status.success() {
+                // SAFETY: stopping our own workload.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                bail!("dump of {n} threads failed: {}", err.trim());
+            }
+            let ms: f64 = err
+                .split("frozen ")
+                .nth(1)
+                .and_then(|r| r.split(" ms").next())
+                .and_then(|v| v.parse().ok())
+                .context("no frozen time in stasis's summary")?;
+            let _ = std::fs::remove_dir_all(&img);
+            if i > 0 {
+                frozen.push(Duration::from_secs_f64(ms / 1e3));
+            }
+        }
+        // SAFETY: the workload's job is done.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let m = median(frozen).as_secs_f64() * 1e3;
+        let per = match first {
+            Some((n0, m0)) if n > n0 => format!("{:.0} µs", (m - m0) * 1e3 / (n - n0) as f64),
+            _ => "-".into(),
+        };
+        first.get_or_insert((n, m));
+        println!("{n:>8} {m:>9.2} ms {per:>16}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
 }

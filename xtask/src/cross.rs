@@ -1,6 +1,7 @@
 //! `cargo xtask test --cross-kernel`: images made under one kernel, restored under another.
 //!
-//! A statically linked stasis and the static `vdso_calls` fixture go into one work directory
+//! A statically linked stasis and the static `vdso_calls` and `threads` fixtures go into one
+//! work directory
 //! per cell (`target/cross-kernel/<cell>/`), which is also the `--share` directory of the QEMU
 //! guests (`run-in-kernel.sh` unpacks it at the same absolute path and copies new files back).
 //! The same two shell scripts run on the host (dash) and in the guests (busybox sh):
@@ -13,7 +14,9 @@
 //!
 //! The fixture calls every vDSO function through pointers it cached before the dump and
 //! compares with the raw system calls; `--proxy` (image and restore kernels differ) makes it
-//! also require stasis's vDSO proxy at the old `[vdso]` address. Kernels come from
+//! also require stasis's vDSO proxy at the old `[vdso]` address. Beside it, in `mt/`, the
+//! multi-threaded `threads` fixture (4 threads, each with its own registers, altstack, mask,
+//! pending signal, scheduling, blocked in futex/nanosleep/read/poll/epoll) makes the same trip. Kernels come from
 //! `../shared/tools/fetch-kernel.sh` (cached in `$XKERNEL_CACHE` or `~/.cache/xkernel`).
 
 use anyhow::{bail, Context, Result};
@@ -70,55 +73,76 @@ fn glibc_mask(host_flags: &[String]) -> Option<String> {
 /// Lines of a failing step's output shown under the matrix.
 const TAIL_LINES: usize = 40;
 
-const DUMP_SH: &str = r#"# dump.sh SHARE [FIXTURE FLAGS]: start vdso_calls, dump it into SHARE/img (which kills it).
+const DUMP_SH: &str = r#"# dump.sh SHARE [FIXTURE FLAGS]: start vdso_calls (in SHARE) and the multi-threaded
+# threads fixture (in SHARE/mt), dump each into its img/ (which kills it).
 S=$1; shift
 cd "$S" || exit 1
 fail() { echo "== FAIL: $*"; exit 1; }
 echo "== dump under kernel $(uname -r); uptime $(cut -d' ' -f1 /proc/uptime) s"
-rm -rf img pid out
-mkdir img || fail "cannot create $S/img"
-./vdso_calls --pidfile "$S/pid" --out "$S/out" --daemon "$@" || fail "the fixture did not start (rc $?)"
-i=0
-while [ ! -s pid ]; do
-	i=$((i + 1)); [ $i -le 300 ] || fail "no pid file from the fixture after 30 s"
-	sleep 0.1
-done
-PID=$(cat pid)
-echo "== fixture pid $PID"
-sleep 0.5
-[ -d "/proc/$PID" ] || fail "the fixture (pid $PID) died before the dump: $(cat out 2>/dev/null)"
-./stasis -v dump -t "$PID" -D "$S/img" || fail "stasis dump failed (rc $?)"
-echo "== dump OK; uptime $(cut -d' ' -f1 /proc/uptime) s"
+# dump_one DIR FIXTURE [FLAGS]
+dump_one() {
+	D=$1; F=$2; shift 2
+	rm -rf "$D/img" "$D/pid" "$D/out"
+	mkdir -p "$D/img" || fail "cannot create $D/img"
+	"$S/$F" --pidfile "$D/pid" --out "$D/out" --daemon "$@" || fail "$F did not start (rc $?)"
+	i=0
+	while [ ! -s "$D/pid" ]; do
+		i=$((i + 1)); [ $i -le 300 ] || fail "no pid file from $F after 30 s"
+		sleep 0.1
+	done
+	PID=$(cat "$D/pid")
+	echo "== $F pid $PID"
+	sleep 0.5
+	[ -d "/proc/$PID" ] || fail "$F (pid $PID) died before the dump: $(cat "$D/out" 2>/dev/null)"
+	./stasis -v dump -t "$PID" -D "$D/img" || fail "stasis dump of $F failed (rc $?)"
+	echo "== dump of $F OK; uptime $(cut -d' ' -f1 /proc/uptime) s"
+}
+dump_one "$S" vdso_calls "$@"
+dump_one "$S/mt" threads --threads 4 --strict-epoll
 "#;
 
-const RESTORE_SH: &str = r#"# restore.sh SHARE: restore SHARE/img, let it run, SIGTERM it, print the fixture's verdict.
+const RESTORE_SH: &str = r#"# restore.sh SHARE: restore both images, let them run, SIGTERM them, print the verdicts.
 S=$1
 cd "$S" || exit 1
 fail() { echo "== FAIL: $*"; exit 1; }
-verdict() { echo "== verdict: $(cat out)"; case $(cat out) in PASS:*) exit 0 ;; *) exit 1 ;; esac; }
 echo "== restore under kernel $(uname -r); uptime $(cut -d' ' -f1 /proc/uptime) s"
-PID=$(cat pid 2>/dev/null)
-[ -n "$PID" ] || fail "no pid file from the dump"
-rm -f out
-# A killed process stays a zombie until its parent (init) reaps it.
-i=0
-while [ -d "/proc/$PID" ]; do
-	i=$((i + 1)); [ $i -le 100 ] || fail "pid $PID is still in use here ($(cat /proc/$PID/comm 2>/dev/null))"
-	sleep 0.1
-done
-./stasis show img || echo "== stasis show failed (rc $?)"
-./stasis -v restore -D "$S/img" --detach || fail "stasis restore failed (rc $?)"
-echo "== restored pid $PID"
+# restore_one DIR FIXTURE: restore DIR/img; leaves PID set
+restore_one() {
+	D=$1; F=$2
+	PID=$(cat "$D/pid" 2>/dev/null)
+	[ -n "$PID" ] || fail "no pid file from the dump of $F"
+	rm -f "$D/out"
+	# A killed process stays a zombie until its parent (init) reaps it.
+	i=0
+	while [ -d "/proc/$PID" ]; do
+		i=$((i + 1)); [ $i -le 100 ] || fail "pid $PID is still in use here ($(cat /proc/$PID/comm 2>/dev/null))"
+		sleep 0.1
+	done
+	./stasis show "$D/img" || echo "== stasis show failed (rc $?)"
+	./stasis -v restore -D "$D/img" --detach || fail "stasis restore of $F failed (rc $?)"
+	echo "== restored $F, pid $PID"
+}
+# verdict_of DIR FIXTURE PID: SIGTERM (unless it already answered), wait, print, 0 if PASS
+verdict_of() {
+	D=$1; F=$2; P=$3
+	if [ ! -s "$D/out" ]; then
+		[ -d "/proc/$P" ] || { sleep 0.5; [ -s "$D/out" ] || { dmesg | tail -n 5; fail "the restored $F (pid $P) is gone, without a verdict"; }; }
+	fi
+	[ -s "$D/out" ] || kill -TERM "$P" || fail "kill -TERM $P failed"
+	i=0
+	while [ ! -s "$D/out" ]; do
+		i=$((i + 1)); [ $i -le 200 ] || fail "no verdict from $F 20 s after SIGTERM"
+		sleep 0.1
+	done
+	echo "== verdict of $F: $(cat "$D/out")"
+	case $(cat "$D/out") in PASS:*) return 0 ;; *) return 1 ;; esac
+}
+restore_one "$S" vdso_calls; P1=$PID
+restore_one "$S/mt" threads; P2=$PID
 sleep 1
-[ -s out ] && verdict
-[ -d "/proc/$PID" ] || { sleep 0.5; [ -s out ] && verdict; dmesg | tail -n 5; fail "the restored process (pid $PID) is gone, without a verdict"; }
-kill -TERM "$PID" || fail "kill -TERM $PID failed"
-i=0
-while [ ! -s out ]; do
-	i=$((i + 1)); [ $i -le 200 ] || fail "no verdict 20 s after SIGTERM"
-	sleep 0.1
-done
-verdict
+verdict_of "$S" vdso_calls "$P1"; R1=$?
+verdict_of "$S/mt" threads "$P2"; R2=$?
+[ $R1 -eq 0 ] && [ $R2 -eq 0 ]
 "#;
 
 struct Setup {
@@ -126,6 +150,8 @@ struct Setup {
     work: PathBuf,
     stasis: PathBuf,
     fixture: PathBuf,
+    /// The static multi-threaded fixture (`threads`), run beside `fixture` in every cell.
+    threads_fixture: PathBuf,
     host_release: String,
     /// QEMU's `--cpu` for the guests, when the default does not suit this host.
     guest_cpu: Option<String>,
@@ -311,17 +337,20 @@ fn prepare() -> Result<Setup> {
         );
     }
 
-    println!("== building the static vdso_calls fixture");
-    let fixture = work.join("vdso_calls");
-    let mut cc = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()));
-    cc.current_dir(&root)
-        .args(["-O1", "-g", "-static", "-pthread", "-mavx2", "-o"])
-        .arg(&fixture)
-        .args([
-            "tests/fixtures/lib/fixture.c",
-            "tests/fixtures/vdso_calls.c",
-        ]);
-    crate::run(cc)?;
+    println!("== building the static vdso_calls and threads fixtures");
+    let static_fixture = |name: &str| -> Result<PathBuf> {
+        let exe = work.join(name);
+        let mut cc = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()));
+        cc.current_dir(&root)
+            .args(["-O1", "-g", "-static", "-pthread", "-mavx2", "-o"])
+            .arg(&exe)
+            .arg("tests/fixtures/lib/fixture.c")
+            .arg(format!("tests/fixtures/{name}.c"));
+        crate::run(cc)?;
+        Ok(exe)
+    };
+    let fixture = static_fixture("vdso_calls")?;
+    let threads_fixture = static_fixture("threads")?;
 
     let mut versions: Vec<&'static str> = Vec::new();
     for &(a, b) in MATRIX {
@@ -368,6 +397,7 @@ fn prepare() -> Result<Setup> {
         work,
         stasis,
         fixture,
+        threads_fixture,
         host_release,
         guest_cpu: guest_cpu(&host_flags),
         host_glibc_mask: glibc_mask(&host_flags),
@@ -432,6 +462,8 @@ fn run_cell(setup: &Setup, from: Kernel, to: Kernel) -> Result<Cell> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     std::fs::copy(&setup.stasis, dir.join("stasis"))?;
     std::fs::copy(&setup.fixture, dir.join("vdso_calls"))?;
+    std::fs::copy(&setup.threads_fixture, dir.join("threads"))?;
+    std::fs::create_dir_all(dir.join("mt"))?;
     std::fs::write(dir.join("dump.sh"), DUMP_SH)?;
     std::fs::write(dir.join("restore.sh"), RESTORE_SH)?;
     let same = setup.release(from) == setup.release(to);
@@ -474,17 +506,24 @@ fn run_cell(setup: &Setup, from: Kernel, to: Kernel) -> Result<Cell> {
         kill_fixture(&dir);
     }
     cell.strategy = strategy(&restore.output);
-    let verdict = std::fs::read_to_string(dir.join("out")).unwrap_or_default();
-    let verdict = verdict.trim();
-    cell.pass = restore.ok && verdict.starts_with("PASS:");
-    cell.reason = if !verdict.is_empty() {
-        verdict
-            .strip_prefix("PASS: ")
-            .or_else(|| verdict.strip_prefix("FAIL: "))
-            .unwrap_or(verdict)
+    let read = |d: &Path| std::fs::read_to_string(d.join("out")).unwrap_or_default();
+    let (verdict, mt) = (read(&dir), read(&dir.join("mt")));
+    let (verdict, mt) = (verdict.trim(), mt.trim());
+    cell.pass = restore.ok && verdict.starts_with("PASS:") && mt.starts_with("PASS:");
+    let short = |v: &str| {
+        v.strip_prefix("PASS: ")
+            .or_else(|| v.strip_prefix("FAIL: "))
+            .unwrap_or(v)
             .to_string()
-    } else {
-        format!("restore: {}", restore.reason)
+    };
+    cell.reason = match (verdict.is_empty(), mt) {
+        (true, _) => format!("restore: {}", restore.reason),
+        (false, m) if m.starts_with("PASS:") => {
+            let threads = m.split_whitespace().find(|w| w.starts_with("threads="));
+            format!("{}; {} ok", short(verdict), threads.unwrap_or("threads"))
+        }
+        (false, "") => format!("{}; threads: {}", short(verdict), restore.reason),
+        (false, m) => format!("{}; threads: {}", short(verdict), short(m)),
     };
     if !cell.pass {
         cell.failed = Some(("restore".into(), restore.output));
@@ -639,16 +678,22 @@ fn pin_to_first_cpus(cmd: &mut Command, n: usize) {
 
 /// Stops a host fixture of this cell that is still running (after a failure).
 fn kill_fixture(dir: &Path) {
-    let Some(pid) = std::fs::read_to_string(dir.join("pid"))
-        .ok()
-        .and_then(|s| s.trim().parse::<i32>().ok())
-    else {
-        return;
-    };
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    if comm.trim() == "vdso_calls" {
-        // SAFETY: the pid is our fixture's (checked by name just above).
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+    for (d, name) in [
+        (dir.to_path_buf(), "vdso_calls"),
+        (dir.join("mt"), "threads"),
+    ] {
+        let Some(pid) = std::fs::read_to_string(d.join("pid"))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        // The threads fixture names its threads fx-thr-<i>; its leader is fx-thr-0.
+        if comm.trim() == name || (name == "threads" && comm.trim().starts_with("fx-thr")) {
+            // SAFETY: the pid is our fixture's (checked by name just above).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
     }
 }
 

@@ -3,11 +3,14 @@
  * content (every 8-byte word depends on its index, so no two pages are alike), reports
  * "READY pid=P" in a state file, then naps. On SIGUSR1 it verifies every word and reports
  * "OK pid=P" or "BAD pid=P words=W", so a benchmark can prove the restored copy is intact.
+ * With THREADS > 1 it runs that many threads in all (the others nap in nanosleep too, each
+ * holding a word of its own that is verified with the memory).
  *
- *   memhold MIB STATE_FILE
+ *   memhold MIB STATE_FILE [THREADS]
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -18,6 +21,21 @@
 #include <unistd.h>
 
 static volatile sig_atomic_t verify_now;
+
+#define MAX_THREADS 1024
+static volatile uint64_t thread_word[MAX_THREADS];
+
+/* A helper thread: keeps its own word and naps. */
+static void *napper(void *arg)
+{
+	uintptr_t id = (uintptr_t)arg;
+	struct timespec nap = { 0, 10 * 1000 * 1000 };
+
+	thread_word[id] = 0x5ea7ull << 32 | id;
+	for (;;)
+		nanosleep(&nap, NULL);
+	return NULL;
+}
 
 static void on_usr1(int sig)
 {
@@ -56,9 +74,10 @@ int main(int argc, char **argv)
 	char line[128];
 	uint64_t *mem;
 	size_t words, i;
+	long threads = argc > 3 ? strtol(argv[3], NULL, 10) : 1;
 
-	if (argc != 3) {
-		fprintf(stderr, "usage: memhold MIB STATE_FILE\n");
+	if (argc < 3 || argc > 4 || threads < 1 || threads > MAX_THREADS) {
+		fprintf(stderr, "usage: memhold MIB STATE_FILE [THREADS]\n");
 		return 2;
 	}
 	words = strtoull(argv[1], NULL, 10) << 17; /* MiB / 8 bytes */
@@ -67,6 +86,15 @@ int main(int argc, char **argv)
 		return 1;
 	for (i = 0; i < words; i++)
 		mem[i] = word(i);
+	for (long t = 1; t < threads; t++) {
+		pthread_t th;
+
+		if (pthread_create(&th, NULL, napper, (void *)(uintptr_t)t))
+			return 1;
+	}
+	for (long t = 1; t < threads; t++)
+		while (thread_word[t] != (0x5ea7ull << 32 | (uint64_t)t))
+			nanosleep(&nap, NULL);
 	signal(SIGUSR1, on_usr1);
 	snprintf(line, sizeof(line), "READY pid=%d\n", getpid());
 	state(argv[2], line);
@@ -79,6 +107,8 @@ int main(int argc, char **argv)
 		verify_now = 0;
 		for (i = 0; i < words; i++)
 			bad += mem[i] != word(i);
+		for (long t = 1; t < threads; t++)
+			bad += thread_word[t] != (0x5ea7ull << 32 | (uint64_t)t);
 		if (bad)
 			snprintf(line, sizeof(line), "BAD pid=%d words=%zu\n", getpid(), bad);
 		else
