@@ -59,7 +59,7 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
     }
 
     // Everything that could refuse the dump comes first, before the process is changed.
-    preflight::check(pid, &threads)?;
+    let vm_flags = preflight::check(pid, &threads)?;
     let mut pages = PageWriter::create(&images).context("creating pages.img")?;
     let mut files = Files::default();
     files::collect_mapped(pid, &stasis_proc::maps(pid)?, &mut files, &mut pages)?;
@@ -126,7 +126,9 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
     let stat = task::stat_fields(&stat).with_context(|| format!("parsing /proc/{pid}/stat"))?;
-    let (mm, vdso) = mm::collect_mm(pid, &task, &vdso_info, &stat, &mut pages)?;
+    let t_mm = frozen_at.elapsed();
+    let (mm, vdso) = mm::collect_mm(pid, &task, &vdso_info, &stat, &vm_flags, &mut pages)?;
+    let t_mm_done = frozen_at.elapsed();
     if mm.exe.ends_with(DELETED_SUFFIX) && files.unnamed(mm.exe_dev, mm.exe_inode).is_none() {
         bail!(
             "pid {pid} runs a deleted program ({}) that it no longer maps; its contents cannot be saved",
@@ -134,8 +136,10 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
         );
     }
     let mut process = task::collect_process(pid, &task, &stat, shared_pending)?;
+    tracing::debug!(elapsed = ?frozen_at.elapsed(), "process state collected");
     process.posix_timers = task::posix_timers(pid, &proc_timers, &times)?;
     let (monotonic_ns, boottime_ns) = task::clocks_seen_by(pid)?;
+    tracing::debug!(elapsed = ?frozen_at.elapsed(), "timers and clocks read");
 
     let frozen;
     if opts.leave_running {
@@ -156,6 +160,8 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
         threads = threads.len(),
         collected = ?t_collected,
         parasite = ?t_parasite,
+        mm_start = ?t_mm,
+        mm_done = ?t_mm_done,
         frozen = ?frozen,
         "frozen phases"
     );

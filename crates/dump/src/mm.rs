@@ -54,7 +54,7 @@ fn parse_vm_flags(flags: &str) -> VmFlags {
 }
 
 /// smaps `VmFlags` of every VMA, by start address.
-pub(crate) fn vm_flags(pid: i32) -> Result<std::collections::HashMap<u64, VmFlags>> {
+fn vm_flags(pid: i32) -> Result<VmFlagsMap> {
     let raw = std::fs::read(format!("/proc/{pid}/smaps"))
         .with_context(|| format!("reading /proc/{pid}/smaps"))?;
     let mut out = std::collections::HashMap::new();
@@ -79,9 +79,13 @@ pub(crate) fn vm_flags(pid: i32) -> Result<std::collections::HashMap<u64, VmFlag
     Ok(out)
 }
 
+/// smaps flags by VMA start, read once per dump (smaps walks every page table: not cheap).
+pub(crate) type VmFlagsMap = std::collections::HashMap<u64, VmFlags>;
+
 /// Everything about the memory map that would make the dump refuse, checked before the
-/// process is touched: every VMA must have a backing stasis restores faithfully.
-pub(crate) fn preflight(pid: i32) -> Result<()> {
+/// process is touched: every VMA must have a backing stasis restores faithfully. Returns the
+/// smaps flags, which the memory map of the process keeps while it is frozen.
+pub(crate) fn preflight(pid: i32) -> Result<VmFlagsMap> {
     let vmas = stasis_proc::maps(pid)?;
     let flags = vm_flags(pid)?;
     let mem = File::open(format!("/proc/{pid}/mem"))
@@ -97,7 +101,7 @@ pub(crate) fn preflight(pid: i32) -> Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(flags)
 }
 
 /// What a proxied restore (by an earlier stasis) left in a process: the proxy at the old
@@ -289,10 +293,10 @@ pub(crate) fn collect_mm(
     task: &TaskState,
     vdso_info: &VdsoInfo,
     stat: &[u64],
+    flags: &VmFlagsMap,
     pages: &mut PageWriter,
 ) -> Result<(Mm, VdsoRecord)> {
     let vmas = stasis_proc::maps(pid)?;
-    let flags = vm_flags(pid)?;
     let pagemap = File::open(format!("/proc/{pid}/pagemap"))
         .with_context(|| format!("opening /proc/{pid}/pagemap"))?;
     let mem = File::open(format!("/proc/{pid}/mem"))
@@ -363,6 +367,7 @@ pub(crate) fn collect_mm(
             pages: runs,
         });
     }
+    tracing::debug!(pid, chunks = chunks.len(), "pass 1 done");
     // Pass 2: copy, reading on this thread and writing on another, so both cores work.
     let (t_read, t_write) = copy_chunks(pid, &mem, &vmas, &chunks, pages)?;
     tracing::info!(pid, read = ?t_read, write = ?t_write, "memory copied");
@@ -428,8 +433,10 @@ pub(crate) fn collect_mm(
     ))
 }
 
-/// Copies `chunks` of the target's memory into `pages`: a reader (this thread) and a writer
-/// thread hand a few buffers back and forth. Returns the time each side spent working.
+/// Copies `chunks` of the target's memory into `pages`: a reader (this thread: out of the
+/// target) and a writer thread (into the page cache) hand a few buffers back and forth, and
+/// each hashes half of every chunk, so both cores do about the same work. Returns the time
+/// each side spent working.
 fn copy_chunks(
     pid: i32,
     mem: &File,
@@ -439,46 +446,57 @@ fn copy_chunks(
 ) -> Result<(Duration, Duration)> {
     use std::sync::mpsc::sync_channel;
     const BUFFERS: usize = 3;
-    let (full_tx, full_rx) = sync_channel::<(Vec<u8>, usize)>(BUFFERS);
-    let (empty_tx, empty_rx) = sync_channel::<Vec<u8>>(BUFFERS);
-    for _ in 0..BUFFERS {
-        empty_tx
-            .send(vec![0u8; CHUNK])
-            .map_err(|_| anyhow::anyhow!("buffer pool"))?;
-    }
-    std::thread::scope(|s| {
-        let writer = s.spawn(move || -> Result<Duration> {
-            let mut busy = Duration::ZERO;
-            for (buf, len) in full_rx {
-                let t = Instant::now();
-                pages.append(&buf[..len])?;
-                busy += t.elapsed();
-                // The reader may have finished and dropped its end: nothing left to recycle for.
-                let _ = empty_tx.send(buf);
-            }
-            Ok(busy)
-        });
-        let mut reading = Duration::ZERO;
-        let mut result = Ok(());
-        for &(vi, addr, len) in chunks {
-            let Ok(mut buf) = empty_rx.recv() else {
-                break; // the writer stopped early: its error is reported below
-            };
-            let t = Instant::now();
-            if let Err(e) = read_remote(pid, mem, &vmas[vi], addr, &mut buf[..len]) {
-                result = Err(e);
-                break;
-            }
-            reading += t.elapsed();
-            if full_tx.send((buf, len)).is_err() {
-                break;
-            }
+    let total: u64 = chunks.iter().map(|c| c.2 as u64).sum();
+    let first_off = stasis_image::DATA_OFFSET + pages.data_len();
+    // The first part of each chunk is hashed by the reader, the rest by the writer.
+    let split = |len: usize| (len / 2).next_multiple_of(PAGE_SIZE).min(len);
+    pages.pipelined(total, |sink, digests| {
+        let (full_tx, full_rx) = sync_channel::<(Vec<u8>, usize, u64)>(BUFFERS);
+        let (empty_tx, empty_rx) = sync_channel::<Vec<u8>>(BUFFERS);
+        for _ in 0..BUFFERS {
+            empty_tx
+                .send(vec![0u8; CHUNK])
+                .map_err(|_| anyhow::anyhow!("buffer pool"))?;
         }
-        drop(full_tx);
-        let writing = writer
-            .join()
-            .map_err(|_| anyhow::anyhow!("the page writer thread panicked"))??;
-        result.map(|()| (reading, writing))
+        std::thread::scope(|s| {
+            let writer = s.spawn(move || -> Result<Duration> {
+                let mut busy = Duration::ZERO;
+                for (buf, len, at) in full_rx {
+                    let t = Instant::now();
+                    let h = split(len);
+                    digests.hash(at + h as u64, &buf[h..len]);
+                    sink.append(&buf[..len])?;
+                    busy += t.elapsed();
+                    // The reader may have finished and dropped its end: nothing to recycle.
+                    let _ = empty_tx.send(buf);
+                }
+                Ok(busy)
+            });
+            let mut reading = Duration::ZERO;
+            let mut result = Ok(());
+            let mut at = first_off;
+            for &(vi, addr, len) in chunks {
+                let Ok(mut buf) = empty_rx.recv() else {
+                    break; // the writer stopped early: its error is reported below
+                };
+                let t = Instant::now();
+                if let Err(e) = read_remote(pid, mem, &vmas[vi], addr, &mut buf[..len]) {
+                    result = Err(e);
+                    break;
+                }
+                digests.hash(at, &buf[..split(len)]);
+                reading += t.elapsed();
+                if full_tx.send((buf, len, at)).is_err() {
+                    break;
+                }
+                at += len as u64;
+            }
+            drop(full_tx);
+            let writing = writer
+                .join()
+                .map_err(|_| anyhow::anyhow!("the page writer thread panicked"))??;
+            result.map(|()| (reading, writing))
+        })
     })
 }
 

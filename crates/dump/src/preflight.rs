@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 /// The time namespace is not among them: the dump records the clocks as the process sees them.
 const NAMESPACES: &[&str] = &["mnt", "pid", "net", "ipc", "uts", "user", "cgroup"];
 
-pub(crate) fn check(pid: i32, threads: &[i32]) -> Result<()> {
+pub(crate) fn check(pid: i32, threads: &[i32]) -> Result<crate::mm::VmFlagsMap> {
     for ns in NAMESPACES {
         let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}"));
         let ours = std::fs::read_link(format!("/proc/self/ns/{ns}"));

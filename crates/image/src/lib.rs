@@ -43,7 +43,7 @@
 //!       12 | arch              u32 = ARCH_X86_64           4  |
 //!       16 | data_len          u64, a multiple of 4096     8  |
 //!       24 | data_xxh3   u64 = XXH3-64 of the XXH3-64s of    8  |
-//!          |             each 64 MiB of page data (parallel)  |
+//!          |             each 4 KiB page, LE, in order    |
 //!       32 | header_xxh3       u64                         8  |
 //!       40 | zero padding to the end of the first page  4056  |
 //!     4096 +--------------------------------------------------+
@@ -72,7 +72,10 @@ mod testutil;
 
 pub use dir::ImageDir;
 pub use error::{ImageError, Result};
-pub use pages::{PageFileSummary, PageReader, PageWriter, DATA_OFFSET, PAGES_FILE};
+pub use pages::{
+    page_digest, PageDigests, PageFileSummary, PageReader, PageSink, PageWriter, DATA_OFFSET,
+    PAGES_FILE,
+};
 pub use record::{read_record, write_record};
 pub use set::{load, Image};
 
@@ -81,7 +84,7 @@ pub const PAGE_SIZE: usize = 4096;
 
 /// The format version this code writes and the only one it reads. Bump it on any change to a
 /// header or to the meaning of a record.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Architecture id of an x86_64 image, the only architecture stasis checkpoints.
 pub const ARCH_X86_64: u32 = 1;

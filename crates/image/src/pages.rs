@@ -10,7 +10,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use xxhash_rust::xxh3::Xxh3;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::dir::TempFile;
 use crate::header::{self, get_u64, put_u64};
@@ -31,48 +31,24 @@ pub(crate) const HEADER_XXH3_AT: usize = 32;
 /// come. Bounds the writer's memory.
 const WRITE_BUFFER: usize = 4 << 20;
 /// Read size of [`PageReader::verify`]: small enough that the hash reads what pread just copied
-/// while it is still in the core's L2 cache (1 MiB verified 1 GiB in ~100 ms here, 8 MiB in
-/// ~175 ms).
+/// while it is still in the core's L2 cache.
 const VERIFY_CHUNK: usize = 1 << 20;
-/// Page data is checksummed in chunks of this size (the last may be shorter): the file's
-/// checksum is the XXH3 of the chunks' XXH3s, little-endian, in order. Chunks can then be
-/// verified in parallel.
-pub const HASH_CHUNK: usize = 64 << 20;
 
-/// The two-level checksum, fed sequentially.
-#[derive(Default)]
-struct TreeHasher {
-    current: Xxh3,
-    in_chunk: usize,
-    digests: Vec<u64>,
+/// The checksum of one page of data: XXH3-64 (the SIMD variant the CPU has, chosen at run time;
+/// the digest is the same on every CPU).
+pub fn page_digest(page: &[u8]) -> u64 {
+    twox_hash::XxHash3_64::oneshot(page)
 }
 
-impl TreeHasher {
-    fn update(&mut self, mut data: &[u8]) {
-        while !data.is_empty() {
-            let take = (HASH_CHUNK - self.in_chunk).min(data.len());
-            self.current.update(&data[..take]);
-            self.in_chunk += take;
-            data = &data[take..];
-            if self.in_chunk == HASH_CHUNK {
-                self.digests.push(self.current.digest());
-                self.current = Xxh3::new();
-                self.in_chunk = 0;
-            }
-        }
-    }
-
-    fn finish(mut self) -> u64 {
-        if self.in_chunk > 0 {
-            self.digests.push(self.current.digest());
-        }
-        combine(&self.digests)
-    }
-}
-
+/// The page file's checksum: the XXH3-64 of every page's digest, little-endian, in order. Any
+/// thread can hash any page, while dumping as while verifying.
 fn combine(digests: &[u64]) -> u64 {
     let bytes: Vec<u8> = digests.iter().flat_map(|d| d.to_le_bytes()).collect();
-    xxhash_rust::xxh3::xxh3_64(&bytes)
+    twox_hash::XxHash3_64::oneshot(&bytes)
+}
+
+fn digest_pages(data: &[u8], out: &mut Vec<u64>) {
+    out.extend(data.chunks(PAGE_SIZE).map(page_digest));
 }
 
 /// What [`PageWriter::finish`] wrote.
@@ -88,13 +64,38 @@ pub struct PageFileSummary {
 /// that (an error, a panic) removes what it wrote. After an error from [`PageWriter::append`],
 /// drop the writer: the dump has failed.
 pub struct PageWriter {
+    sink: PageSink,
+    /// One digest per page appended so far.
+    digests: Vec<u64>,
+}
+
+/// The file half of a [`PageWriter`]: appends page data without hashing it.
+pub struct PageSink {
     temp: TempFile,
     /// Pending small chunks; never holds more than `WRITE_BUFFER` bytes.
     buf: Vec<u8>,
     /// Page data bytes written to the file so far (the buffer not included).
     flushed: u64,
-    /// XXH3 of all page data accepted so far, buffer included.
-    hasher: TreeHasher,
+}
+
+/// Digests of pages the pipeline of [`PageWriter::pipelined`] appends, one slot per page, in
+/// file order; any thread may fill any slot (each exactly once).
+pub struct PageDigests<'a> {
+    slots: &'a [AtomicU64],
+    /// File offset of the first slot's page.
+    first: u64,
+}
+
+impl PageDigests<'_> {
+    /// Hashes `data`, which is (or will be) appended at file offset `at`.
+    pub fn hash(&self, at: u64, data: &[u8]) {
+        let first = ((at - self.first) / PAGE_SIZE as u64) as usize;
+        for (k, page) in data.chunks(PAGE_SIZE).enumerate() {
+            if let Some(slot) = self.slots.get(first + k) {
+                slot.store(page_digest(page), Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 /// Chunks at least this large are written without passing through the buffer.
@@ -103,15 +104,100 @@ const DIRECT_WRITE: usize = 64 * 1024;
 impl PageWriter {
     pub fn create(dir: &ImageDir) -> Result<PageWriter> {
         Ok(PageWriter {
-            temp: dir.create_temp(PAGES_FILE)?,
-            buf: Vec::with_capacity(WRITE_BUFFER),
-            flushed: 0,
-            hasher: TreeHasher::default(),
+            sink: PageSink {
+                temp: dir.create_temp(PAGES_FILE)?,
+                buf: Vec::with_capacity(WRITE_BUFFER),
+                flushed: 0,
+            },
+            digests: Vec::new(),
         })
     }
 
     /// Appends whole pages and returns the file offset they start at: page-aligned, and greater
     /// than that of every earlier chunk. Restore reads (or maps) them from there.
+    pub fn append(&mut self, data: &[u8]) -> Result<u64> {
+        let offset = self.sink.append(data)?;
+        // Only accepted data is hashed, so the checksum always matches what the file will hold.
+        digest_pages(data, &mut self.digests);
+        Ok(offset)
+    }
+
+    /// Appends exactly `len` bytes through `work`, which gets the file half (`PageSink`, for
+    /// one thread) and one digest slot per page (`PageDigests`, for any thread: every page
+    /// appended must be hashed there, at its offset). Checks that it was all done.
+    pub fn pipelined<T, E: From<ImageError>>(
+        &mut self,
+        len: u64,
+        work: impl FnOnce(&mut PageSink, &PageDigests<'_>) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
+        let pages = (len / PAGE_SIZE as u64) as usize;
+        let first = DATA_OFFSET + self.data_len();
+        // A digest of u64::MAX marks a slot nobody filled (a real page digest is that value
+        // with probability 2^-64, which would only make this check refuse a good dump).
+        let slots: Vec<AtomicU64> = (0..pages).map(|_| AtomicU64::new(u64::MAX)).collect();
+        let digests = PageDigests {
+            slots: &slots,
+            first,
+        };
+        self.expect(len);
+        let out = work(&mut self.sink, &digests)?;
+        let wrote = DATA_OFFSET + self.data_len() - first;
+        let filled: Vec<u64> = slots.into_iter().map(AtomicU64::into_inner).collect();
+        if wrote != len || filled.contains(&u64::MAX) {
+            return Err(E::from(ImageError::io(
+                self.sink.temp.final_path(),
+                std::io::Error::other(format!(
+                    "a pipelined append wrote {wrote} of {len} bytes or left pages unhashed"
+                )),
+            )));
+        }
+        self.digests.extend(filled);
+        Ok(out)
+    }
+
+    /// Bytes of page data appended so far.
+    pub fn data_len(&self) -> u64 {
+        self.sink.data_len()
+    }
+
+    /// Tells the file system that `len` more bytes are coming (best effort: allocating the
+    /// blocks at once is cheaper than block by block as writes arrive).
+    pub fn expect(&self, len: u64) {
+        let at = DATA_OFFSET + self.data_len();
+        // SAFETY: fallocate on our own file; KEEP_SIZE leaves the length to the writes.
+        unsafe {
+            libc::fallocate(
+                self.sink.temp.file.as_raw_fd(),
+                libc::FALLOC_FL_KEEP_SIZE,
+                at as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+    }
+
+    /// Writes the header and gives the file its name `pages.img`.
+    pub fn finish(self) -> Result<PageFileSummary> {
+        let PageWriter { mut sink, digests } = self;
+        sink.flush()?;
+        let summary = PageFileSummary {
+            data_len: sink.flushed,
+            checksum: combine(&digests),
+        };
+        let mut header = vec![0u8; HEADER_LEN];
+        put_u64(&mut header, DATA_LEN_AT, summary.data_len);
+        put_u64(&mut header, DATA_XXH3_AT, summary.checksum);
+        header::seal(&mut header, PAGES_MAGIC, HEADER_XXH3_AT);
+        sink.temp
+            .file
+            .write_all_at(&header, 0)
+            .map_err(|e| ImageError::io(sink.temp.final_path(), e))?;
+        sink.temp.commit()?;
+        Ok(summary)
+    }
+}
+
+impl PageSink {
+    /// Appends whole pages, unhashed (see [`PageWriter::pipelined`]); returns their offset.
     pub fn append(&mut self, data: &[u8]) -> Result<u64> {
         if !data.len().is_multiple_of(PAGE_SIZE) {
             return Err(ImageError::NotPageAligned {
@@ -133,33 +219,11 @@ impl PageWriter {
         } else {
             self.buf.extend_from_slice(data);
         }
-        // Only accepted data is hashed, so the checksum always matches what the file will hold.
-        self.hasher.update(data);
         Ok(offset)
     }
 
-    /// Bytes of page data appended so far.
-    pub fn data_len(&self) -> u64 {
+    fn data_len(&self) -> u64 {
         self.flushed + self.buf.len() as u64
-    }
-
-    /// Writes the header and gives the file its name `pages.img`.
-    pub fn finish(mut self) -> Result<PageFileSummary> {
-        self.flush()?;
-        let summary = PageFileSummary {
-            data_len: self.flushed,
-            checksum: self.hasher.finish(),
-        };
-        let mut header = vec![0u8; HEADER_LEN];
-        put_u64(&mut header, DATA_LEN_AT, summary.data_len);
-        put_u64(&mut header, DATA_XXH3_AT, summary.checksum);
-        header::seal(&mut header, PAGES_MAGIC, HEADER_XXH3_AT);
-        self.temp
-            .file
-            .write_all_at(&header, 0)
-            .map_err(|e| ImageError::io(self.temp.final_path(), e))?;
-        self.temp.commit()?;
-        Ok(summary)
     }
 
     fn flush(&mut self) -> Result<()> {
@@ -221,20 +285,23 @@ impl PageReader {
         // Advice only: doubles the kernel's read-ahead; failure changes nothing but speed.
         // SAFETY: plain syscall on a file descriptor we own; no memory is passed.
         unsafe { libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
-        // Every HASH_CHUNK of data hashes on its own, so the chunks are shared out between
-        // threads; the digest of their digests, in order, is the file's checksum.
-        let chunks = (self.data_len as usize).div_ceil(HASH_CHUNK);
+        // Every page hashes on its own: the data is shared out between threads in equal parts
+        // of whole read chunks; the digest of all page digests, in order, is the checksum.
+        // (The digest vector is sized by the file's real length, checked at open.)
+        let pages = (self.data_len as usize) / PAGE_SIZE;
+        let per_chunk = VERIFY_CHUNK / PAGE_SIZE;
+        let chunks = pages.div_ceil(per_chunk);
         let threads = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .clamp(1, 4)
             .min(chunks.max(1));
-        let mut digests = vec![0u64; chunks];
-        let per = chunks.div_ceil(threads).max(1);
+        let mut digests = vec![0u64; pages];
+        let per = chunks.div_ceil(threads).max(1) * per_chunk;
         std::thread::scope(|s| -> Result<()> {
             let workers: Vec<_> = digests
                 .chunks_mut(per)
                 .enumerate()
-                .map(|(t, out)| s.spawn(move || self.hash_chunks(t * per, out)))
+                .map(|(t, out)| s.spawn(move || self.hash_pages(t * per, out)))
                 .collect();
             for w in workers {
                 w.join().map_err(|_| ImageError::PayloadChecksum {
@@ -252,21 +319,16 @@ impl PageReader {
         }
     }
 
-    /// Hashes data chunks `first..first + out.len()` into `out`.
-    fn hash_chunks(&self, first: usize, out: &mut [u64]) -> Result<()> {
+    /// Hashes pages `first..first + out.len()` into `out`.
+    fn hash_pages(&self, first: usize, out: &mut [u64]) -> Result<()> {
         let mut buf = vec![0u8; VERIFY_CHUNK];
-        let end = self.data_end();
-        for (k, slot) in out.iter_mut().enumerate() {
-            let mut offset = DATA_OFFSET + ((first + k) * HASH_CHUNK) as u64;
-            let stop = (offset + HASH_CHUNK as u64).min(end);
-            let mut h = Xxh3::new();
-            while offset < stop {
-                let n = buf.len().min((stop - offset) as usize);
-                self.read_exact(&mut buf[..n], offset)?;
-                h.update(&buf[..n]);
-                offset += n as u64;
+        for (k, slots) in out.chunks_mut(VERIFY_CHUNK / PAGE_SIZE).enumerate() {
+            let offset = DATA_OFFSET + ((first * PAGE_SIZE) + k * VERIFY_CHUNK) as u64;
+            let n = slots.len() * PAGE_SIZE;
+            self.read_exact(&mut buf[..n], offset)?;
+            for (slot, page) in slots.iter_mut().zip(buf[..n].chunks(PAGE_SIZE)) {
+                *slot = page_digest(page);
             }
-            *slot = h.digest();
         }
         Ok(())
     }

@@ -97,6 +97,11 @@ fn prepare(img: &Image, h: &Helpers, data: &FileData, ready: RawFd, hold: RawFd)
         libc::close(hold);
     }
 
+    // The userfaultfd through which the host fills the anonymous memory. Best effort: without
+    // one (a kernel or policy that forbids it) the restorer reads the pages itself.
+    if let Ok(uffd) = stasis_sys::uffd::create() {
+        place_helper(dup_at_least(uffd.as_raw_fd(), h.stage_base)?, h.uffd_fd)?;
+    }
     let cx = files::open_all(img, data, h.stage_base)?;
     files::place(&cx)?;
 

@@ -42,6 +42,9 @@ pub struct Helpers {
     pub exe_fd: i32,
     pub ready_fd: i32,
     pub hold_fd: i32,
+    /// The task's userfaultfd, for the host's fill of its anonymous memory (if the kernel
+    /// lets the child make one).
+    pub uffd_fd: i32,
     /// Every file the plan maps → the descriptor it maps it from.
     pub maps: BTreeMap<MapFile, i32>,
     /// Where the child stages descriptions before it puts them at their numbers.
@@ -53,7 +56,7 @@ impl Helpers {
         let max_fd = img.files.fds.iter().map(|f| f.fd).max().unwrap_or(2);
         let base = (max_fd + 16).max(100);
         let mut maps = BTreeMap::new();
-        let mut next = base + 4;
+        let mut next = base + 5;
         for v in &img.mm.vmas {
             if let Some(m) = MapFile::of(v) {
                 maps.entry(m).or_insert_with(|| {
@@ -67,6 +70,7 @@ impl Helpers {
             exe_fd: base + 1,
             ready_fd: base + 2,
             hold_fd: base + 3,
+            uffd_fd: base + 4,
             stage_base: next + 8,
             maps,
         })
@@ -74,7 +78,13 @@ impl Helpers {
 
     /// Every helper number (the child keeps these open; the plan closes them at its end).
     pub fn numbers(&self) -> Vec<i32> {
-        let mut v = vec![self.pages_fd, self.exe_fd, self.ready_fd, self.hold_fd];
+        let mut v = vec![
+            self.pages_fd,
+            self.exe_fd,
+            self.ready_fd,
+            self.hold_fd,
+            self.uffd_fd,
+        ];
         v.extend(self.maps.values());
         v
     }

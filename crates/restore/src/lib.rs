@@ -17,6 +17,7 @@
 mod child;
 mod fds;
 mod files;
+mod fill;
 mod mm;
 mod plan;
 mod rebuild;
@@ -86,7 +87,12 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
     let child_rseq = sys::rseq_config(leader)?;
 
     let blob = stasis_blobs::parasite()?;
-    let plan = rebuild::build(&img, &helpers, &vdso, &child_maps, child_rseq)?;
+    let uffd = fill::take_uffd(pid, helpers.uffd_fd);
+    let how = match uffd {
+        Some(_) => mm::Fill::Uffd(helpers.uffd_fd),
+        None => mm::Fill::Pread,
+    };
+    let plan = rebuild::build(&img, &helpers, &vdso, &child_maps, child_rseq, how)?;
     let thread_plans: Vec<plan::Plan> = img.cores[1..]
         .iter()
         .map(|c| thread::plan(&img, c))
@@ -95,22 +101,38 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
         reply_cap: 4096,
         plan_cap: thread_plans
             .iter()
+            .chain([&plan.before, &plan.after])
             .map(plan::Plan::byte_len)
-            .fold(plan.byte_len(), usize::max),
+            .fold(0, usize::max),
         at: None,
     };
     size.at = Some(vdso::free_range(
         &img.mm,
         &child_maps,
-        &plan.reserved,
+        &plan.before.reserved,
         size.total_len(blob) as u64,
     )?);
     let mut parasite = Parasite::infect(&mut seized, blob, size)?;
     tracing::debug!(region = ?parasite.remote_region(), "restorer region");
-    plan.log();
+    plan.before.log();
+    plan.after.log();
     let t_plan = Instant::now();
-    run_plan(&mut parasite, pid, pid, &plan)?;
-    tracing::info!(pid, elapsed = ?t_plan.elapsed(), ops = plan.len(), "restorer ran the plan");
+    run_plan(&mut parasite, pid, pid, &plan.before)?;
+    let t_fill = Instant::now();
+    if let Some(uffd) = &uffd {
+        fill::fill(uffd, &img.pages, &plan.host_runs)
+            .with_context(|| format!("filling the memory of pid {pid}"))?;
+    }
+    drop(uffd);
+    let filled = t_fill.elapsed();
+    run_plan(&mut parasite, pid, pid, &plan.after)?;
+    tracing::info!(
+        pid,
+        elapsed = ?t_plan.elapsed(),
+        host_fill = ?filled,
+        ops = plan.before.len() + plan.after.len(),
+        "restorer ran the plan"
+    );
 
     // The threads the plan created: each the one the image names, each runs its own plan.
     let created = parasite.adopt_clones()?;

@@ -1,4 +1,7 @@
-//! Mapping every dumped VMA in the new task and filling its pages from pages.img.
+//! Mapping every dumped VMA in the new task and filling its pages from pages.img: by the
+//! restorer's own `pread` into the mapping, or — for private anonymous memory, when the new
+//! task has a userfaultfd — by the host (`fill.rs`), between the plan that registers the
+//! mapping with the userfaultfd and the plan that unregisters it.
 
 use crate::fds::Helpers;
 use crate::plan::{Arg::V, Plan, SYS_MMAP};
@@ -9,9 +12,28 @@ use stasis_image::PAGE_SIZE;
 
 const PAGE: u64 = PAGE_SIZE as u64;
 const MADV_POPULATE_WRITE: u64 = 23;
+use stasis_sys::uffd::{UFFDIO_REGISTER, UFFDIO_REGISTER_MODE_MISSING, UFFDIO_UNREGISTER};
 
-pub(crate) fn map_vma(p: &mut Plan, v: &Vma, h: &Helpers) -> Result<()> {
+/// How the pages of a VMA get their contents.
+#[derive(Clone, Copy)]
+pub(crate) enum Fill {
+    /// The restorer reads them from pages.img.
+    Pread,
+    /// The host copies them in through this userfaultfd (a descriptor number in the task).
+    Uffd(i32),
+}
+
+/// Whether `v` is filled by the host through a userfaultfd (private anonymous memory with
+/// dumped pages), given one.
+pub(crate) fn host_fills(v: &Vma, fill: Fill) -> bool {
+    matches!(fill, Fill::Uffd(_)) && matches!(v.backing, Backing::Anon) && !v.pages.is_empty()
+}
+
+pub(crate) fn map_vma(p: &mut Plan, v: &Vma, h: &Helpers, fill: Fill) -> Result<()> {
     let len = v.end - v.start;
+    if host_fills(v, fill) {
+        return map_for_host_fill(p, v, fill);
+    }
     let needs_fill = !v.pages.is_empty();
     let prot = v.prot as u64
         | if needs_fill {
@@ -135,6 +157,64 @@ pub(crate) fn map_vma(p: &mut Plan, v: &Vma, h: &Helpers) -> Result<()> {
     }
     advise(p, v);
     Ok(())
+}
+
+/// A private anonymous VMA mapped with its own protection (UFFDIO_COPY fills read-only and
+/// PROT_NONE memory as well) and registered with the userfaultfd; `after_host_fill` follows.
+fn map_for_host_fill(p: &mut Plan, v: &Vma, fill: Fill) -> Result<()> {
+    let Fill::Uffd(uffd) = fill else {
+        unreachable!("host_fills checked the fill")
+    };
+    let len = v.end - v.start;
+    let mut flags = (libc::MAP_FIXED_NOREPLACE | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+    if v.growsdown {
+        flags |= libc::MAP_GROWSDOWN as u64;
+    }
+    p.op(
+        SYS_MMAP,
+        [
+            V(v.start),
+            V(len),
+            V(v.prot as u64),
+            V(flags),
+            V(u64::MAX),
+            V(0),
+        ],
+        EXPECT_ARG0,
+        format!("map {:#x}-{:#x} {}", v.start, v.end, v.name),
+    );
+    // struct uffdio_register: range (start, len), mode, ioctls (out).
+    let reg = p.put_u64s(&[v.start, len, UFFDIO_REGISTER_MODE_MISSING, 0]);
+    p.op(
+        libc::SYS_ioctl,
+        [V(uffd as u64), V(UFFDIO_REGISTER), reg, V(0), V(0), V(0)],
+        EXPECT_OK,
+        format!("register {:#x}-{:#x} for the host's fill", v.start, v.end),
+    );
+    Ok(())
+}
+
+/// After the host filled `v`: the userfaultfd lets go of it (a page never dumped must fault
+/// in as zeroes again, not wait for a fill), then its madvise and mlock state.
+pub(crate) fn after_host_fill(p: &mut Plan, v: &Vma, fill: Fill) {
+    let Fill::Uffd(uffd) = fill else {
+        return;
+    };
+    let range = p.put_u64s(&[v.start, v.end - v.start]);
+    p.op(
+        libc::SYS_ioctl,
+        [
+            V(uffd as u64),
+            V(UFFDIO_UNREGISTER),
+            range,
+            V(0),
+            V(0),
+            V(0),
+        ],
+        EXPECT_OK,
+        format!("unregister {:#x}-{:#x}", v.start, v.end),
+    );
+    advise(p, v);
 }
 
 /// The madvise and mlock state of the VMA. What changes behaviour (fork, core dumps, locking)

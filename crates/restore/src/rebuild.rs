@@ -13,13 +13,22 @@ use stasis_abi::{EXPECT_ANY, EXPECT_ARG4, EXPECT_OK};
 use stasis_image::model::*;
 use stasis_image::Image;
 
+/// The leader's work, in two plans: `before` maps everything; the host then fills the memory
+/// registered with the userfaultfd (`host_runs`, if any); `after` does the rest.
+pub(crate) struct Rebuild {
+    pub before: Plan,
+    pub host_runs: Vec<PageRun>,
+    pub after: Plan,
+}
+
 pub(crate) fn build(
     img: &Image,
     h: &Helpers,
     vdso: &VdsoPlan,
     child_maps: &[stasis_proc::Vma],
     child_rseq: Option<(u64, u32, u32)>,
-) -> Result<Plan> {
+    fill: mm::Fill,
+) -> Result<Rebuild> {
     let mut p = Plan::new();
     // 1. The child's rseq area is about to disappear: unregister it first, or the kernel
     //    would fault writing the cpu id into unmapped memory on the next return to user.
@@ -94,9 +103,16 @@ pub(crate) fn build(
             }
         }
     }
-    // 4. Every dumped VMA, its pages, its final protection.
+    // 4. Every dumped VMA, its pages, its final protection. Private anonymous memory is
+    //    filled by the host between the two plans, when the task has a userfaultfd.
     for v in &img.mm.vmas {
-        mm::map_vma(&mut p, v, h)?;
+        mm::map_vma(&mut p, v, h, fill)?;
+    }
+    let before = std::mem::replace(&mut p, Plan::new());
+    let mut host_runs = Vec::new();
+    for v in img.mm.vmas.iter().filter(|v| mm::host_fills(v, fill)) {
+        host_runs.extend(v.pages.iter().copied());
+        mm::after_host_fill(&mut p, v, fill);
     }
     // 5. mm fields (code/data/brk/stack/args/env), auxv and the exe link in one call.
     let f = &img.mm.fields;
@@ -203,7 +219,11 @@ pub(crate) fn build(
     }
     // 10. Credentials last: dropping them earlier would forbid the calls above.
     thread::credentials(&mut p, img.leader(), pr.dumpable);
-    Ok(p)
+    Ok(Rebuild {
+        before,
+        host_runs,
+        after: p,
+    })
 }
 
 /// POSIX timers with their old ids. With PR_TIMER_CREATE_RESTORE_IDS (6.15+) each

@@ -5,6 +5,7 @@
 pub mod clone;
 pub mod fs;
 pub mod ptrace;
+pub mod uffd;
 
 /// A clock's reading in ns (0 if it cannot be read).
 pub fn clock_ns(clock: libc::clockid_t) -> u64 {

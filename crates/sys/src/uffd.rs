@@ -1,0 +1,62 @@
+//! userfaultfd: the restore fills anonymous memory of the new task from the host with
+//! `UFFDIO_COPY` (a page is allocated and filled in one step, never zeroed first, and several
+//! host threads can fill at once).
+
+use nix::errno::Errno;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+pub const UFFD_API: u64 = 0xaa;
+/// `_IOWR(0xAA, 0x3F, struct uffdio_api)`
+pub const UFFDIO_API: u64 = 0xc018_aa3f;
+/// `_IOWR(0xAA, 0x00, struct uffdio_register)`
+pub const UFFDIO_REGISTER: u64 = 0xc020_aa00;
+/// `_IOR(0xAA, 0x01, struct uffdio_range)`
+pub const UFFDIO_UNREGISTER: u64 = 0x8010_aa01;
+/// `_IOWR(0xAA, 0x03, struct uffdio_copy)`
+pub const UFFDIO_COPY: u64 = 0xc028_aa03;
+pub const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+
+/// A userfaultfd of the calling process's mm, handshaken (`UFFDIO_API`, no features).
+pub fn create() -> Result<OwnedFd, Errno> {
+    // SAFETY: userfaultfd takes flags and returns a new descriptor we own.
+    let fd = Errno::result(unsafe {
+        libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK)
+    })?;
+    // SAFETY: fd is a fresh descriptor.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    let mut api = [UFFD_API, 0, 0];
+    // SAFETY: UFFDIO_API reads and writes one struct uffdio_api (3 × u64).
+    Errno::result(unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, api.as_mut_ptr()) })?;
+    Ok(fd)
+}
+
+/// Copies `len` bytes at `src` (in this process) to `dst` in the mm behind `uffd`, as new
+/// pages. Retries what the kernel reports as partly done or interrupted.
+pub fn copy(uffd: RawFd, dst: u64, src: *const u8, len: u64) -> Result<(), Errno> {
+    let mut done = 0u64;
+    while done < len {
+        // struct uffdio_copy: dst, src, len, mode, copy (out)
+        let mut c: [i64; 5] = [
+            (dst + done) as i64,
+            (src as u64 + done) as i64,
+            (len - done) as i64,
+            0,
+            0,
+        ];
+        // SAFETY: UFFDIO_COPY reads [src, src + len) of our memory (the caller guarantees it
+        // is mapped and readable) and writes pages into the other mm; it writes c[4].
+        let r = unsafe { libc::ioctl(uffd, UFFDIO_COPY, c.as_mut_ptr()) };
+        let copied = c[4];
+        if copied > 0 {
+            done += copied as u64;
+        }
+        if r == 0 {
+            continue;
+        }
+        match Errno::last() {
+            Errno::EAGAIN | Errno::EINTR => continue,
+            e => return Err(e),
+        }
+    }
+    Ok(())
+}
