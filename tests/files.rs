@@ -185,3 +185,188 @@ fn an_unsupported_fd_kind_is_refused() {
     assert_eq!(o.status.code(), Some(1), "{e}");
     assert!(e.contains("socket:[") && e.contains("not supported"), "{e}");
 }
+
+/// Starts `python3 -c script` with only the standard descriptors (`stdio`: fds 0-2, or
+/// /dev/null) and waits until it wrote its pid to `pidfile`.
+fn python(
+    script: &str,
+    pidfile: &std::path::Path,
+    stdio: Option<std::os::fd::RawFd>,
+) -> std::process::Child {
+    let mut cmd = std::process::Command::new("python3");
+    cmd.args(["-c", script]);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(fd) = stdio {
+                for n in 0..=2 {
+                    libc::dup2(fd, n);
+                }
+            }
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    if stdio.is_none() {
+        // Not the test's own pipes: a restored process takes over stasis's stdio, and would
+        // keep the test's output pipe open.
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+    }
+    let child = cmd.spawn().expect("python3");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !pidfile.exists() {
+        assert!(std::time::Instant::now() < deadline, "python did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child
+}
+
+/// A file and a cwd whose names are not UTF-8 come back under the very same bytes.
+#[test]
+fn names_that_are_not_utf8_come_back_byte_for_byte() {
+    use std::os::unix::ffi::OsStrExt;
+    if !require_root("names_that_are_not_utf8_come_back_byte_for_byte") {
+        return;
+    }
+    let dir = tempdir::Dir::new("bytes");
+    let base = dir.path().to_string_lossy().into_owned();
+    let pidfile = dir.path().join("pid");
+    let script = format!(
+        "import os,time,mmap\n\
+         d=b'{base}/dir-\\xff\\xfe'\n\
+         os.mkdir(d); os.chdir(d)\n\
+         fd=os.open(b'file-\\xe9\\x80', os.O_RDWR|os.O_CREAT, 0o600)\n\
+         os.write(fd, b'x'*8192)\n\
+         m=mmap.mmap(fd, 8192)\n\
+         open('{base}/pid.tmp','w').write(str(os.getpid())); os.rename('{base}/pid.tmp','{}')\n\
+         time.sleep(120)\n",
+        pidfile.display()
+    );
+    let mut child = python(&script, &pidfile, None);
+    let pid = child.id() as i32;
+    let links = |pid: i32| -> (Vec<u8>, Vec<u8>) {
+        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).expect("cwd");
+        let fd = std::fs::read_link(format!("/proc/{pid}/fd/3")).expect("fd 3");
+        (
+            cwd.as_os_str().as_bytes().to_vec(),
+            fd.as_os_str().as_bytes().to_vec(),
+        )
+    };
+    let before = links(pid);
+    assert!(
+        String::from_utf8(before.1.clone()).is_err(),
+        "a name that is not UTF-8"
+    );
+    let img = dir.path().join("img");
+    let o = stasis(&["dump", "-t", &pid.to_string(), "-D", &img.to_string_lossy()]);
+    assert!(o.status.success(), "dump: {}", stderr_of(&o));
+    let _ = child.wait();
+    wait_gone(pid);
+    let o = stasis(&["restore", "-D", &img.to_string_lossy(), "-d"]);
+    assert!(o.status.success(), "restore: {}", stderr_of(&o));
+    let after = links(pid);
+    let maps = std::fs::read(format!("/proc/{pid}/maps")).expect("maps");
+    // SAFETY: the restored copy is not our child; stop it.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert_eq!(after, before, "cwd and fd 3 name the same bytes");
+    assert!(
+        maps.windows(before.1.len())
+            .any(|w| w == before.1.as_slice()),
+        "the mapping names the same bytes"
+    );
+}
+
+/// A shell job's terminal modes (raw, no echo) come back on the terminal the restoring stasis
+/// lends: here a fresh pseudo-terminal in its default (cooked) modes.
+#[test]
+fn a_shell_jobs_terminal_modes_come_back() {
+    if !require_root("a_shell_jobs_terminal_modes_come_back") {
+        return;
+    }
+    let pty = || -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+        use std::os::fd::FromRawFd;
+        let (mut m, mut s) = (0, 0);
+        // SAFETY: openpty fills two descriptors we then own.
+        let r = unsafe {
+            libc::openpty(
+                &mut m,
+                &mut s,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(r, 0, "openpty");
+        // SAFETY: fresh descriptors from openpty.
+        unsafe {
+            (
+                std::os::fd::OwnedFd::from_raw_fd(m),
+                std::os::fd::OwnedFd::from_raw_fd(s),
+            )
+        }
+    };
+    use std::os::fd::AsRawFd;
+    let dir = tempdir::Dir::new("tty");
+    let pidfile = dir.path().join("pid");
+    let report = dir.path().join("modes");
+    let (_m1, s1) = pty();
+    let script = format!(
+        "import os,sys,time,tty,termios,signal\n\
+         tty.setraw(0)\n\
+         def rep(*a):\n\
+         \x20   l=termios.tcgetattr(0)[3]\n\
+         \x20   open('{}','w').write('echo=%d icanon=%d' % (bool(l & termios.ECHO), bool(l & termios.ICANON)))\n\
+         signal.signal(signal.SIGUSR1, rep)\n\
+         open('{}.tmp','w').write(str(os.getpid())); os.rename('{}.tmp','{}')\n\
+         while True: time.sleep(1)\n",
+        report.display(),
+        pidfile.display(),
+        pidfile.display(),
+        pidfile.display()
+    );
+    let mut child = python(&script, &pidfile, Some(s1.as_raw_fd()));
+    let pid = child.id() as i32;
+    let img = dir.path().join("img");
+    let o = stasis(&[
+        "dump",
+        "-t",
+        &pid.to_string(),
+        "-D",
+        &img.to_string_lossy(),
+        "--shell-job",
+    ]);
+    assert!(o.status.success(), "dump: {}", stderr_of(&o));
+    let _ = child.wait();
+    wait_gone(pid);
+    // The restoring stasis's own terminal: a new pty, cooked and echoing.
+    let (_m2, s2) = pty();
+    let fd = s2.as_raw_fd();
+    let mut cmd = std::process::Command::new(stasis_bin());
+    cmd.args(["restore", "-D", &img.to_string_lossy(), "-d", "--shell-job"]);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            for n in 0..=2 {
+                libc::dup2(fd, n);
+            }
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    let o = cmd.output().expect("stasis restore");
+    assert!(o.status.success(), "restore failed ({})", o.status);
+    // SAFETY: asking the restored process for its report.
+    unsafe { libc::kill(pid, libc::SIGUSR1) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !report.exists() {
+        assert!(std::time::Instant::now() < deadline, "no report");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let modes = std::fs::read_to_string(&report).expect("report");
+    // SAFETY: the restored copy is not our child; stop it.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert_eq!(modes, "echo=0 icanon=0", "raw mode on the new terminal");
+}

@@ -98,27 +98,28 @@ pub(crate) fn fill(uffd: &OwnedFd, pages: &PageReader, runs: &[PageRun]) -> Resu
         .clamp(1, 4)
         .min(batches.len());
     let (file, batches, next) = (pages.file(), &batches, &next);
+    let work = move || -> Result<()> {
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(&(dst, off, n)) = batches.get(i) else {
+                return Ok(());
+            };
+            // One window of the file per batch: the host's RSS stays small.
+            let map = FileMap::new(file, off, n as usize)?;
+            stasis_sys::uffd::copy(uffd.as_raw_fd(), dst, map.ptr, n)
+                .with_context(|| format!("UFFDIO_COPY of {n} bytes to {dst:#x}"))?;
+        }
+    };
     std::thread::scope(|s| -> Result<()> {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(move || -> Result<()> {
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(&(dst, off, n)) = batches.get(i) else {
-                            return Ok(());
-                        };
-                        // One window of the file per batch: the host's RSS stays small.
-                        let map = FileMap::new(file, off, n as usize)?;
-                        stasis_sys::uffd::copy(uffd.as_raw_fd(), dst, map.ptr, n)
-                            .with_context(|| format!("UFFDIO_COPY of {n} bytes to {dst:#x}"))?;
-                    }
-                })
-            })
+        // Helpers where threads can be had; this thread works too, and alone if none can.
+        let helpers: Vec<_> = (1..threads)
+            .filter_map(|_| std::thread::Builder::new().spawn_scoped(s, work).ok())
             .collect();
-        for w in workers {
+        let mine = work();
+        for w in helpers {
             w.join()
                 .map_err(|_| anyhow::anyhow!("a fill thread panicked"))??;
         }
-        Ok(())
+        mine
     })
 }

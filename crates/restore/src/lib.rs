@@ -70,9 +70,12 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
     let file_data = files::FileData::read(&img)?;
     let loaded = t0.elapsed();
 
-    shift_clocks_if_behind(&img.inventory)?;
+    let shift = shift_clocks_if_behind(&img.inventory)?;
     let child = spawn_child(&img, &helpers, &file_data)?;
     let mut guard = ChildGuard { pid, armed: true };
+    if let Some(shift) = shift {
+        shift.back()?;
+    }
     let t1 = Instant::now();
     let mut seized = Seized::seize(pid)?;
     seized.trace_clones()?;
@@ -226,12 +229,17 @@ fn set_terminal_modes(img: &Image) {
 /// put it in a new time namespace whose offsets make both clocks continue from the dumped
 /// values. `unshare(CLONE_NEWTIME)` leaves stasis where it is and places its next child in
 /// the new namespace; the offsets must be written before that child exists.
-fn shift_clocks_if_behind(inv: &Inventory) -> Result<()> {
+///
+/// Returns our own time namespace when it made a new one: once the child exists, stasis goes
+/// back to it (`ClockShift::back`), for the kernel refuses new threads (`CLONE_VM`) to a
+/// process whose children's time namespace is not its own.
+fn shift_clocks_if_behind(inv: &Inventory) -> Result<Option<ClockShift>> {
     let mono = stasis_sys::clock_ns(libc::CLOCK_MONOTONIC);
     let boot = stasis_sys::clock_ns(libc::CLOCK_BOOTTIME);
     if inv.monotonic_ns <= mono && inv.boottime_ns <= boot {
-        return Ok(());
+        return Ok(None);
     }
+    let ours = std::fs::File::open("/proc/self/ns/time").context("opening /proc/self/ns/time")?;
     let ahead = |dumped: u64, now: u64| dumped.saturating_sub(now);
     let (m, b) = (ahead(inv.monotonic_ns, mono), ahead(inv.boottime_ns, boot));
     // SAFETY: unshare only affects this process's future children.
@@ -257,7 +265,25 @@ fn shift_clocks_if_behind(inv: &Inventory) -> Result<()> {
         boottime_ns = b,
         "clocks shifted forward in a new time namespace"
     );
-    Ok(())
+    Ok(Some(ClockShift(ours)))
+}
+
+/// Our own time namespace, left for the restored process's new one.
+struct ClockShift(std::fs::File);
+
+impl ClockShift {
+    /// Makes our own time namespace the one of our future children again.
+    fn back(self) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns with a namespace descriptor we hold; stasis is single-threaded here.
+        if unsafe { libc::setns(self.0.as_raw_fd(), libc::CLONE_NEWTIME) } != 0 {
+            bail!(
+                "returning to our own time namespace: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(())
+    }
 }
 
 fn wait_exit(pid: i32) -> Result<i32> {
