@@ -461,3 +461,65 @@ fn process_running_a_deleted_binary_comes_back() {
     }
     assert_pass(&std::fs::read_to_string(&out).unwrap_or_default());
 }
+
+/// The parasite rewrites the first bytes of the first executable mapping while it runs (its
+/// injection site), and memory is copied while the parasite works: that page must reach the
+/// image with the program's own bytes. Once a process has been infected the page is a private
+/// copy (dumped as data); a second dump must save it as the program has it.
+#[test]
+fn the_injection_site_reaches_the_image_unchanged() {
+    if !require_root("the_injection_site_reaches_the_image_unchanged") {
+        return;
+    }
+    let d = Daemon::start("sleeper", &[]);
+    let pid = d.pid.to_string();
+    for n in 1..=2 {
+        let img = d.image(n);
+        let o = stasis(&[
+            "dump",
+            "-t",
+            &pid,
+            "-D",
+            &img.to_string_lossy(),
+            "--leave-running",
+        ]);
+        assert!(o.status.success(), "{}", stderr_of(&o));
+    }
+    // The second image: the site's page was a private copy by then.
+    let img = d.image(2);
+    let bytes = std::fs::read(img.join("mm.img")).expect("mm.img");
+    let mm: serde_json::Value = serde_json::from_slice(&bytes[64..]).expect("mm JSON");
+    let vma = mm["vmas"]
+        .as_array()
+        .expect("vmas")
+        .iter()
+        .find(|v| v["prot"].as_u64().unwrap_or(0) & 4 != 0)
+        .expect("an executable mapping");
+    let start = vma["start"].as_u64().expect("start");
+    let run = vma["pages"]
+        .as_array()
+        .expect("pages")
+        .iter()
+        .find(|r| r["addr"].as_u64() == Some(start))
+        .expect("the site's page was dumped (a private copy since the first infection)");
+    let file_off = run["file_off"].as_u64().expect("file_off");
+    let mut saved = [0u8; 16];
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(img.join("pages.img")).expect("pages.img");
+        f.read_exact_at(&mut saved, file_off).expect("read");
+    }
+    let path = vma["backing"]["path"].as_str().expect("a file mapping");
+    let offset = vma["backing"]["offset"].as_u64().expect("offset");
+    let mut original = [0u8; 16];
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(path).expect("the program's file");
+        f.read_exact_at(&mut original, offset).expect("read");
+    }
+    assert_eq!(
+        saved, original,
+        "the image holds the program's own bytes at {start:#x}"
+    );
+    assert_pass(&d.finish());
+}

@@ -217,13 +217,24 @@ pub fn run(sizes: &[u64], runs: usize, threads: usize, criu: Option<PathBuf>) ->
         "size", "tool", "dump", "restore", "dump peak RSS", "restore RSS"
     );
     for &mib in sizes {
-        let mut medians = Vec::new();
+        // One warm-up round per tool: the first touch of fresh memory is far slower on this VM.
         for tool in &tools {
-            // One warm-up round: the first touch of fresh memory is far slower on this VM.
             round(tool, &memhold, &work, mib.min(64), threads)?;
-            let rounds: Vec<Round> = (0..runs)
-                .map(|_| round(tool, &memhold, &work, mib, threads))
-                .collect::<Result<_>>()?;
+        }
+        // The tools take turns, round by round (the order alternating), and every round starts
+        // with nothing left to write back: whatever the machine does meanwhile (page cache
+        // writeback, a neighbour) falls on both alike.
+        let mut rounds: Vec<Vec<Round>> = vec![Vec::new(); tools.len()];
+        for run in 0..runs {
+            for k in 0..tools.len() {
+                let t = if run % 2 == 0 { k } else { tools.len() - 1 - k };
+                // SAFETY: sync has no preconditions.
+                unsafe { libc::sync() };
+                rounds[t].push(round(&tools[t], &memhold, &work, mib, threads)?);
+            }
+        }
+        let mut medians = Vec::new();
+        for (tool, rounds) in tools.iter().zip(&rounds) {
             let d = median(rounds.iter().map(|r| r.dump).collect());
             let r = median(rounds.iter().map(|r| r.restore).collect());
             let drss = rounds.iter().map(|r| r.dump_rss_kib).max().unwrap_or(0);

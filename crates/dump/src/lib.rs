@@ -71,50 +71,40 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
         files,
         &mut pages,
     )?;
-    let mut cores = threads
-        .iter()
-        .map(|&tid| thread::collect_core(pid, tid))
-        .collect::<Result<Vec<Core>>>()?;
-    let shared_pending = thread::pending(nix::unistd::Pid::from_raw(pid), true)
-        .context("reading pending signals")?;
-    let t_collected = frozen_at.elapsed();
-
-    let blob = stasis_blobs::parasite()?;
-    let proc_timers = stasis_proc::timers(pid)?;
-    let ids: Vec<u8> = proc_timers
-        .iter()
-        .flat_map(|t| t.id.to_le_bytes())
-        .collect();
-    let size = RegionSize {
-        plan_cap: ids.len().max(64),
-        ..RegionSize::default()
-    };
-    let mut parasite = Parasite::infect(&mut seized, blob, size)?;
-    let asked = vdso_report::ask_vdso(&mut parasite)?;
-    let task_raw = parasite.run(CommandId::TaskState, vdso_report::COMMAND_TIMEOUT)?;
-    let times = if ids.is_empty() {
-        Vec::new()
-    } else {
-        parasite.run_plan(
-            CommandId::TimerState,
-            &ids,
-            ids.len(),
-            vdso_report::COMMAND_TIMEOUT,
-        )?
-    };
-    // What only each thread can tell about itself: the parasite runs in every one of them.
-    let mut thread_raw = Vec::with_capacity(threads.len());
-    for &tid in &threads {
-        thread_raw.push(parasite.run_plan_in(
-            tid,
-            CommandId::ThreadState,
-            &[],
-            0,
-            vdso_report::COMMAND_TIMEOUT,
-        )?);
-    }
-    parasite.cure()?;
-    let t_parasite = frozen_at.elapsed();
+    // Memory is planned now and copied in the background while the threads are read and the
+    // parasite does its work: neither changes the process's memory, but for the injection
+    // site's page, which waits for the cure.
+    let site = stasis_infect::injection_site(pid)?;
+    let mem_plan = mm::plan(
+        pid,
+        &vm_flags,
+        site,
+        stasis_image::DATA_OFFSET + pages.data_len(),
+    )?;
+    let (cured_tx, cured_rx) = std::sync::mpsc::channel::<()>();
+    let (frozen_work, copied) = std::thread::scope(|s| {
+        let (plan, pages) = (&mem_plan, &mut pages);
+        let copier = s.spawn(move || mm::copy(pid, plan, pages, &cured_rx));
+        let work = frozen_work(pid, &threads, &mut seized, &cured_tx);
+        // If the work failed, the copier learns it when the channel closes.
+        drop(cured_tx);
+        let copied = copier
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the memory copy thread panicked")));
+        (work, copied)
+    });
+    let FrozenWork {
+        mut cores,
+        shared_pending,
+        proc_timers,
+        times,
+        asked,
+        task_raw,
+        thread_raw,
+        t_collected,
+        t_parasite,
+    } = frozen_work?;
+    copied?;
     let vdso_info = asked.verify()?;
     let task = decode_task_state(pid, &task_raw)?;
     for ((core, raw), &tid) in cores.iter_mut().zip(&thread_raw).zip(&threads) {
@@ -126,8 +116,7 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
     let stat = task::stat_fields(&stat).with_context(|| format!("parsing /proc/{pid}/stat"))?;
-    let t_mm = frozen_at.elapsed();
-    let (mm, vdso) = mm::collect_mm(pid, &task, &vdso_info, &stat, &vm_flags, &mut pages)?;
+    let (mm, vdso) = mm::finish(pid, mem_plan, &task, &vdso_info, &stat)?;
     let t_mm_done = frozen_at.elapsed();
     if mm.exe.ends_with(DELETED_SUFFIX) && files.unnamed(mm.exe_dev, mm.exe_inode).is_none() {
         bail!(
@@ -160,8 +149,7 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
         threads = threads.len(),
         collected = ?t_collected,
         parasite = ?t_parasite,
-        mm_start = ?t_mm,
-        mm_done = ?t_mm_done,
+        memory_done = ?t_mm_done,
         frozen = ?frozen,
         "frozen phases"
     );
@@ -213,6 +201,85 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
     };
     tracing::info!(pid, ?s, "dumped");
     Ok(s)
+}
+
+/// What is read from the frozen process beside its memory: through ptrace and /proc, and from
+/// inside by the parasite (which is cured before this returns, successfully or not).
+struct FrozenWork {
+    cores: Vec<Core>,
+    shared_pending: Vec<PendingSignal>,
+    proc_timers: Vec<stasis_proc::ProcTimer>,
+    times: Vec<u8>,
+    asked: vdso_report::AskedVdso,
+    task_raw: Vec<u8>,
+    thread_raw: Vec<Vec<u8>>,
+    t_collected: Duration,
+    t_parasite: Duration,
+}
+
+fn frozen_work(
+    pid: i32,
+    threads: &[i32],
+    seized: &mut Seized,
+    cured: &std::sync::mpsc::Sender<()>,
+) -> Result<FrozenWork> {
+    let t0 = Instant::now();
+    let cores = threads
+        .iter()
+        .map(|&tid| thread::collect_core(pid, tid))
+        .collect::<Result<Vec<Core>>>()?;
+    let shared_pending = thread::pending(nix::unistd::Pid::from_raw(pid), true)
+        .context("reading pending signals")?;
+    let t_collected = t0.elapsed();
+
+    let blob = stasis_blobs::parasite()?;
+    let proc_timers = stasis_proc::timers(pid)?;
+    let ids: Vec<u8> = proc_timers
+        .iter()
+        .flat_map(|t| t.id.to_le_bytes())
+        .collect();
+    let size = RegionSize {
+        plan_cap: ids.len().max(64),
+        ..RegionSize::default()
+    };
+    let mut parasite = Parasite::infect(seized, blob, size)?;
+    let asked = vdso_report::ask_vdso(&mut parasite)?;
+    let task_raw = parasite.run(CommandId::TaskState, vdso_report::COMMAND_TIMEOUT)?;
+    let times = if ids.is_empty() {
+        Vec::new()
+    } else {
+        parasite.run_plan(
+            CommandId::TimerState,
+            &ids,
+            ids.len(),
+            vdso_report::COMMAND_TIMEOUT,
+        )?
+    };
+    // What only each thread can tell about itself: the parasite runs in every one of them.
+    let mut thread_raw = Vec::with_capacity(threads.len());
+    for &tid in threads {
+        thread_raw.push(parasite.run_plan_in(
+            tid,
+            CommandId::ThreadState,
+            &[],
+            0,
+            vdso_report::COMMAND_TIMEOUT,
+        )?);
+    }
+    parasite.cure()?;
+    // The injection site's page holds its own bytes again: the copy may take it.
+    let _ = cured.send(());
+    Ok(FrozenWork {
+        cores,
+        shared_pending,
+        proc_timers,
+        times,
+        asked,
+        task_raw,
+        thread_raw,
+        t_collected,
+        t_parasite: t0.elapsed(),
+    })
 }
 
 fn decode_task_state(pid: i32, raw: &[u8]) -> Result<TaskState, CollectError> {

@@ -288,73 +288,112 @@ fn wants_page(backing: &Backing, shared: bool, entry: u64, zero_pfn: Option<u64>
     }
 }
 
-pub(crate) fn collect_mm(
+/// One stretch of pages to copy into pages.img, in file order.
+#[derive(Clone, Copy, Debug)]
+struct Chunk {
+    /// Index into `MemPlan::maps`, and into `MemPlan::vmas` (the model VMA it belongs to).
+    map: usize,
+    vma: usize,
+    addr: u64,
+    len: usize,
+    /// Copied only once the parasite is gone (it holds the injection site's page).
+    after_cure: bool,
+}
+
+/// Which pages of which VMA go where in pages.img, decided from maps and pagemap while the
+/// process is frozen and before anything in it changes, so the copy can run while the
+/// parasite does its work (it changes nothing of the process's memory but the injection
+/// site's page, copied last, once cured).
+pub(crate) struct MemPlan {
+    maps: Vec<stasis_proc::Vma>,
+    vmas: Vec<Vma>,
+    chunks: Vec<Chunk>,
+    proxy: Option<ProxyFound>,
+}
+
+/// Pagemap entries read at a time: a huge reservation (a JVM heap, a Go arena) is scanned in
+/// windows, never with a buffer sized by the VMA.
+const PAGEMAP_WINDOW: usize = 64 * 1024;
+
+/// Pass 1. `hold_back` is the injection site (a page the parasite rewrites while it runs);
+/// `data_start` the file offset where the first chunk will be appended.
+pub(crate) fn plan(
     pid: i32,
-    task: &TaskState,
-    vdso_info: &VdsoInfo,
-    stat: &[u64],
     flags: &VmFlagsMap,
-    pages: &mut PageWriter,
-) -> Result<(Mm, VdsoRecord)> {
-    let vmas = stasis_proc::maps(pid)?;
+    hold_back: u64,
+    data_start: u64,
+) -> Result<MemPlan> {
+    let maps = stasis_proc::maps(pid)?;
     let pagemap = File::open(format!("/proc/{pid}/pagemap"))
         .with_context(|| format!("opening /proc/{pid}/pagemap"))?;
     let mem = File::open(format!("/proc/{pid}/mem"))
         .with_context(|| format!("opening /proc/{pid}/mem"))?;
-    // Pass 1: which pages of which VMA go where in pages.img. Appends are sequential, so every
-    // chunk's file offset is known before a byte is copied.
-    let mut out = Vec::with_capacity(vmas.len());
-    let mut chunks: Vec<(usize, u64, usize)> = Vec::new(); // (index into vmas, address, length)
-    let mut entries = Vec::new();
+    let held_page = hold_back & !(PAGE_SIZE as u64 - 1);
+    let mut vmas = Vec::with_capacity(maps.len());
+    let mut chunks: Vec<Chunk> = Vec::new();
+    let mut entries = vec![0u8; PAGEMAP_WINDOW * 8];
     let zero_pfn = zero_page_pfn();
-    let proxy = find_proxy(pid, &vmas, &mem);
-    let mut next_off = stasis_image::DATA_OFFSET + pages.data_len();
-    for (vi, v) in vmas.iter().enumerate() {
+    let proxy = find_proxy(pid, &maps, &mem);
+    for (mi, v) in maps.iter().enumerate() {
         let Some(backing) = backing_of(pid, v, proxy.as_ref())? else {
             continue;
         };
         let vf = flags.get(&v.start).copied().unwrap_or_default();
+        let vma = vmas.len();
         let npages = (v.len() / PAGE_SIZE as u64) as usize;
-        entries.resize(npages * 8, 0);
-        pagemap
-            .read_exact_at(&mut entries, v.start / PAGE_SIZE as u64 * 8)
-            .with_context(|| format!("reading the pagemap of {v}"))?;
-        let e =
-            |k: usize| u64::from_le_bytes(entries[k * 8..k * 8 + 8].try_into().unwrap_or([0; 8]));
-        let mut runs: Vec<PageRun> = Vec::new();
+        let mut window = (0, 0); // pages [window.0, window.1) are in `entries`
+        let mut entry = |k: usize| -> Result<u64> {
+            if k < window.0 || k >= window.1 {
+                let n = PAGEMAP_WINDOW.min(npages - k);
+                pagemap
+                    .read_exact_at(
+                        &mut entries[..n * 8],
+                        (v.start / PAGE_SIZE as u64 + k as u64) * 8,
+                    )
+                    .with_context(|| format!("reading the pagemap of {v}"))?;
+                window = (k, k + n);
+            }
+            let at = (k - window.0) * 8;
+            Ok(u64::from_le_bytes(
+                entries[at..at + 8].try_into().unwrap_or([0; 8]),
+            ))
+        };
         let mut i = 0;
         while i < npages {
-            if !wants_page(&backing, v.shared, e(i), zero_pfn) {
+            if !wants_page(&backing, v.shared, entry(i)?, zero_pfn) {
                 i += 1;
                 continue;
             }
-            let mut j = i;
+            let mut j = i + 1;
             while j < npages
                 && j - i < CHUNK / PAGE_SIZE
-                && wants_page(&backing, v.shared, e(j), zero_pfn)
+                && wants_page(&backing, v.shared, entry(j)?, zero_pfn)
             {
                 j += 1;
             }
             let addr = v.start + (i * PAGE_SIZE) as u64;
-            let len = (j - i) * PAGE_SIZE;
-            chunks.push((vi, addr, len));
-            match runs.last_mut() {
-                Some(r)
-                    if r.addr + r.pages * PAGE_SIZE as u64 == addr
-                        && r.file_off + r.pages * PAGE_SIZE as u64 == next_off =>
-                {
-                    r.pages += (j - i) as u64;
-                }
-                _ => runs.push(PageRun {
-                    addr,
-                    pages: (j - i) as u64,
-                    file_off: next_off,
-                }),
+            let end = v.start + (j * PAGE_SIZE) as u64;
+            // The injection site's page becomes a chunk of its own, copied after the cure.
+            let mut cuts = vec![addr];
+            if held_page > addr && held_page < end {
+                cuts.push(held_page);
             }
-            next_off += len as u64;
+            if held_page + (PAGE_SIZE as u64) > addr && held_page + (PAGE_SIZE as u64) < end {
+                cuts.push(held_page + PAGE_SIZE as u64);
+            }
+            cuts.push(end);
+            for w in cuts.windows(2) {
+                chunks.push(Chunk {
+                    map: mi,
+                    vma,
+                    addr: w[0],
+                    len: (w[1] - w[0]) as usize,
+                    after_cure: w[0] == held_page,
+                });
+            }
             i = j;
         }
-        out.push(Vma {
+        vmas.push(Vma {
             start: v.start,
             end: v.end,
             prot: v.prot,
@@ -364,13 +403,73 @@ pub(crate) fn collect_mm(
             advice: vf.advice,
             name: Bytes(v.name.clone()),
             backing,
-            pages: runs,
+            pages: Vec::new(),
         });
     }
-    tracing::debug!(pid, chunks = chunks.len(), "pass 1 done");
-    // Pass 2: copy, reading on this thread and writing on another, so both cores work.
-    let (t_read, t_write) = copy_chunks(pid, &mem, &vmas, &chunks, pages)?;
+    // File order: everything the parasite does not touch first, the held-back page last.
+    chunks.sort_by_key(|c| c.after_cure);
+    let mut next_off = data_start;
+    let mut placed: Vec<(usize, u64, u64, u64)> = Vec::with_capacity(chunks.len());
+    for c in &chunks {
+        placed.push((c.vma, c.addr, c.len as u64, next_off));
+        next_off += c.len as u64;
+    }
+    placed.sort_unstable();
+    for (vma, addr, len, file_off) in placed {
+        let runs = &mut vmas[vma].pages;
+        let pages = len / PAGE_SIZE as u64;
+        match runs.last_mut() {
+            Some(r)
+                if r.addr + r.pages * PAGE_SIZE as u64 == addr
+                    && r.file_off + r.pages * PAGE_SIZE as u64 == file_off =>
+            {
+                r.pages += pages;
+            }
+            _ => runs.push(PageRun {
+                addr,
+                pages,
+                file_off,
+            }),
+        }
+    }
+    tracing::debug!(pid, chunks = chunks.len(), "memory planned");
+    Ok(MemPlan {
+        maps,
+        vmas,
+        chunks,
+        proxy,
+    })
+}
+
+/// Pass 2: copies the planned pages into `pages`. The held-back chunk waits for `cured`
+/// (a message, or the channel closing: then the copy stops with an error).
+pub(crate) fn copy(
+    pid: i32,
+    plan: &MemPlan,
+    pages: &mut PageWriter,
+    cured: &std::sync::mpsc::Receiver<()>,
+) -> Result<()> {
+    let mem = File::open(format!("/proc/{pid}/mem"))
+        .with_context(|| format!("opening /proc/{pid}/mem"))?;
+    let (t_read, t_write) = copy_chunks(pid, &mem, plan, pages, cured)?;
     tracing::info!(pid, read = ?t_read, write = ?t_write, "memory copied");
+    Ok(())
+}
+
+/// The rest of the address space, once the parasite is gone: mm fields, auxv, exe, and the
+/// vDSO record.
+pub(crate) fn finish(
+    pid: i32,
+    plan: MemPlan,
+    task: &TaskState,
+    vdso_info: &VdsoInfo,
+    stat: &[u64],
+) -> Result<(Mm, VdsoRecord)> {
+    let mem = File::open(format!("/proc/{pid}/mem"))
+        .with_context(|| format!("opening /proc/{pid}/mem"))?;
+    let MemPlan {
+        vmas: out, proxy, ..
+    } = plan;
     let field = |n: usize| stat.get(n - 1).copied().unwrap_or(0);
     let fields = MmFields {
         start_code: field(26),
@@ -440,13 +539,13 @@ pub(crate) fn collect_mm(
 fn copy_chunks(
     pid: i32,
     mem: &File,
-    vmas: &[stasis_proc::Vma],
-    chunks: &[(usize, u64, usize)],
+    plan: &MemPlan,
     pages: &mut PageWriter,
+    cured: &std::sync::mpsc::Receiver<()>,
 ) -> Result<(Duration, Duration)> {
     use std::sync::mpsc::sync_channel;
     const BUFFERS: usize = 3;
-    let total: u64 = chunks.iter().map(|c| c.2 as u64).sum();
+    let total: u64 = plan.chunks.iter().map(|c| c.len as u64).sum();
     let first_off = stasis_image::DATA_OFFSET + pages.data_len();
     // The first part of each chunk is hashed by the reader, the rest by the writer.
     let split = |len: usize| (len / 2).next_multiple_of(PAGE_SIZE).min(len);
@@ -475,12 +574,21 @@ fn copy_chunks(
             let mut reading = Duration::ZERO;
             let mut result = Ok(());
             let mut at = first_off;
-            for &(vi, addr, len) in chunks {
+            let mut waited = false;
+            for c in &plan.chunks {
+                if c.after_cure && !waited {
+                    if cured.recv().is_err() {
+                        result = Err(anyhow::anyhow!("pid {pid}: the parasite was not cured"));
+                        break;
+                    }
+                    waited = true;
+                }
                 let Ok(mut buf) = empty_rx.recv() else {
                     break; // the writer stopped early: its error is reported below
                 };
+                let (addr, len) = (c.addr, c.len);
                 let t = Instant::now();
-                if let Err(e) = read_remote(pid, mem, &vmas[vi], addr, &mut buf[..len]) {
+                if let Err(e) = read_remote(pid, mem, &plan.maps[c.map], addr, &mut buf[..len]) {
                     result = Err(e);
                     break;
                 }

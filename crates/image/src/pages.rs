@@ -297,11 +297,21 @@ impl PageReader {
             .min(chunks.max(1));
         let mut digests = vec![0u64; pages];
         let per = chunks.div_ceil(threads).max(1) * per_chunk;
+        // Hashing straight from a mapping saves a copy of all the data; reading is the fallback.
+        let map = MappedData::new(self).ok();
+        let map = map.as_ref();
         std::thread::scope(|s| -> Result<()> {
             let workers: Vec<_> = digests
                 .chunks_mut(per)
                 .enumerate()
-                .map(|(t, out)| s.spawn(move || self.hash_pages(t * per, out)))
+                .map(|(t, out)| {
+                    s.spawn(move || match map {
+                        Some(m) => m
+                            .hash_pages(t * per, out)
+                            .or_else(|_| self.hash_pages(t * per, out)),
+                        None => self.hash_pages(t * per, out),
+                    })
+                })
                 .collect();
             for w in workers {
                 w.join().map_err(|_| ImageError::PayloadChecksum {
@@ -319,7 +329,7 @@ impl PageReader {
         }
     }
 
-    /// Hashes pages `first..first + out.len()` into `out`.
+    /// Hashes pages `first..first + out.len()` into `out`, reading them.
     fn hash_pages(&self, first: usize, out: &mut [u64]) -> Result<()> {
         let mut buf = vec![0u8; VERIFY_CHUNK];
         for (k, slots) in out.chunks_mut(VERIFY_CHUNK / PAGE_SIZE).enumerate() {
@@ -386,6 +396,88 @@ impl PageReader {
         })
     }
 }
+
+/// Verification straight from the page cache: each piece of page data is mapped read-only,
+/// hashed and unmapped (so the process's RSS stays small). Another process that truncated the
+/// file meanwhile would make reading a mapping raise SIGBUS: while a `MappedData` lives,
+/// SIGBUS ends stasis with a clear message instead (restore verifies before it creates
+/// anything, so exiting there leaves nothing behind).
+struct MappedData {
+    fd: std::os::fd::RawFd,
+    len: usize,
+    old_bus: libc::sigaction,
+}
+
+extern "C" fn on_bus_while_verifying(_: libc::c_int) {
+    const MSG: &[u8] = b"stasis: pages.img changed size while it was being verified\n";
+    // SAFETY: write and _exit are async-signal-safe.
+    unsafe {
+        libc::write(2, MSG.as_ptr().cast(), MSG.len());
+        libc::_exit(1);
+    }
+}
+
+impl MappedData {
+    fn new(r: &PageReader) -> std::io::Result<MappedData> {
+        // SAFETY: sigaction structs are plain data; we install a handler and keep the old one.
+        let old_bus = unsafe {
+            let mut act: libc::sigaction = std::mem::zeroed();
+            act.sa_sigaction = on_bus_while_verifying as *const () as usize;
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(libc::SIGBUS, &act, &mut old) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            old
+        };
+        Ok(MappedData {
+            fd: r.file.as_raw_fd(),
+            len: (DATA_OFFSET + r.data_len) as usize,
+            old_bus,
+        })
+    }
+
+    /// Hashes pages `first..first + out.len()` of the data into `out`.
+    fn hash_pages(&self, first: usize, out: &mut [u64]) -> std::io::Result<()> {
+        for (k, slots) in out.chunks_mut(VERIFY_CHUNK / PAGE_SIZE).enumerate() {
+            let offset = DATA_OFFSET as usize + first * PAGE_SIZE + k * VERIFY_CHUNK;
+            let n = slots.len() * PAGE_SIZE;
+            if offset + n > self.len {
+                return Err(std::io::Error::other("page range outside the data"));
+            }
+            // SAFETY: a fresh read-only mapping of [offset, offset + n) of a file we hold
+            // open, its page tables made in one call, read, then unmapped.
+            unsafe {
+                let p = libc::mmap(
+                    std::ptr::null_mut(),
+                    n,
+                    libc::PROT_READ,
+                    libc::MAP_SHARED,
+                    self.fd,
+                    offset as libc::off_t,
+                );
+                if p == libc::MAP_FAILED {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::madvise(p, n, MADV_POPULATE_READ);
+                let data = std::slice::from_raw_parts(p as *const u8, n);
+                for (slot, page) in slots.iter_mut().zip(data.chunks(PAGE_SIZE)) {
+                    *slot = page_digest(page);
+                }
+                libc::munmap(p, n);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for MappedData {
+    fn drop(&mut self) {
+        // SAFETY: putting the old SIGBUS action back.
+        unsafe { libc::sigaction(libc::SIGBUS, &self.old_bus, std::ptr::null_mut()) };
+    }
+}
+
+const MADV_POPULATE_READ: i32 = 22;
 
 #[cfg(test)]
 mod tests {

@@ -13,5 +13,5 @@ pub mod xsave;
 
 pub use blob::Blob;
 pub use error::{InfectError, Result};
-pub use parasite::{Parasite, RegionSize};
+pub use parasite::{site_of as injection_site, Parasite, RegionSize};
 pub use seize::{check_target, Seized};

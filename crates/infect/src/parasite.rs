@@ -753,6 +753,12 @@ fn open_proc_rw(pid: i32, file: &str, what: &'static str) -> Result<File> {
         .map_err(|source| InfectError::Io { pid, what, source })
 }
 
+/// Where `Parasite::infect` will write its system-call instruction in `pid` (it puts the
+/// original bytes back after every call): the one page of the process a parasite changes.
+pub fn site_of(pid: i32) -> Result<u64> {
+    injection_site(pid, None)
+}
+
 /// The start of the first executable mapping that is ordinary code: not the vDSO (writing there
 /// would turn a kernel page into a private copy), not `[vsyscall]`, not our own region (its
 /// `munmap` would pull the instruction after the `syscall` out from under the thread).
