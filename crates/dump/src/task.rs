@@ -69,18 +69,8 @@ pub(crate) fn collect_process(
     let f = stat;
     let mut rlimits = Vec::new();
     for resource in 0..16u32 {
-        let mut old = libc::rlimit64 {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: prlimit64 query only (new = NULL); old is a valid out-pointer.
-        let r = unsafe { libc::prlimit64(pid, resource as _, std::ptr::null(), &mut old) };
-        if r == 0 {
-            rlimits.push(Rlimit {
-                resource,
-                cur: old.rlim_cur,
-                max: old.rlim_max,
-            });
+        if let Ok((cur, max)) = stasis_sys::process::limit_of(pid, resource) {
+            rlimits.push(Rlimit { resource, cur, max });
         }
     }
     let link = |what: &str| -> Result<Bytes> {

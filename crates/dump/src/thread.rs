@@ -131,20 +131,16 @@ fn online_cpus() -> Option<Vec<u64>> {
 /// The CPUs `tid` may run on; None when that is every online CPU (the default, which should
 /// stay "every CPU" on a machine with more of them).
 fn affinity(tid: i32) -> Result<Option<Vec<u64>>> {
-    // SAFETY: cpu_set_t is plain bits; sched_getaffinity fills at most its size.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: a query about a thread of a process we have frozen.
-    let r =
-        unsafe { libc::sched_getaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
-    if r != 0 {
-        bail!(
-            "sched_getaffinity of thread {tid}: {}",
-            std::io::Error::last_os_error()
-        );
+    use nix::sched::{sched_getaffinity, CpuSet};
+    let set = sched_getaffinity(nix::unistd::Pid::from_raw(tid))
+        .map_err(|e| os_error("sched_getaffinity", tid, e))?;
+    // The set as sched_getaffinity words: CPU n is bit n % 64 of word n / 64.
+    let mut mask = vec![0u64; CpuSet::count() / 64];
+    for cpu in 0..CpuSet::count() {
+        if set.is_set(cpu) == Ok(true) {
+            mask[cpu / 64] |= 1 << (cpu % 64);
+        }
     }
-    // SAFETY: cpu_set_t is an array of u64 words on x86_64.
-    let words: [u64; 16] = unsafe { std::mem::transmute(set) };
-    let mut mask = words.to_vec();
     while mask.last() == Some(&0) {
         mask.pop();
     }
@@ -153,44 +149,24 @@ fn affinity(tid: i32) -> Result<Option<Vec<u64>>> {
 
 /// Policy (with SCHED_RESET_ON_FORK), real-time priority and nice value of `tid`.
 fn sched(tid: i32) -> Result<Sched> {
+    use stasis_sys::sched;
     const SCHED_DEADLINE: i32 = 6;
-    // SAFETY: queries about a thread; param is a valid out-pointer.
-    let policy = unsafe { libc::sched_getscheduler(tid) };
-    if policy < 0 {
-        bail!(
-            "sched_getscheduler of thread {tid}: {}",
-            std::io::Error::last_os_error()
-        );
-    }
+    let policy = sched::policy(tid).map_err(|e| os_error("sched_getscheduler", tid, e))?;
     if policy & !libc::SCHED_RESET_ON_FORK == SCHED_DEADLINE {
         bail!("thread {tid} runs under SCHED_DEADLINE; not supported yet");
     }
-    let mut param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: as above.
-    if unsafe { libc::sched_getparam(tid, &mut param) } != 0 {
-        bail!(
-            "sched_getparam of thread {tid}: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    // getpriority may return -1 as a value: clear errno first to tell.
-    // SAFETY: errno is thread-local; getpriority only reads.
-    let nice = unsafe {
-        *libc::__errno_location() = 0;
-        let n = libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t);
-        if n == -1 && *libc::__errno_location() != 0 {
-            bail!(
-                "getpriority of thread {tid}: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-        n
-    };
+    let priority = sched::rt_priority(tid).map_err(|e| os_error("sched_getparam", tid, e))?;
+    let nice = sched::nice(tid).map_err(|e| os_error("getpriority", tid, e))?;
     Ok(Sched {
         policy,
-        priority: param.sched_priority,
+        priority,
         nice,
     })
+}
+
+/// "`call` of thread `tid`: <the OS error>".
+fn os_error(call: &str, tid: i32, e: nix::errno::Errno) -> anyhow::Error {
+    anyhow::anyhow!("{call} of thread {tid}: {}", std::io::Error::from(e))
 }
 
 pub(crate) fn collect_core(pid: i32, tid: i32) -> Result<Core> {

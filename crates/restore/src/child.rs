@@ -10,9 +10,13 @@
 use crate::fds::Helpers;
 use crate::files::{self, check, cstr, dup_at_least, open_path, FileData};
 use anyhow::{bail, Result};
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
+use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow};
+use nix::sys::stat::Mode;
+use nix::unistd::Pid;
 use stasis_image::model::*;
 use stasis_image::Image;
-use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
 
 pub fn child_main(img: &Image, h: &Helpers, data: &FileData, ready: OwnedFd, hold: OwnedFd) -> ! {
     let ready_fd = ready.into_raw_fd();
@@ -22,34 +26,36 @@ pub fn child_main(img: &Image, h: &Helpers, data: &FileData, ready: OwnedFd, hol
         Ok(()) => "OK".to_string(),
         Err(e) => format!("{e:#}"),
     };
-    // SAFETY: raw writes and a blocking read on our own descriptors; _exit ends the child
-    // without running stasis's destructors (which belong to the parent).
-    unsafe {
-        let fd = if outcome.is_ok() {
-            h.ready_fd
-        } else {
-            ready_fd_now(ready_fd, h)
-        };
-        libc::write(fd, msg.as_ptr().cast(), msg.len());
-        libc::close(fd);
-        if outcome.is_err() {
-            libc::_exit(1);
-        }
-        let mut b = 0u8;
-        loop {
-            let r = libc::read(h.hold_fd, (&mut b as *mut u8).cast(), 1);
-            if r == 0 {
-                // The host went away without seizing us.
-                libc::_exit(1);
-            }
+    // The handshake descriptors are kept by number (never as `OwnedFd`s: the numbers they
+    // had may be image numbers by now); _exit ends the child without running stasis's
+    // destructors (which belong to the parent).
+    let fd = if outcome.is_ok() {
+        h.ready_fd
+    } else {
+        ready_fd_now(ready_fd, h)
+    };
+    // SAFETY: fd is the ready pipe, at its helper number or still at its original one (see
+    // `ready_fd_now`), open until the close just below.
+    let _ = nix::unistd::write(unsafe { BorrowedFd::borrow_raw(fd) }, msg.as_bytes());
+    let _ = nix::unistd::close(fd);
+    if outcome.is_err() {
+        stasis_sys::process::exit_now(1);
+    }
+    // SAFETY: the hold pipe stays at its helper number until the host has seized this task
+    // (and the plan closes it); nothing here closes it.
+    let hold = unsafe { BorrowedFd::borrow_raw(h.hold_fd) };
+    let mut b = [0u8; 1];
+    loop {
+        if let Ok(0) = nix::unistd::read(hold, &mut b) {
+            // The host went away without seizing us.
+            stasis_sys::process::exit_now(1);
         }
     }
 }
 
 /// Where the ready pipe is when `prepare` failed part-way (it may or may not have moved).
 fn ready_fd_now(orig: RawFd, h: &Helpers) -> RawFd {
-    // SAFETY: F_GETFD only probes.
-    if unsafe { libc::fcntl(h.ready_fd, libc::F_GETFD) } >= 0 {
+    if stasis_sys::fs::is_open(h.ready_fd) {
         h.ready_fd
     } else {
         orig
@@ -62,45 +68,38 @@ fn place_helper(fd: OwnedFd, target: RawFd) -> Result<()> {
         let _ = fd.into_raw_fd();
         return Ok(());
     }
-    // SAFETY: dup3 onto a helper number; whatever was there was stasis's and must go anyway.
-    check(
-        unsafe { libc::dup3(fd.as_raw_fd(), target, libc::O_CLOEXEC) },
-        || format!("dup3 {} -> {target}", fd.as_raw_fd()),
-    )?;
+    // Onto a helper number, kept by number from here on; whatever was there was stasis's and
+    // must go anyway.
+    check(stasis_sys::fs::dup_onto(&fd, target, true), || {
+        format!("dup3 {} -> {target}", fd.as_raw_fd())
+    })?;
     Ok(())
 }
 
 fn prepare(img: &Image, h: &Helpers, data: &FileData, ready: RawFd, hold: RawFd) -> Result<()> {
-    // SAFETY: plain libc calls on our own process; arguments are valid.
-    unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
-        let want = h.fd_limit(img);
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        if lim.rlim_cur < want {
-            lim.rlim_cur = want;
-            lim.rlim_max = lim.rlim_max.max(want);
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
+    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::all()), None);
+    let want = h.fd_limit(img);
+    let (cur, max) = getrlimit(Resource::RLIMIT_NOFILE).unwrap_or((0, 0));
+    if cur < want {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, want, max.max(want));
     }
     // The handshake pipes go to their helper numbers first: nothing below may land on them.
-    place_helper(dup_at_least(ready, h.stage_base)?, h.ready_fd)?;
-    place_helper(dup_at_least(hold, h.stage_base)?, h.hold_fd)?;
-    // SAFETY: the originals are ours; their numbers may be image numbers.
-    unsafe {
-        libc::close(ready);
-        libc::close(hold);
+    {
+        // SAFETY: ready and hold are the pipes' original numbers, held by number since
+        // child_main and open until closed just below (the helper numbers written over are
+        // above every number stasis had open).
+        let (r, w) = unsafe { (BorrowedFd::borrow_raw(ready), BorrowedFd::borrow_raw(hold)) };
+        place_helper(dup_at_least(r, h.stage_base)?, h.ready_fd)?;
+        place_helper(dup_at_least(w, h.stage_base)?, h.hold_fd)?;
     }
+    // The originals are ours; their numbers may be image numbers.
+    let _ = nix::unistd::close(ready);
+    let _ = nix::unistd::close(hold);
 
     // The userfaultfd through which the host fills the anonymous memory. Best effort: without
     // one (a kernel or policy that forbids it) the restorer reads the pages itself.
     if let Ok(uffd) = stasis_sys::uffd::create() {
-        place_helper(dup_at_least(uffd.as_raw_fd(), h.stage_base)?, h.uffd_fd)?;
+        place_helper(dup_at_least(&uffd, h.stage_base)?, h.uffd_fd)?;
     }
     let cx = files::open_all(img, data, h.stage_base)?;
     files::place(&cx)?;
@@ -142,16 +141,16 @@ fn prepare(img: &Image, h: &Helpers, data: &FileData, ready: RawFd, hold: RawFd)
 
     let pr = &img.process;
     enter_cwd(pr)?;
-    // SAFETY: plain libc calls with valid arguments.
-    unsafe {
-        libc::umask(pr.umask as libc::mode_t);
-        libc::personality(pr.personality as libc::c_ulong);
-        let pid = img.inventory.pid;
-        if pr.sid == pid {
-            check(libc::setsid(), || "setsid".into())?;
-        } else if pr.pgid == pid {
-            check(libc::setpgid(0, 0), || "setpgid".into())?;
-        }
+    nix::sys::stat::umask(Mode::from_bits_retain(pr.umask));
+    // The dumped persona as it is (the kernel keeps 32 bits of it).
+    let persona = nix::sys::personality::Persona::from_bits_retain(pr.personality as i32);
+    let _ = nix::sys::personality::set(persona);
+    let pid = img.inventory.pid;
+    if pr.sid == pid {
+        check(nix::unistd::setsid(), || "setsid".into())?;
+    } else if pr.pgid == pid {
+        let me = Pid::from_raw(0);
+        check(nix::unistd::setpgid(me, me), || "setpgid".into())?;
     }
     if pr.root.as_bytes() != b"/" {
         bail!("the process ran chrooted in {}; not supported yet", pr.root);
@@ -167,19 +166,10 @@ fn prepare(img: &Image, h: &Helpers, data: &FileData, ready: RawFd, hold: RawFd)
             restorer: a.restorer,
             mask: a.mask,
         };
-        // SAFETY: rt_sigaction with a valid kernel sigaction; every signal is blocked, so the
-        // handler (an address in the restored program) cannot run in this child.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_rt_sigaction,
-                sig,
-                &act as *const _,
-                0usize,
-                8usize,
-            )
-        };
-        if r < 0 {
-            bail!("rt_sigaction({sig}): {}", std::io::Error::last_os_error());
+        // Every signal is blocked, so the handler (an address in the restored program) cannot
+        // run in this child.
+        if let Err(e) = stasis_sys::signal::set_kernel_action(sig, &act) {
+            bail!("rt_sigaction({sig}): {}", std::io::Error::from(e));
         }
     }
     Ok(())
@@ -194,37 +184,39 @@ fn open_at(path: &std::path::Path, flags: u32, target: RawFd) -> Result<()> {
 /// entered and removed, so the process is once more in a deleted directory of that name; when
 /// something else has taken the name, a fresh directory beside it stands in.
 fn enter_cwd(pr: &Process) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::PermissionsExt;
     let cwd = cstr(pr.cwd.as_bytes())?;
     let Some(mode) = pr.cwd_deleted_mode else {
-        // SAFETY: chdir with a valid path.
-        check(unsafe { libc::chdir(cwd.as_ptr()) }, || {
+        check(nix::unistd::chdir(cwd.as_c_str()), || {
             format!("chdir {}", pr.cwd)
         })?;
         return Ok(());
     };
     let mut dir = cwd.clone();
-    // SAFETY: mkdir with a valid path; it fails harmlessly when the name is taken.
-    if unsafe { libc::mkdir(cwd.as_ptr(), mode) } != 0 {
+    // It fails harmlessly when the name is taken.
+    if nix::unistd::mkdir(cwd.as_c_str(), Mode::from_bits_retain(mode)).is_err() {
         let stand_in = format!("{}.stasis-{}", pr.cwd, std::process::id());
         tracing::warn!(
             "{} exists again; the deleted cwd is recreated as {stand_in}",
             pr.cwd
         );
         dir = cstr(stand_in.as_bytes())?;
-        // SAFETY: as above.
-        check(unsafe { libc::mkdir(dir.as_ptr(), mode) }, || {
-            format!("making a stand-in for the deleted cwd {}", pr.cwd)
-        })?;
+        check(
+            nix::unistd::mkdir(dir.as_c_str(), Mode::from_bits_retain(mode)),
+            || format!("making a stand-in for the deleted cwd {}", pr.cwd),
+        )?;
     }
-    // SAFETY: chdir into the directory just made, then remove it: we stay inside it.
-    unsafe {
-        let entered = libc::chdir(dir.as_ptr());
-        let e = std::io::Error::last_os_error();
-        libc::rmdir(dir.as_ptr());
-        if entered != 0 {
-            bail!("entering the recreated cwd {}: {e}", pr.cwd);
-        }
-        libc::chmod(c".".as_ptr(), mode);
+    // Enter the directory just made, then remove it: we stay inside it.
+    let entered = nix::unistd::chdir(dir.as_c_str());
+    let _ = std::fs::remove_dir(std::ffi::OsStr::from_bytes(dir.as_bytes()));
+    if let Err(e) = entered {
+        bail!(
+            "entering the recreated cwd {}: {}",
+            pr.cwd,
+            std::io::Error::from(e)
+        );
     }
+    let _ = std::fs::set_permissions(".", std::fs::Permissions::from_mode(mode));
     Ok(())
 }

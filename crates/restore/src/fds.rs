@@ -119,9 +119,14 @@ pub fn check_lent(img: &Image) -> Result<()> {
             "a pipe leading outside the process"
         };
         let ft = std::fs::metadata(format!("/proc/self/fd/{n}")).map(|m| m.file_type());
+        let is_tty = || {
+            // SAFETY: n is one of stasis's own descriptors, found open just above; nothing
+            // closes it while isatty asks about it.
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(n) };
+            matches!(nix::unistd::isatty(fd), Ok(true))
+        };
         let ok = match ft {
-            // SAFETY: isatty only asks the kernel about a descriptor number.
-            Ok(t) if want_tty => t.is_char_device() && unsafe { libc::isatty(n) } == 1,
+            Ok(t) if want_tty => t.is_char_device() && is_tty(),
             Ok(t) => t.is_fifo(),
             Err(_) => false,
         };

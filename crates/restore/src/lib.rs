@@ -242,11 +242,11 @@ fn shift_clocks_if_behind(inv: &Inventory) -> Result<Option<ClockShift>> {
     let ours = std::fs::File::open("/proc/self/ns/time").context("opening /proc/self/ns/time")?;
     let ahead = |dumped: u64, now: u64| dumped.saturating_sub(now);
     let (m, b) = (ahead(inv.monotonic_ns, mono), ahead(inv.boottime_ns, boot));
-    // SAFETY: unshare only affects this process's future children.
-    if unsafe { libc::unshare(libc::CLONE_NEWTIME) } != 0 {
+    // Only this process's future children go to the new namespace.
+    if let Err(e) = nix::sched::unshare(new_time_namespace()) {
         bail!(
             "this machine's clocks are behind the image's (booted later) and a time namespace cannot be made to shift them: {}",
-            std::io::Error::last_os_error()
+            std::io::Error::from(e)
         );
     }
     let offsets = format!(
@@ -268,18 +268,22 @@ fn shift_clocks_if_behind(inv: &Inventory) -> Result<Option<ClockShift>> {
     Ok(Some(ClockShift(ours)))
 }
 
+/// `CLONE_NEWTIME`, which nix's `CloneFlags` does not name.
+fn new_time_namespace() -> nix::sched::CloneFlags {
+    nix::sched::CloneFlags::from_bits_retain(libc::CLONE_NEWTIME)
+}
+
 /// Our own time namespace, left for the restored process's new one.
 struct ClockShift(std::fs::File);
 
 impl ClockShift {
     /// Makes our own time namespace the one of our future children again.
     fn back(self) -> Result<()> {
-        use std::os::fd::AsRawFd;
-        // SAFETY: setns with a namespace descriptor we hold; stasis is single-threaded here.
-        if unsafe { libc::setns(self.0.as_raw_fd(), libc::CLONE_NEWTIME) } != 0 {
+        // Stasis is single-threaded here.
+        if let Err(e) = nix::sched::setns(&self.0, new_time_namespace()) {
             bail!(
                 "returning to our own time namespace: {}",
-                std::io::Error::last_os_error()
+                std::io::Error::from(e)
             );
         }
         Ok(())

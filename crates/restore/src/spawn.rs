@@ -14,11 +14,10 @@ pub(crate) struct ChildGuard {
 impl Drop for ChildGuard {
     fn drop(&mut self) {
         if self.armed {
-            // SAFETY: killing and reaping our own child.
-            unsafe {
-                libc::kill(self.pid, libc::SIGKILL);
-                libc::waitpid(self.pid, std::ptr::null_mut(), libc::__WALL);
-            }
+            // Killing and reaping our own child.
+            let pid = nix::unistd::Pid::from_raw(self.pid);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::__WALL));
         }
     }
 }

@@ -1,9 +1,11 @@
 //! File-descriptor glue nix does not cover: comparing open file descriptions across processes
-//! (`kcmp`), copying a descriptor out of another process (`pidfd_getfd`), closing ranges, and
-//! the kernel's own terminal settings ioctls.
+//! (`kcmp`), copying a descriptor out of another process (`pidfd_getfd`), closing ranges, the
+//! kernel's own terminal settings ioctls, and the calls that work on descriptor *numbers* a
+//! caller keeps on purpose without an `OwnedFd` (placing a duplicate at a number, asking
+//! whether a number is open, adding a watched number to an epoll instance).
 
 use nix::errno::Errno;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 const KCMP_FILE: libc::c_int = 0;
 
@@ -26,7 +28,6 @@ pub fn pidfd_open(pid: i32) -> Result<OwnedFd, Errno> {
 /// A copy of descriptor `fd` of the process behind `pidfd`: the same open file description,
 /// so reading through it moves the target's offset (use pread, or only query it).
 pub fn pidfd_getfd(pidfd: &OwnedFd, fd: RawFd) -> Result<OwnedFd, Errno> {
-    use std::os::fd::AsRawFd;
     // SAFETY: pidfd_getfd takes descriptors and flags; it returns a new descriptor we own.
     let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
     // SAFETY: on success r is a fresh descriptor.
@@ -37,6 +38,40 @@ pub fn pidfd_getfd(pidfd: &OwnedFd, fd: RawFd) -> Result<OwnedFd, Errno> {
 pub fn close_range(first: u32, last: u32) -> Result<(), Errno> {
     // SAFETY: close_range only closes descriptors of this process.
     let r = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) };
+    Errno::result(r).map(drop)
+}
+
+/// A duplicate of `fd` at the lowest free number ≥ `base`, close-on-exec (`F_DUPFD_CLOEXEC`).
+pub fn dup_at_least(fd: impl AsFd, base: RawFd) -> Result<OwnedFd, Errno> {
+    let r = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(base))?;
+    // SAFETY: on success r is a new descriptor nobody else holds.
+    Ok(unsafe { OwnedFd::from_raw_fd(r) })
+}
+
+/// Makes number `target` a duplicate of `fd` (`dup3`; close-on-exec or not), closing whatever
+/// was there. The caller keeps `target` by number, as the restore does with every descriptor
+/// it places: it must not be (nor become) some `OwnedFd`'s, which would close it when
+/// dropped. Like `close_range`, this only changes this process's descriptor table.
+pub fn dup_onto(fd: impl AsFd, target: RawFd, cloexec: bool) -> Result<(), Errno> {
+    let flags = if cloexec { libc::O_CLOEXEC } else { 0 };
+    // SAFETY: dup3 takes descriptor numbers and flags and touches no memory of ours.
+    let r = unsafe { libc::dup3(fd.as_fd().as_raw_fd(), target, flags) };
+    Errno::result(r).map(drop)
+}
+
+/// Whether a descriptor is open at number `fd` (`F_GETFD`, which only reads its flags).
+pub fn is_open(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD takes a number and touches no memory; a free number gives EBADF.
+    unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
+}
+
+/// Adds number `fd` to the interest list of the epoll instance `epfd` (`EPOLL_CTL_ADD`) with
+/// the kernel's own event bits and data word. epoll knows a watched file by its number, which
+/// is what the caller has (nix's `Epoll::add` wants it borrowed, and the instance owned).
+pub fn epoll_add(epfd: impl AsFd, fd: RawFd, events: u32, data: u64) -> Result<(), Errno> {
+    let mut ev = libc::epoll_event { events, u64: data };
+    // SAFETY: EPOLL_CTL_ADD reads one struct epoll_event from ev.
+    let r = unsafe { libc::epoll_ctl(epfd.as_fd().as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
     Errno::result(r).map(drop)
 }
 
@@ -61,7 +96,6 @@ pub fn tty_set_attr(fd: RawFd, t: &[u8; KERNEL_TERMIOS_LEN]) -> Result<(), Errno
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsRawFd;
 
     #[test]
     fn kcmp_tells_dups_from_separate_opens() {
@@ -77,6 +111,24 @@ mod tests {
             same_description(me, a.as_raw_fd(), me, c.as_raw_fd()),
             Ok(false)
         );
+    }
+
+    #[test]
+    fn duplicates_land_where_asked() {
+        let me = std::process::id() as i32;
+        let a = std::fs::File::open("/proc/self/stat").expect("open");
+        let high = dup_at_least(&a, 700).expect("F_DUPFD_CLOEXEC");
+        assert!(high.as_raw_fd() >= 700);
+        // A number no other test uses; kept by number, as the restore keeps placed ones.
+        let target = 977;
+        assert!(!is_open(target));
+        dup_onto(&a, target, true).expect("dup3");
+        assert!(is_open(target));
+        if let Ok(same) = same_description(me, a.as_raw_fd(), me, target) {
+            assert!(same);
+        }
+        close_range(target as u32, target as u32).expect("close_range");
+        assert!(!is_open(target));
     }
 
     #[test]

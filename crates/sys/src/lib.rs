@@ -4,7 +4,10 @@
 
 pub mod clone;
 pub mod fs;
+pub mod process;
 pub mod ptrace;
+pub mod sched;
+pub mod signal;
 pub mod uffd;
 
 /// A clock's reading in ns (0 if it cannot be read).

@@ -6,9 +6,10 @@
 
 use super::{append_padded, Cx, Kind, Probe};
 use anyhow::{bail, Context, Result};
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, SpliceFFlags};
 use stasis_image::model::*;
 use stasis_image::PageWriter;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 
 pub(crate) struct Pipe;
@@ -110,31 +111,21 @@ fn contents(proc_fd: &std::path::Path, pages: &mut PageWriter) -> Result<(u64, u
         .custom_flags(libc::O_NONBLOCK)
         .open(proc_fd)
         .with_context(|| format!("opening {}", proc_fd.display()))?;
-    // SAFETY: fcntl on a descriptor we own.
-    let size = unsafe { libc::fcntl(src.as_raw_fd(), libc::F_GETPIPE_SZ) };
-    if size < 0 {
-        bail!("F_GETPIPE_SZ: {}", std::io::Error::last_os_error());
-    }
-    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
-    // SAFETY: fcntl on our own pipe; make it as large as the source so tee can copy it all.
-    unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, size) };
-    // SAFETY: tee between two pipe descriptors we hold; it copies without consuming.
-    let n = unsafe {
-        libc::tee(
-            src.as_raw_fd(),
-            w.as_raw_fd(),
-            size as usize,
-            libc::SPLICE_F_NONBLOCK,
-        )
+    let size = match nix::fcntl::fcntl(&src, FcntlArg::F_GETPIPE_SZ) {
+        Ok(size) => size,
+        Err(e) => bail!("F_GETPIPE_SZ: {}", std::io::Error::from(e)),
     };
-    if n < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EAGAIN) {
-            bail!("tee: {e}");
-        }
-        return Ok((0, 0, size as u32));
-    }
-    let mut data = vec![0u8; n as usize];
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
+    // Make it as large as the source so tee can copy it all.
+    let _ = nix::fcntl::fcntl(&w, FcntlArg::F_SETPIPE_SZ(size));
+    // tee copies without consuming.
+    let n = match nix::fcntl::tee(&src, &w, size as usize, SpliceFFlags::SPLICE_F_NONBLOCK) {
+        Ok(n) => n,
+        // An empty pipe.
+        Err(Errno::EAGAIN) => return Ok((0, 0, size as u32)),
+        Err(e) => bail!("tee: {}", std::io::Error::from(e)),
+    };
+    let mut data = vec![0u8; n];
     let mut got = 0;
     while got < data.len() {
         let k = nix::unistd::read(&r, &mut data[got..])?;

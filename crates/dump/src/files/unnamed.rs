@@ -7,7 +7,6 @@ use super::{append_file, Cx, Kind, Probe};
 use anyhow::{Context, Result};
 use stasis_image::model::*;
 use stasis_image::PageWriter;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 
 pub(crate) struct UnnamedKind;
@@ -52,8 +51,8 @@ fn save(
     let mut f = std::fs::File::open(opener)?;
     let mode = f.metadata()?.mode() & 0o7777;
     let what = if memfd {
-        // SAFETY: F_GET_SEALS on a descriptor we own.
-        let seals = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GET_SEALS) };
+        // A memfd that cannot tell its seals is saved without any.
+        let seals = nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_GET_SEALS).unwrap_or(0);
         let name = link.without_deleted();
         Unnamed::Memfd {
             name: Bytes::from(name.as_bytes().strip_prefix(MEMFD_PREFIX).unwrap_or(b"")),

@@ -3,40 +3,31 @@
 //! descriptor number. Level-triggered readiness is the kernel's to recompute; an edge-triggered
 //! watch whose file is ready reports that once more after the restore.
 
-use super::{check, own, Open, OpenCx};
+use super::{check, Open, OpenCx};
 use anyhow::{bail, Result};
+use nix::sys::epoll::{Epoll as Instance, EpollCreateFlags};
 use stasis_image::model::*;
-use std::os::fd::{OwnedFd, RawFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
 
 pub(crate) struct Epoll;
 pub(crate) static EPOLL: Epoll = Epoll;
 
 impl Open for Epoll {
     fn open(&self, _: &FileDesc, _: &mut OpenCx) -> Result<OwnedFd> {
-        // SAFETY: epoll_create1 returns a new descriptor we own.
-        Ok(own(check(
-            unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) },
-            || "epoll_create1".into(),
-        )?))
+        let ep = check(Instance::new(EpollCreateFlags::EPOLL_CLOEXEC), || {
+            "epoll_create1".into()
+        })?;
+        Ok(ep.0)
     }
 
-    fn after_place(&self, d: &FileDesc, epfd: RawFd) -> Result<()> {
+    fn after_place(&self, d: &FileDesc, epfd: BorrowedFd<'_>) -> Result<()> {
         let FileKind::Epoll { watches } = &d.kind else {
             unreachable!("dispatched by kind")
         };
         for w in watches {
-            let mut ev = libc::epoll_event {
-                events: w.events,
-                u64: w.data,
-            };
-            // SAFETY: epoll_ctl with a valid event; the watched number is the placed fd.
-            let r = unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, w.fd, &mut ev) };
-            if r < 0 {
-                bail!(
-                    "adding fd {} to epoll: {}",
-                    w.fd,
-                    std::io::Error::last_os_error()
-                );
+            // The watched number is the placed fd.
+            if let Err(e) = stasis_sys::fs::epoll_add(epfd, w.fd, w.events, w.data) {
+                bail!("adding fd {} to epoll: {}", w.fd, std::io::Error::from(e));
             }
         }
         Ok(())

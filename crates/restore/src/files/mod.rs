@@ -22,11 +22,13 @@ mod tty;
 mod unnamed;
 
 use anyhow::{bail, Context, Result};
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, OFlag};
 use stasis_image::model::*;
 use stasis_image::Image;
 use std::collections::HashMap;
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 /// One kind of file, as the restore opens it.
 pub(crate) trait Open: Sync {
@@ -37,7 +39,7 @@ pub(crate) trait Open: Sync {
     /// Opens the description (anywhere: the engine moves it to the staging range).
     fn open(&self, d: &FileDesc, cx: &mut OpenCx) -> Result<OwnedFd>;
     /// Runs once every descriptor is at its number (`fd` is this description, staged).
-    fn after_place(&self, _d: &FileDesc, _fd: RawFd) -> Result<()> {
+    fn after_place(&self, _d: &FileDesc, _fd: BorrowedFd<'_>) -> Result<()> {
         Ok(())
     }
 }
@@ -106,7 +108,7 @@ impl<'a> OpenCx<'a> {
         if fd.as_raw_fd() >= self.stage_base {
             return Ok(fd);
         }
-        dup_at_least(fd.as_raw_fd(), self.stage_base)
+        dup_at_least(&fd, self.stage_base)
     }
 
     /// The descriptor of an unnamed file, recreating it on first use.
@@ -139,9 +141,13 @@ pub(crate) fn open_all<'a>(
     };
     for d in &img.files.descs {
         if let Some(n) = inherited_from(&d.kind) {
-            let fd = dup_at_least(n, stage_base)
+            // SAFETY: n is one of the restoring stasis's own descriptors, inherited by this
+            // child: `check_lent` found it open before the handshake pipes existed, and since
+            // then the child has closed only those pipes' originals and descriptors it made.
+            let lent = unsafe { BorrowedFd::borrow_raw(n) };
+            let fd = dup_at_least(lent, stage_base)
                 .with_context(|| format!("taking over fd {n} from stasis"))?;
-            set_status_flags(fd.as_raw_fd(), d.flags)?;
+            set_status_flags(&fd, d.flags)?;
             cx.staged.insert(d.id, fd);
         }
     }
@@ -196,17 +202,16 @@ pub(crate) fn place(cx: &OpenCx) -> Result<()> {
         let Some(src) = cx.staged.get(&f.desc) else {
             bail!("fd {}: its description was not opened", f.fd);
         };
-        let flags = if f.cloexec { libc::O_CLOEXEC } else { 0 };
-        // SAFETY: dup3 onto a number the image uses; nothing of ours is there (see the
-        // module invariant), the source is a staged descriptor we hold.
-        check(unsafe { libc::dup3(src.as_raw_fd(), f.fd, flags) }, || {
+        // Onto a number the image uses: nothing of ours is there (see the module invariant),
+        // and the placed descriptor is kept by number from here on.
+        check(stasis_sys::fs::dup_onto(src, f.fd, f.cloexec), || {
             format!("placing fd {}", f.fd)
         })?;
     }
     for d in &cx.img.files.descs {
         if let Some(fd) = cx.staged.get(&d.id) {
             ops(&d.kind)
-                .after_place(d, fd.as_raw_fd())
+                .after_place(d, fd.as_fd())
                 .with_context(|| format!("completing {}", describe(cx.img, d)))?;
         }
     }
@@ -262,38 +267,30 @@ pub(crate) fn cstr(b: &[u8]) -> Result<CString> {
         .with_context(|| format!("{:?} contains a NUL byte", b.escape_ascii().to_string()))
 }
 
-pub(crate) fn check(r: libc::c_int, what: impl FnOnce() -> String) -> Result<libc::c_int> {
-    if r < 0 {
-        bail!("{}: {}", what(), std::io::Error::last_os_error());
-    }
-    Ok(r)
-}
-
-/// Takes ownership of a descriptor returned by a system call.
-pub(crate) fn own(fd: RawFd) -> OwnedFd {
-    // SAFETY: callers pass descriptors they just got and nobody else closes.
-    unsafe { OwnedFd::from_raw_fd(fd) }
+/// A system call's result, its error named as `what: <the OS error>`.
+pub(crate) fn check<T>(r: nix::Result<T>, what: impl FnOnce() -> String) -> Result<T> {
+    r.map_err(|e| anyhow::anyhow!("{}: {}", what(), std::io::Error::from(e)))
 }
 
 /// A duplicate of `fd` at the lowest free number ≥ `base`, close-on-exec.
-pub(crate) fn dup_at_least(fd: RawFd, base: RawFd) -> Result<OwnedFd> {
-    // SAFETY: F_DUPFD_CLOEXEC makes a new descriptor we own.
-    let r = check(
-        unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, base) },
-        || format!("duplicating fd {fd}"),
-    )?;
-    Ok(own(r))
+pub(crate) fn dup_at_least(fd: impl AsFd, base: RawFd) -> Result<OwnedFd> {
+    let fd = fd.as_fd();
+    check(stasis_sys::fs::dup_at_least(fd, base), || {
+        format!("duplicating fd {}", fd.as_raw_fd())
+    })
 }
 
 /// open(2) with `flags` (plus O_CLOEXEC; creation flags never), returning an owned descriptor.
 pub(crate) fn open_path(path: &[u8], flags: u32) -> Result<OwnedFd> {
     let c = cstr(path)?;
-    let flags = flags as i32 & !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL) | libc::O_CLOEXEC;
-    // SAFETY: open with a valid NUL-terminated path.
-    let fd = check(unsafe { libc::open(c.as_ptr(), flags, 0) }, || {
-        format!("opening {}", String::from_utf8_lossy(path))
-    })?;
-    Ok(own(fd))
+    // Every other bit (O_PATH, O_TMPFILE, O_LARGEFILE…) goes to the kernel as dumped.
+    let flags = OFlag::from_bits_retain(flags as i32)
+        .difference(OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_EXCL)
+        | OFlag::O_CLOEXEC;
+    check(
+        nix::fcntl::open(c.as_c_str(), flags, nix::sys::stat::Mode::empty()),
+        || format!("opening {}", String::from_utf8_lossy(path)),
+    )
 }
 
 /// A new description of the file behind `fd` (through /proc/self/fd), with `flags`.
@@ -301,36 +298,47 @@ pub(crate) fn reopen(fd: RawFd, flags: u32) -> Result<OwnedFd> {
     open_path(format!("/proc/self/fd/{fd}").as_bytes(), flags)
 }
 
-pub(crate) fn seek(fd: RawFd, pos: u64) -> Result<()> {
-    // SAFETY: lseek on a descriptor we hold; ESPIPE (not seekable) and EBADF (O_PATH) are fine.
-    let r = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_SET) };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
-        if !matches!(e.raw_os_error(), Some(libc::ESPIPE) | Some(libc::EBADF)) {
-            bail!("seeking fd {fd} to {pos}: {e}");
-        }
+pub(crate) fn seek(fd: impl AsFd, pos: u64) -> Result<()> {
+    let fd = fd.as_fd();
+    // ESPIPE (not seekable) and EBADF (O_PATH) are fine.
+    match nix::unistd::lseek(fd, pos as i64, nix::unistd::Whence::SeekSet) {
+        Ok(_) | Err(Errno::ESPIPE | Errno::EBADF) => Ok(()),
+        Err(e) => bail!(
+            "seeking fd {} to {pos}: {}",
+            fd.as_raw_fd(),
+            std::io::Error::from(e)
+        ),
     }
-    Ok(())
 }
 
 /// Sets the status flags (O_NONBLOCK, O_APPEND…) of the description behind `fd`.
-pub(crate) fn set_status_flags(fd: RawFd, flags: u32) -> Result<()> {
-    // SAFETY: F_SETFL on a descriptor we hold; the kernel ignores the access mode bits.
-    check(
-        unsafe { libc::fcntl(fd, libc::F_SETFL, flags as libc::c_int) },
-        || format!("setting the flags of fd {fd}"),
-    )
+pub(crate) fn set_status_flags(fd: impl AsFd, flags: u32) -> Result<()> {
+    let fd = fd.as_fd();
+    // The dumped flags as they are: the kernel ignores the access mode bits.
+    let flags = OFlag::from_bits_retain(flags as i32);
+    check(nix::fcntl::fcntl(fd, FcntlArg::F_SETFL(flags)), || {
+        format!("setting the flags of fd {}", fd.as_raw_fd())
+    })
     .map(drop)
 }
 
-pub(crate) fn write_all(fd: RawFd, mut data: &[u8]) -> Result<()> {
+pub(crate) fn write_all(fd: impl AsFd, mut data: &[u8]) -> Result<()> {
+    let fd = fd.as_fd();
     while !data.is_empty() {
-        // SAFETY: writing from a valid buffer.
-        let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
-        if n <= 0 {
-            bail!("writing to fd {fd}: {}", std::io::Error::last_os_error());
+        match nix::unistd::write(fd, data) {
+            Ok(n) if n > 0 => data = &data[n..],
+            // A write of nothing (never expected here) sets no errno; name whatever it holds.
+            Ok(_) => bail!(
+                "writing to fd {}: {}",
+                fd.as_raw_fd(),
+                std::io::Error::last_os_error()
+            ),
+            Err(e) => bail!(
+                "writing to fd {}: {}",
+                fd.as_raw_fd(),
+                std::io::Error::from(e)
+            ),
         }
-        data = &data[n as usize..];
     }
     Ok(())
 }

@@ -16,7 +16,7 @@ impl Open for Path {
             unreachable!("dispatched by kind")
         };
         let fd = open_path(path.as_bytes(), d.flags)?;
-        seek(fd.as_raw_fd(), d.pos)?;
+        seek(&fd, d.pos)?;
         if let Ok(m) = std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd())) {
             if (kdev(libc::major(m.dev()), libc::minor(m.dev())), m.ino()) != (*dev, *inode) {
                 tracing::warn!("{path} is not the file it was at the dump (another inode)");

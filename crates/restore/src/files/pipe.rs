@@ -5,6 +5,7 @@
 
 use super::{check, dup_at_least, reopen, set_status_flags, write_all, Open, OpenCx};
 use anyhow::{bail, Result};
+use nix::fcntl::{FcntlArg, OFlag};
 use stasis_image::model::*;
 use std::os::fd::{AsRawFd, OwnedFd};
 
@@ -40,32 +41,26 @@ impl Open for Pipe {
         let own_end = d.flags & libc::O_LARGEFILE as u32 == 0;
         let fd = if own_end && !pair.given[end] {
             pair.given[end] = true;
-            dup_at_least(pair.ends[end].as_raw_fd(), cx.stage_base)?
+            dup_at_least(&pair.ends[end], cx.stage_base)?
         } else {
             reopen(pair.ends[end].as_raw_fd(), d.flags)?
         };
-        set_status_flags(fd.as_raw_fd(), d.flags)?;
+        set_status_flags(&fd, d.flags)?;
         Ok(fd)
     }
 }
 
 fn new_pipe(cx: &OpenCx, inode: u64) -> Result<Pair> {
-    let mut ends = [0; 2];
-    // SAFETY: pipe2 into a valid array.
-    check(
-        unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) },
-        || "pipe2".into(),
-    )?;
-    let (r, w) = (super::own(ends[0]), super::own(ends[1]));
+    let (r, w) = check(nix::unistd::pipe2(OFlag::O_CLOEXEC), || "pipe2".into())?;
     let (r, w) = (cx.stage(r)?, cx.stage(w)?);
     if let Some(buf) = cx.img.files.pipe(inode) {
         if buf.size > 0 {
-            // SAFETY: fcntl on our pipe.
-            unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, buf.size as libc::c_int) };
+            // The dumped buffer size, best effort.
+            let _ = nix::fcntl::fcntl(&w, FcntlArg::F_SETPIPE_SZ(buf.size as i32));
         }
     }
     if let Some(data) = cx.data.pipes.get(&inode) {
-        write_all(w.as_raw_fd(), data)?;
+        write_all(&w, data)?;
     }
     Ok(Pair {
         ends: [r, w],

@@ -5,10 +5,13 @@
 //! unnamed file (O_TMPFILE) in the same directory stands in. A memfd gets its name, contents
 //! and seals back.
 
-use super::{check, cstr, open_path, own, reopen, seek, write_all, Open, OpenCx};
+use super::{check, cstr, open_path, reopen, seek, write_all, Open, OpenCx};
 use anyhow::{bail, Context, Result};
+use nix::fcntl::{FcntlArg, OFlag, SealFlag};
+use nix::sys::memfd::MFdFlags;
+use nix::sys::stat::Mode;
 use stasis_image::model::*;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
 pub(crate) struct UnnamedKind;
 pub(crate) static UNNAMED: UnnamedKind = UnnamedKind;
@@ -20,7 +23,7 @@ impl Open for UnnamedKind {
         };
         let file = cx.unnamed_fd(dev, inode)?;
         let fd = reopen(file, d.flags)?;
-        seek(fd.as_raw_fd(), d.pos)?;
+        seek(&fd, d.pos)?;
         Ok(fd)
     }
 }
@@ -38,7 +41,7 @@ pub(crate) fn recreate(cx: &OpenCx, dev: u64, inode: u64) -> Result<OwnedFd> {
     match &u.what {
         Unnamed::Deleted { path } => {
             let file = create_deleted(path.as_bytes(), u.mode)?;
-            write_all(file.as_raw_fd(), contents)?;
+            write_all(&file, contents)?;
             Ok(file)
         }
         Unnamed::Memfd { name, seals } => memfd(name.as_bytes(), *seals, u.mode, contents),
@@ -47,18 +50,15 @@ pub(crate) fn recreate(cx: &OpenCx, dev: u64, inode: u64) -> Result<OwnedFd> {
 
 fn create_deleted(path: &[u8], mode: u32) -> Result<OwnedFd> {
     let c = cstr(path)?;
-    // SAFETY: open with a valid path; O_EXCL never touches an existing file.
-    let fd = unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | libc::O_CLOEXEC,
-            mode,
-        )
-    };
-    let file = if fd >= 0 {
-        let file = own(fd);
-        // SAFETY: removing the name we just created.
-        unsafe { libc::unlink(c.as_ptr()) };
+    // O_EXCL never touches an existing file.
+    let created = nix::fcntl::open(
+        c.as_c_str(),
+        OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR | OFlag::O_CLOEXEC,
+        Mode::from_bits_retain(mode),
+    );
+    let file = if let Ok(file) = created {
+        // Removing the name just created.
+        let _ = nix::unistd::unlink(c.as_c_str());
         file
     } else {
         let p = std::path::Path::new(std::ffi::OsStr::from_bytes(path));
@@ -73,8 +73,8 @@ fn create_deleted(path: &[u8], mode: u32) -> Result<OwnedFd> {
             )
         })?
     };
-    // SAFETY: fchmod on our file: O_CREAT's mode was filtered by the umask.
-    unsafe { libc::fchmod(file.as_raw_fd(), mode as libc::mode_t) };
+    // O_CREAT's mode was filtered by the umask.
+    let _ = nix::sys::stat::fchmod(&file, Mode::from_bits_retain(mode));
     Ok(file)
 }
 
@@ -83,22 +83,22 @@ use std::os::unix::ffi::OsStrExt;
 fn memfd(name: &[u8], seals: u32, mode: u32, contents: &[u8]) -> Result<OwnedFd> {
     let c = cstr(name)?;
     // A memfd made without MFD_ALLOW_SEALING carries F_SEAL_SEAL and nothing else.
-    let sealable = seals != libc::F_SEAL_SEAL as u32;
-    let flags = libc::MFD_CLOEXEC | if sealable { libc::MFD_ALLOW_SEALING } else { 0 };
-    // SAFETY: memfd_create with a valid name.
-    let fd = own(check(
-        unsafe { libc::memfd_create(c.as_ptr(), flags) },
-        || format!("memfd_create({})", String::from_utf8_lossy(name)),
-    )?);
-    write_all(fd.as_raw_fd(), contents)?;
-    // SAFETY: fchmod and F_ADD_SEALS on our own memfd.
-    unsafe { libc::fchmod(fd.as_raw_fd(), mode as libc::mode_t) };
+    let sealable = seals != SealFlag::F_SEAL_SEAL.bits() as u32;
+    let mut flags = MFdFlags::MFD_CLOEXEC;
+    if sealable {
+        flags |= MFdFlags::MFD_ALLOW_SEALING;
+    }
+    let fd = check(nix::sys::memfd::memfd_create(c.as_c_str(), flags), || {
+        format!("memfd_create({})", String::from_utf8_lossy(name))
+    })?;
+    write_all(&fd, contents)?;
+    let _ = nix::sys::stat::fchmod(&fd, Mode::from_bits_retain(mode));
     if sealable && seals != 0 {
-        // SAFETY: as above.
-        check(
-            unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals as libc::c_int) },
-            || format!("sealing memfd {}", String::from_utf8_lossy(name)),
-        )?;
+        // The dumped seals as they are.
+        let seals = SealFlag::from_bits_retain(seals as i32);
+        check(nix::fcntl::fcntl(&fd, FcntlArg::F_ADD_SEALS(seals)), || {
+            format!("sealing memfd {}", String::from_utf8_lossy(name))
+        })?;
     }
     Ok(fd)
 }
