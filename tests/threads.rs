@@ -92,17 +92,7 @@ fn threads_created_and_exiting_during_the_freeze() {
     }
     let d = Daemon::start("thread_churn", &["--workers", "4", "--pause-us", "50"]);
     for n in 0..20 {
-        let img = d.image(100 + n);
-        let o = stasis(&[
-            "dump",
-            "-t",
-            &d.pid.to_string(),
-            "-D",
-            &img.to_string_lossy(),
-            "--leave-running",
-        ]);
-        assert!(o.status.success(), "dump {n}: {}", stderr_of(&o));
-        assert_eq!(tracer_of(d.pid), 0, "still traced after dump {n}");
+        d.dump_leave_running(100 + n);
     }
     d.dump(1);
     d.restore(1);
@@ -146,37 +136,15 @@ fn restore_refuses_when_a_thread_id_is_taken() {
     assert!(!std::path::Path::new(&format!("/proc/{}", d.pid)).exists());
 }
 
-/// fork() whose child has pid `pid` and sleeps until killed; returns the pid or -1.
+/// fork() whose child has pid `pid` and waits to be killed; returns the pid or -1.
 unsafe fn clone_with_pid(pid: i32) -> i32 {
-    #[repr(C)]
-    #[derive(Default)]
-    struct Args {
-        flags: u64,
-        pidfd: u64,
-        child_tid: u64,
-        parent_tid: u64,
-        exit_signal: u64,
-        stack: u64,
-        stack_size: u64,
-        tls: u64,
-        set_tid: u64,
-        set_tid_size: u64,
-        cgroup: u64,
-    }
-    let want = [pid];
-    let args = Args {
-        exit_signal: libc::SIGCHLD as u64,
-        set_tid: want.as_ptr() as u64,
-        set_tid_size: 1,
-        ..Args::default()
-    };
-    // SAFETY: a fork-like clone3; the child only pauses.
-    let r = unsafe { libc::syscall(libc::SYS_clone3, &args as *const Args, 88usize) };
-    if r == 0 {
-        loop {
+    // SAFETY: a fork-like clone3; the child only pauses until it is killed.
+    match unsafe { stasis_sys::clone::clone3_with_pid(pid) } {
+        Ok(0) => loop {
             // SAFETY: the child waits to be killed.
             unsafe { libc::pause() };
-        }
+        },
+        Ok(child) => child,
+        Err(_) => -1,
     }
-    r as i32
 }

@@ -281,6 +281,27 @@ impl Daemon {
         wait_gone(self.pid);
     }
 
+    /// `stasis dump -t PID -D img<n> --leave-running`; asserts success and that the process
+    /// runs on, untraced.
+    pub fn dump_leave_running(&self, n: u32) {
+        let img = self.image(n);
+        let o = stasis(&[
+            "dump",
+            "-t",
+            &self.pid.to_string(),
+            "-D",
+            &img.to_string_lossy(),
+            "--leave-running",
+        ]);
+        assert!(
+            o.status.success(),
+            "dump {n} of {} failed: {}",
+            self.name,
+            stderr_of(&o)
+        );
+        assert_eq!(tracer_of(self.pid), 0, "still traced after dump {n}");
+    }
+
     /// `stasis restore -D img<n> --detach`; asserts success and that the process runs.
     pub fn restore(&self, n: u32) {
         let img = self.image(n);

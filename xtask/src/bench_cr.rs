@@ -58,6 +58,34 @@ fn timed(cmd: &mut Command, what: &str, log: &Path) -> Result<(Duration, u64)> {
     Ok((elapsed, ru.ru_maxrss as u64))
 }
 
+/// Starts `memhold MIB STATE THREADS` on its own and waits until it has filled its memory;
+/// returns its pid.
+fn start_memhold(memhold: &Path, mib: u64, threads: usize, state: &Path) -> Result<i32> {
+    let status = workload_launcher()
+        .arg(memhold)
+        .arg(mib.to_string())
+        .arg(state)
+        .arg(threads.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("starting memhold ({mib} MiB, {threads} threads)");
+    }
+    let read_state = || std::fs::read_to_string(state).unwrap_or_default();
+    wait_until(
+        Duration::from_secs(120),
+        || read_state().starts_with("READY"),
+        "memhold to fill its memory",
+    )?;
+    read_state()
+        .trim()
+        .trim_start_matches("READY pid=")
+        .parse()
+        .context("memhold state")
+}
+
 /// `setsid -f …`: the workload in a session of its own, with only the standard descriptors
 /// (anything our caller leaked would be in the image, or refused).
 fn workload_launcher() -> Command {
@@ -97,29 +125,8 @@ pub fn round(tool: &Tool, memhold: &Path, work: &Path, mib: u64, threads: usize)
     let state = dir.join("state");
     let img = dir.join("img");
     std::fs::create_dir_all(&img)?;
-    let mut launcher = workload_launcher();
-    launcher
-        .arg(memhold)
-        .arg(mib.to_string())
-        .arg(&state)
-        .arg(threads.to_string())
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    if !launcher.status()?.success() {
-        bail!("starting memhold");
-    }
+    let pid = start_memhold(memhold, mib, threads, &state)?;
     let read_state = || std::fs::read_to_string(&state).unwrap_or_default();
-    wait_until(
-        Duration::from_secs(120),
-        || read_state().starts_with("READY"),
-        "memhold to fill its memory",
-    )?;
-    let pid: i32 = read_state()
-        .trim()
-        .trim_start_matches("READY pid=")
-        .parse()
-        .context("memhold state")?;
 
     let img_s = img.to_string_lossy().into_owned();
     let pid_s = pid.to_string();
@@ -307,30 +314,7 @@ pub fn freeze(thread_counts: &[usize], runs: usize) -> Result<()> {
         let dir = work.join(format!("freeze-{n}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        let state = dir.join("state");
-        let status = workload_launcher()
-            .arg(&memhold)
-            .arg("16")
-            .arg(&state)
-            .arg(n.to_string())
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()?;
-        if !status.success() {
-            bail!("starting memhold with {n} threads");
-        }
-        let read_state = || std::fs::read_to_string(&state).unwrap_or_default();
-        wait_until(
-            Duration::from_secs(60),
-            || read_state().starts_with("READY"),
-            "memhold to be ready",
-        )?;
-        let pid: i32 = read_state()
-            .trim()
-            .trim_start_matches("READY pid=")
-            .parse()
-            .context("memhold state")?;
+        let pid = start_memhold(&memhold, 16, n, &dir.join("state"))?;
         let mut frozen = Vec::new();
         for i in 0..=runs {
             let img = dir.join(format!("img{i}"));

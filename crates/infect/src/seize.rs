@@ -105,6 +105,8 @@ impl Seized {
             Ok(()) => {}
             // The thread exited between listing and seizing.
             Err(Errno::ESRCH) => return Ok(()),
+            // A thread that has exited but is not yet released gives EPERM, not ESRCH.
+            Err(Errno::EPERM) if tid != self.pid && thread_is_gone(self.pid, tid) => return Ok(()),
             Err(Errno::EPERM) => {
                 return Err(match stasis_proc::tracer_pid(tid) {
                     Ok(tracer) if tracer != 0 => InfectError::AlreadyTraced {
@@ -292,6 +294,17 @@ impl Seized {
             }
         }
         first_err.map_or(Ok(()), Err)
+    }
+}
+
+/// Whether thread `tid` of `pid` has exited (gone from /proc, or a zombie on its way out).
+fn thread_is_gone(pid: i32, tid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rfind(')')
+            .and_then(|i| stat.get(i + 2..i + 3))
+            .is_none_or(|state| matches!(state, "Z" | "X")),
     }
 }
 
