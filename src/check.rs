@@ -15,10 +15,13 @@
 //! | `clone3_set_tid`   | yes  | restore processes and threads with their original pids                |
 //! | `pr_set_mm_map`    | yes  | restore the mm layout fields (code/data/brk/stack/args/env/auxv)      |
 //! | `arch_map_vdso_64` | yes  | map a fresh vDSO at restore time when the image has none to move      |
-//! | `userfaultfd`      | no   | lazy restore and write-protect based page tracking                    |
+//! | `userfaultfd`      | no   | the host fills restored memory (UFFDIO_COPY; else the restorer reads) |
 //! | `pagemap_scan`     | no   | fast scan of present/written pages when dumping                       |
 //! | `soft_dirty`       | no   | incremental dumps via pagemap bit 55 (not compiled into every kernel) |
 //! | `process_vm_readv` | yes  | read target memory from the host without injected code                |
+//! | `kcmp`             | yes  | tell descriptors that share one open file description (dup, fork)     |
+//! | `pidfd_getfd`      | yes  | a copy of a target's descriptor (terminal modes) and of the restored  |
+//! |                    |      | task's userfaultfd, through which the host fills its memory           |
 //!
 //! The vDSO layout is every `[vvar*]`/`[vdso]` area of our own `/proc/self/maps`, in order: its
 //! count, order and sizes differ between kernels, so it is read, never assumed.
@@ -104,6 +107,8 @@ pub fn run_checks() -> CheckReport {
         Feature::from_probe("pagemap_scan", false, probe_pagemap_scan()),
         Feature::from_probe("soft_dirty", false, probe_soft_dirty()),
         Feature::from_probe("process_vm_readv", true, probe_process_vm_readv()),
+        Feature::from_probe("kcmp", true, probe_kcmp()),
+        Feature::from_probe("pidfd_getfd", true, probe_pidfd_getfd()),
     ];
     tracing::debug!(elapsed = ?started.elapsed(), "kernel checks done");
     CheckReport {
@@ -306,6 +311,32 @@ fn le_u64(b: &[u8], at: usize) -> Option<u64> {
 }
 
 /// memfd + ftruncate + MAP_SHARED, and a write through the mapping is seen through the fd.
+fn probe_kcmp() -> Probe {
+    use std::os::fd::AsRawFd;
+    let me = std::process::id() as i32;
+    let a = File::open("/proc/self/stat").map_err(|e| format!("open: {e}"))?;
+    let b = a.try_clone().map_err(|e| format!("dup: {e}"))?;
+    match stasis_sys::fs::same_description(me, a.as_raw_fd(), me, b.as_raw_fd()) {
+        Ok(true) => Ok("KCMP_FILE tells a dup'd descriptor".into()),
+        Ok(false) => Err("KCMP_FILE says a dup'd descriptor is another file".into()),
+        Err(e) => Err(format!("kcmp: {e} (CONFIG_KCMP?)")),
+    }
+}
+
+fn probe_pidfd_getfd() -> Probe {
+    use std::os::fd::AsRawFd;
+    let a = File::open("/proc/self/stat").map_err(|e| format!("open: {e}"))?;
+    let pidfd = stasis_sys::fs::pidfd_open(std::process::id() as i32)
+        .map_err(|e| format!("pidfd_open: {e}"))?;
+    let copy = stasis_sys::fs::pidfd_getfd(&pidfd, a.as_raw_fd())
+        .map_err(|e| format!("pidfd_getfd: {e}"))?;
+    Ok(format!(
+        "copied fd {} as {}",
+        a.as_raw_fd(),
+        copy.as_raw_fd()
+    ))
+}
+
 fn probe_memfd() -> Probe {
     const LEN: usize = 4096;
     const PATTERN: &[u8] = b"stasis-check memfd";
@@ -1047,7 +1078,11 @@ mod tests {
     fn run_checks_finds_the_vdso() {
         let r = run_checks();
         assert!(!r.kernel.is_empty());
-        assert_eq!(r.features.len(), 11);
+        assert_eq!(r.features.len(), 13);
+        for f in ["kcmp", "pidfd_getfd"] {
+            let probe = r.features.iter().find(|x| x.name == f).expect(f);
+            assert!(probe.ok, "{f}: {}", probe.detail);
+        }
         let vdso = r.vdso_layout.iter().find(|(name, _, _)| name == "[vdso]");
         let (_, start, size) = vdso.expect("no [vdso] in the layout");
         assert!(*start != 0 && *size > 0 && size % 4096 == 0);
