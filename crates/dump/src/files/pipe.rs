@@ -22,6 +22,14 @@ impl Kind for Pipe {
 
     fn dump(&self, p: &Probe, cx: &mut Cx) -> Result<FileKind> {
         let inode = p.meta.ino();
+        if p.flags & libc::O_ACCMODE as u32 == libc::O_RDWR as u32 {
+            // Opened again through /proc for reading and writing: both ends in one description.
+            bail!(
+                "fd {} of pid {} is a pipe open for reading and writing at once; not supported yet",
+                p.fd,
+                p.pid
+            );
+        }
         if cx.files.pipe(inode).is_none() {
             let (data_off, len, size) = contents(&p.proc_path, cx.pages).with_context(|| {
                 format!(
