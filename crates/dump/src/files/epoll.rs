@@ -15,7 +15,7 @@ impl Kind for Epoll {
         p.link.as_bytes() == b"anon_inode:[eventpoll]"
     }
 
-    fn dump(&self, p: &Probe, _: &mut Cx) -> Result<FileKind> {
+    fn dump(&self, p: &Probe, cx: &mut Cx) -> Result<FileKind> {
         let mut watches = Vec::new();
         for line in p.fdinfo.lines().filter(|l| l.starts_with("tfd:")) {
             let Some(w) = parse_watch(line) else {
@@ -25,11 +25,11 @@ impl Kind for Epoll {
                     p.pid
                 );
             };
+            let (w, ino) = w;
+            cx.epoll_watches.push((p.fd, w.fd, ino));
             watches.push(w);
         }
-        Ok(FileKind::Epoll {
-            watches: watches.into_iter().map(|(w, _)| w).collect(),
-        })
+        Ok(FileKind::Epoll { watches })
     }
 }
 
@@ -52,29 +52,16 @@ fn parse_watch(line: &str) -> Option<(EpollWatch, u64)> {
 }
 
 /// Every watched file must still be open at the number it was registered with.
-pub(crate) fn check_watches(pid: i32, files: &Files, inodes: &HashMap<i32, u64>) -> Result<()> {
-    for d in &files.descs {
-        let FileKind::Epoll { watches } = &d.kind else {
-            continue;
-        };
-        let epfd = files
-            .fds
-            .iter()
-            .find(|f| f.desc == d.id)
-            .map_or(-1, |f| f.fd);
-        let path = format!("/proc/{pid}/fdinfo/{epfd}");
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
-        for (w, ino) in text
-            .lines()
-            .filter(|l| l.starts_with("tfd:"))
-            .filter_map(parse_watch)
-        {
-            if inodes.get(&w.fd) != Some(&ino) || !watches.contains(&w) {
-                bail!(
-                    "epoll fd {epfd} of pid {pid} watches a file that is no longer open at fd {}; not supported yet",
-                    w.fd
-                );
-            }
+pub(crate) fn check_watches(
+    pid: i32,
+    watches: &[(i32, i32, u64)],
+    inodes: &HashMap<i32, u64>,
+) -> Result<()> {
+    for &(epfd, fd, ino) in watches {
+        if inodes.get(&fd) != Some(&ino) {
+            bail!(
+                "epoll fd {epfd} of pid {pid} watches a file that is no longer open at fd {fd}; not supported yet"
+            );
         }
     }
     Ok(())

@@ -87,6 +87,9 @@ static KINDS: &[&dyn Kind] = &[
 pub(crate) struct Cx<'a> {
     pub pages: &'a mut PageWriter,
     pub files: Files,
+    /// (epoll fd, watched fd, the watched file's inode) for every registration seen, checked
+    /// against the whole table once it is read.
+    pub epoll_watches: Vec<(i32, i32, u64)>,
 }
 
 pub(crate) struct Options {
@@ -113,7 +116,11 @@ pub(crate) fn collect(
         })
         .collect();
     fds.sort_unstable();
-    let mut cx = Cx { pages, files };
+    let mut cx = Cx {
+        pages,
+        files,
+        epoll_watches: Vec::new(),
+    };
     // (description id, a descriptor of it, its (dev, inode)) for the kcmp comparisons.
     let mut reps: Vec<(u32, i32, (u64, u64))> = Vec::new();
     // fd → inode, for checking what epoll instances watch.
@@ -153,8 +160,8 @@ pub(crate) fn collect(
         });
         reps.push((id, fd, key));
     }
+    epoll::check_watches(pid, &cx.epoll_watches, &watched)?;
     let mut files = cx.files;
-    epoll::check_watches(pid, &files, &watched)?;
     pipe::settle_outside_ends(pid, &mut files)?;
     tty::settle_shell_job(pid, opts.shell_job, &mut files)?;
     Ok(files)
