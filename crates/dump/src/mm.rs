@@ -338,7 +338,10 @@ pub(crate) fn plan(
         let Some(backing) = backing_of(pid, v, proxy.as_ref())? else {
             continue;
         };
-        let vf = flags.get(&v.start).copied().unwrap_or_default();
+        let vf = flags
+            .get(&v.start)
+            .copied()
+            .with_context(|| format!("pid {pid}: mapping {v} has no entry in smaps"))?;
         let vma = vmas.len();
         let npages = (v.len() / PAGE_SIZE as u64) as usize;
         let mut window = (0, 0); // pages [window.0, window.1) are in `entries`

@@ -9,14 +9,19 @@ use stasis_image::model::*;
 pub(crate) fn clocks_seen_by(pid: i32) -> Result<(u64, u64)> {
     let mut mono = stasis_sys::clock_ns(libc::CLOCK_MONOTONIC) as i128;
     let mut boot = stasis_sys::clock_ns(libc::CLOCK_BOOTTIME) as i128;
-    if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/timens_offsets")) {
+    let path = format!("/proc/{pid}/timens_offsets");
+    // Absent on kernels without time namespaces: the clocks are the host's.
+    if let Ok(text) = std::fs::read_to_string(&path) {
         for line in text.lines() {
             let w: Vec<&str> = line.split_whitespace().collect();
             let [clock, secs, nsecs] = w[..] else {
                 continue;
             };
-            let off = secs.parse::<i128>().unwrap_or(0) * 1_000_000_000
-                + nsecs.parse::<i128>().unwrap_or(0);
+            let num = |x: &str| {
+                x.parse::<i128>()
+                    .with_context(|| format!("{path}: cannot parse {line:?}"))
+            };
+            let off = num(secs)? * 1_000_000_000 + num(nsecs)?;
             match clock {
                 "monotonic" | "1" => mono += off,
                 "boottime" | "7" => boot += off,
@@ -79,9 +84,9 @@ pub(crate) fn collect_process(
             .into())
     };
     let personality = std::fs::read_to_string(format!("/proc/{pid}/personality"))
-        .ok()
-        .and_then(|s| u32::from_str_radix(s.trim(), 16).ok())
-        .unwrap_or(0);
+        .with_context(|| format!("reading /proc/{pid}/personality"))?;
+    let personality = u32::from_str_radix(personality.trim(), 16)
+        .with_context(|| format!("/proc/{pid}/personality: cannot parse {personality:?}"))?;
     let mut comm = std::fs::read(format!("/proc/{pid}/comm"))
         .with_context(|| format!("reading /proc/{pid}/comm"))?;
     if comm.last() == Some(&b'\n') {

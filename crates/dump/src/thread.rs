@@ -99,7 +99,13 @@ pub(crate) fn thread_status(pid: i32, tid: i32) -> Result<ThreadStatus> {
             hex("CapAmb:")?,
         ],
         no_new_privs: line("NoNewPrivs:") == "1",
-        seccomp: line("Seccomp:").parse().unwrap_or(0),
+        // No line at all: a kernel without seccomp.
+        seccomp: match line("Seccomp:") {
+            "" => 0,
+            v => v
+                .parse()
+                .with_context(|| format!("{path}: cannot parse Seccomp"))?,
+        },
     })
 }
 
