@@ -58,6 +58,12 @@ enum Command {
         /// Allow a process attached to a terminal (it is taken over on restore).
         #[arg(long)]
         shell_job: bool,
+        /// Refuse a process that holds a file lock instead of dumping its locks.
+        #[arg(long)]
+        no_file_locks: bool,
+        /// Accepted for CRIU's users: file locks are dumped by default.
+        #[arg(long, hide = true, conflicts_with = "no_file_locks")]
+        file_locks: bool,
     },
     /// Bring a dumped process back, with its pid, memory, registers and files.
     Restore {
@@ -158,10 +164,13 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             images_dir,
             leave_running,
             shell_job,
+            no_file_locks,
+            file_locks: _,
         } => {
             let opts = stasis_dump::DumpOptions {
                 leave_running,
                 shell_job,
+                file_locks: !no_file_locks,
             };
             let s = stasis_dump::dump(pid, &images_dir, &opts)?;
             eprintln!(

@@ -16,6 +16,7 @@ struct Summary<'a> {
     pages: u64,
     page_bytes: u64,
     fds: Vec<String>,
+    locks: Vec<String>,
     vdso: Vec<String>,
     vdso_symbols: usize,
     vdso_strategy: String,
@@ -81,6 +82,7 @@ pub fn show(dir: &std::path::Path, json: bool) -> Result<()> {
                 )
             })
             .collect(),
+        locks: img.files.locks.iter().map(|l| l.to_string()).collect(),
         vdso: img
             .vdso
             .areas
@@ -129,6 +131,12 @@ pub fn show(dir: &std::path::Path, json: bool) -> Result<()> {
     println!("  files (fd: #open file description):");
     for f in &s.fds {
         println!("    {f}");
+    }
+    if !s.locks.is_empty() {
+        println!("  file locks:");
+        for l in &s.locks {
+            println!("    {l}");
+        }
     }
     println!("  vDSO: {} ({} symbols)", s.vdso.join(", "), s.vdso_symbols);
     println!("  restore here: {}", s.vdso_strategy);

@@ -121,15 +121,6 @@ fn a_process_with_children_is_refused() {
 }
 
 #[test]
-fn posix_ofd_and_flock_locks_are_refused() {
-    if require_root("posix_ofd_and_flock_locks_are_refused") {
-        refused("--posix-lock", "POSIX");
-        refused("--ofd-lock", "OFDLCK");
-        refused("--flock", "FLOCK");
-    }
-}
-
-#[test]
 fn sysv_shared_memory_is_refused() {
     if require_root("sysv_shared_memory_is_refused") {
         refused("--sysv-shm", "SysV shared memory");

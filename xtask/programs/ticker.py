@@ -1,6 +1,7 @@
 """stasis workload (Python 3): a main thread that ticks and a threading.Thread worker.
 
 Usage: python3 ticker.py TICKS PIDFILE VERDICT [--single-thread] [--corrupt data|map|worker]
+                         [--sqlite DB --journal delete|wal]
 
 State it can verify, built deterministically at start:
   * 4 MiB of pseudo-random bytes (random.Random(SEED).randbytes) in a bytearray, with a
@@ -15,6 +16,13 @@ The main thread appends "tick <n>\\n" to TICKS every TICK_S with one os.write on
 On SIGTERM (the handler only sets a flag) it stops the worker, verifies everything -- including
 that TICKS holds exactly "tick 0" .. "tick <n-1>" -- and appends "PASS: ..." or "FAIL: reason" to
 VERDICT, exit status 0 or 1. The pid goes to PIDFILE (tmp + rename) once everything runs.
+
+--sqlite DB: the ticks also go into an sqlite database, inside one transaction held open from
+start to SIGTERM (BEGIN IMMEDIATE: the file locks that keep every other writer out are held all
+along, across dumps and restores); one row per tick. On SIGTERM the transaction is committed
+(it must succeed) and a second connection must read back exactly rows 0 .. n-1. --journal picks
+sqlite's journal mode: `delete` (a rollback journal; locks on the database file) or `wal` (the
+write-ahead log; locks on the -shm file, which is also mapped shared).
 
 --single-thread (harness self-test only): no worker thread; the main thread does the worker's
 steps itself. --corrupt KIND (harness self-test only): damage one kind of state at tick
@@ -144,6 +152,39 @@ def verify(ticks_path, n, data, block_crc, table, worker, threaded, failures, la
     return None
 
 
+def open_db(path, journal):
+    import sqlite3
+
+    db = sqlite3.connect(path, isolation_level=None, timeout=0, check_same_thread=False)
+    got = db.execute("PRAGMA journal_mode=%s" % journal).fetchone()[0]
+    if got.lower() != journal:
+        raise RuntimeError("journal mode %r, asked for %r" % (got, journal))
+    db.execute("CREATE TABLE IF NOT EXISTS ticks (n INTEGER PRIMARY KEY, at REAL)")
+    db.execute("BEGIN IMMEDIATE")
+    return db
+
+
+def verify_db(db, path, n):
+    import sqlite3
+
+    try:
+        db.execute("COMMIT")
+    except sqlite3.Error as e:
+        return "COMMIT of the transaction held since start failed: %s" % e
+    db.close()
+    other = sqlite3.connect(path, isolation_level=None, timeout=5)
+    rows = [r[0] for r in other.execute("SELECT n FROM ticks ORDER BY n")]
+    other.close()
+    if rows != list(range(n)):
+        return "the database holds %d rows (first %r, last %r) after COMMIT, expected 0..%d" % (
+            len(rows),
+            rows[:1],
+            rows[-1:],
+            n - 1,
+        )
+    return None
+
+
 def main():
     args = sys.argv[1:]
     threaded = "--single-thread" not in args
@@ -153,6 +194,8 @@ def main():
         if corrupt not in ("data", "map", "worker"):
             sys.exit("unknown --corrupt kind %r" % corrupt)
     ticks_path, pidfile, verdict_path = args[0], args[1], args[2]
+    db_path = args[args.index("--sqlite") + 1] if "--sqlite" in args else None
+    journal = args[args.index("--journal") + 1] if "--journal" in args else "delete"
 
     signal.signal(signal.SIGTERM, on_sigterm)
     data = make_data()
@@ -162,6 +205,7 @@ def main():
     if threaded:
         worker.start()
 
+    db = open_db(db_path, journal) if db_path else None
     fd = os.open(ticks_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_TRUNC, 0o644)
     tmp = pidfile + ".tmp"
     with open(tmp, "w") as f:
@@ -173,6 +217,8 @@ def main():
     last_steps, last_progress = -1, 0
     while not stopping:
         write_all(fd, "tick %d\n" % n)
+        if db is not None:
+            db.execute("INSERT INTO ticks VALUES (?, ?)", (n, time.time()))
         n += 1
         b = n % len(block_crc)
         if zlib.crc32(data[b * BLOCK : (b + 1) * BLOCK]) != block_crc[b] and not failures:
@@ -195,9 +241,12 @@ def main():
     reason = verify(
         ticks_path, n, data, block_crc, table, worker, threaded, failures, last_progress
     )
+    if reason is None and db is not None:
+        reason = verify_db(db, db_path, n)
     if reason is None:
-        line = "PASS: python %s: %d ticks, %d worker steps, %d MiB data, %d dict entries" % (
+        line = "PASS: python %s%s: %d ticks, %d worker steps, %d MiB data, %d dict entries" % (
             sys.version.split()[0],
+            " sqlite (%s journal) committed %d rows" % (journal, n) if db is not None else "",
             n,
             worker.steps,
             DATA_BYTES >> 20,

@@ -17,6 +17,13 @@
 //!   ticks (so the workers really run after the restore: the harness waits 25 ticks after the
 //!   last restore), cross-checks the tick file against its in-memory counter, and writes
 //!   `PASS: …` or `FAIL: reason` to a verdict file. The harness requires `PASS`.
+//! - **File locks hold across the trip.** Two more Python workloads (`sqlite`, `sqlite-wal`)
+//!   also insert one row per tick into an sqlite database inside one `BEGIN IMMEDIATE`
+//!   transaction held open from start to SIGTERM, in rollback-journal and in WAL mode (where the
+//!   locks are on the `-shm` file, which is also mapped shared). Before the first dump and after
+//!   every restore a second writer (another `python3`) must be locked out at once ("database
+//!   is locked"); on SIGTERM the program commits — which must succeed — and a new connection
+//!   must read back exactly one row per tick.
 //! - **The runtimes are unmodified.** The machine's `python3`, `node` (18+), `go` (the binary
 //!   is built at test time, standard library only, no module downloads) and `java` (compiled
 //!   with `javac` at test time), started as a service would be: own session, stdin
@@ -75,20 +82,44 @@ struct Program {
     resume: Duration,
     /// Time allowed from SIGTERM to the verdict.
     verdict: Duration,
+    /// The Python workload also holds an sqlite transaction open (in this journal mode): a
+    /// second writer must be locked out before the first dump and after every restore.
+    sqlite: Option<&'static str>,
 }
+
+const PYTHON: &[Tool] = &[Tool {
+    bin: "python3",
+    package: "python3",
+    min_major: None,
+}];
 
 const PROGRAMS: &[Program] = &[
     Program {
         name: "python",
         kind: Kind::Python,
-        tools: &[Tool {
-            bin: "python3",
-            package: "python3",
-            min_major: None,
-        }],
+        tools: PYTHON,
         startup: Duration::from_secs(20),
         resume: Duration::from_secs(20),
         verdict: Duration::from_secs(15),
+        sqlite: None,
+    },
+    Program {
+        name: "sqlite",
+        kind: Kind::Python,
+        tools: PYTHON,
+        startup: Duration::from_secs(20),
+        resume: Duration::from_secs(20),
+        verdict: Duration::from_secs(15),
+        sqlite: Some("delete"),
+    },
+    Program {
+        name: "sqlite-wal",
+        kind: Kind::Python,
+        tools: PYTHON,
+        startup: Duration::from_secs(20),
+        resume: Duration::from_secs(20),
+        verdict: Duration::from_secs(15),
+        sqlite: Some("wal"),
     },
     Program {
         name: "node",
@@ -101,6 +132,7 @@ const PROGRAMS: &[Program] = &[
         startup: Duration::from_secs(20),
         resume: Duration::from_secs(20),
         verdict: Duration::from_secs(15),
+        sqlite: None,
     },
     Program {
         name: "go",
@@ -113,6 +145,7 @@ const PROGRAMS: &[Program] = &[
         startup: Duration::from_secs(20),
         resume: Duration::from_secs(20),
         verdict: Duration::from_secs(15),
+        sqlite: None,
     },
     Program {
         name: "java",
@@ -132,6 +165,7 @@ const PROGRAMS: &[Program] = &[
         startup: Duration::from_secs(45),
         resume: Duration::from_secs(40),
         verdict: Duration::from_secs(30),
+        sqlite: None,
     },
 ];
 
@@ -458,6 +492,16 @@ impl Attempt {
         let verdict = self.dir.join("verdict");
         let log = self.dir.join("program.log");
         cmd.arg(&ticks).arg(&pidfile).arg(&verdict);
+        let db = self.dir.join("ticks.db");
+        if let Some(journal) = p.sqlite {
+            cmd.arg("--sqlite").arg(&db).args(["--journal", journal]);
+        }
+        let locked_out = |when: &str| -> Result<()> {
+            match p.sqlite {
+                Some(_) => second_writer_locked_out(&db).with_context(|| when.to_string()),
+                None => Ok(()),
+            }
+        };
         let single_thread = ctx.self_test.single_thread && p.kind == Kind::Python;
         if single_thread {
             cmd.arg("--single-thread");
@@ -495,6 +539,7 @@ impl Attempt {
         if threads0 < 2 && !single_thread {
             bail!("pid {pid} has {threads0} thread(s): this workload must be multi-threaded");
         }
+        locked_out("before the first dump")?;
 
         let mut marks: Vec<(String, usize)> = Vec::new();
         let mut thread_counts = vec![threads0.to_string()];
@@ -559,6 +604,7 @@ impl Attempt {
                 };
             run.wait_ticks(want, p.resume)
                 .with_context(|| format!("after restore {c}"))?;
+            locked_out(&format!("after restore {c}"))?;
             let lines = read_ticks(&run.ticks, false)?;
             check_ticks(&lines, &marks)?;
             println!(
@@ -925,6 +971,36 @@ impl Running {
 
 /// Starts `cmd` in a session of its own, stdin `/dev/null`, stdout and stderr into `log`, no
 /// descriptor but those three. Returns its pid; it is reaped with waitpid, not through Child.
+/// A second sqlite writer, as another program would be: `BEGIN IMMEDIATE` on the workload's
+/// database must fail at once with "database is locked" (the workload's transaction holds its
+/// file locks). Never run while the workload is dumped: a writer finding no lock would treat
+/// the open transaction's journal as hot and roll it back.
+fn second_writer_locked_out(db: &Path) -> Result<()> {
+    const SCRIPT: &str = r#"
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=0)
+try:
+    db.execute('BEGIN IMMEDIATE')
+except sqlite3.OperationalError as e:
+    print(e)
+    sys.exit(0 if 'locked' in str(e) else 2)
+db.execute('ROLLBACK')
+print('a second writer got the write lock')
+sys.exit(1)
+"#;
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", SCRIPT]).arg(db).stdin(Stdio::null());
+    close_inherited_fds(&mut cmd);
+    let out = cmd.output().context("running a second sqlite writer")?;
+    let said = String::from_utf8_lossy(&out.stdout).trim().to_string()
+        + String::from_utf8_lossy(&out.stderr).trim();
+    if !out.status.success() {
+        bail!("the workload's transaction does not lock out a second writer: {said}");
+    }
+    println!("   a second sqlite writer is locked out: {said}");
+    Ok(())
+}
+
 fn spawn_in_session(cmd: &mut Command, log: &Path) -> Result<i32> {
     let f = create(log)?;
     cmd.stdin(Stdio::null())

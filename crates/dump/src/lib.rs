@@ -26,6 +26,8 @@ pub struct DumpOptions {
     pub leave_running: bool,
     /// Accept a terminal among the process's files (CRIU's `--shell-job`).
     pub shell_job: bool,
+    /// Dump file locks (CRIU needs `--file-locks`); `false` refuses a process holding one.
+    pub file_locks: bool,
 }
 
 /// What a dump did, for the user and the benchmark.
@@ -67,6 +69,7 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
         pid,
         &files::Options {
             shell_job: opts.shell_job,
+            file_locks: opts.file_locks,
         },
         files,
         &mut pages,

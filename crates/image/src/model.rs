@@ -534,6 +534,54 @@ pub enum Unnamed {
     Memfd { name: Bytes, seals: u32 },
 }
 
+/// A file lock held by the process, taken again through descriptor `fd` (of the description
+/// the lock belongs to) after the restore has closed everything else it opened: closing any
+/// descriptor of a file drops the POSIX locks the process holds on it.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileLock {
+    pub fd: i32,
+    pub kind: LockKind,
+    /// A write (exclusive) lock; else a read (shared) one.
+    pub write: bool,
+    /// First byte locked (0 for flock, which locks the whole file).
+    pub start: u64,
+    /// Bytes locked; 0: up to the end of the file, however far it grows.
+    pub len: u64,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LockKind {
+    /// `fcntl(F_SETLK)`: owned by the process, dropped when it closes any fd of the file.
+    Posix,
+    /// `fcntl(F_OFD_SETLK)`: owned by the open file description.
+    Ofd,
+    /// `flock(2)`: owned by the open file description, whole file.
+    Flock,
+}
+
+impl std::fmt::Display for FileLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.kind {
+            LockKind::Posix => "POSIX",
+            LockKind::Ofd => "OFD",
+            LockKind::Flock => "flock",
+        };
+        let mode = if self.write { "write" } else { "read" };
+        write!(f, "{kind} {mode} lock on fd {}", self.fd)?;
+        match (self.kind, self.len) {
+            (LockKind::Flock, _) => Ok(()),
+            (_, 0) => write!(f, " (bytes {} to the end)", self.start),
+            (_, n) => write!(
+                f,
+                " (bytes {}-{})",
+                self.start,
+                self.start.saturating_add(n - 1)
+            ),
+        }
+    }
+}
+
 /// Open files: `files.img`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Files {
@@ -541,6 +589,8 @@ pub struct Files {
     pub descs: Vec<FileDesc>,
     pub pipes: Vec<PipeBuf>,
     pub unnamed: Vec<UnnamedFile>,
+    /// File locks the process holds, taken again once every descriptor is back.
+    pub locks: Vec<FileLock>,
 }
 
 impl Files {

@@ -177,6 +177,26 @@ fn check_consistency(img: &Image) -> Result<()> {
             )));
         }
     }
+    for l in &f.locks {
+        let desc = f
+            .fds
+            .iter()
+            .find(|fd| fd.fd == l.fd)
+            .and_then(|fd| f.desc(fd.desc));
+        let regular = desc
+            .is_some_and(|d| matches!(d.kind, FileKind::Path { .. } | FileKind::Unnamed { .. }));
+        let fits = l.start <= i64::MAX as u64
+            && l.len <= i64::MAX as u64
+            && l.start
+                .checked_add(l.len)
+                .is_some_and(|e| e <= i64::MAX as u64)
+            && (l.kind != LockKind::Flock || (l.start == 0 && l.len == 0));
+        if !regular || !fits {
+            return Err(bad(format!(
+                "{l}: no such fd, not a regular file, or a range out of bounds"
+            )));
+        }
+    }
     for d in &f.descs {
         if let FileKind::Unnamed { dev, inode } = d.kind {
             if f.unnamed(dev, inode).is_none() {

@@ -120,32 +120,40 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
     plan.before.log();
     plan.after.log();
     let t_plan = Instant::now();
-    run_plan(&mut parasite, pid, pid, &plan.before)?;
-    let t_fill = Instant::now();
-    if let Some(uffd) = &uffd {
-        fill::fill(uffd, &img.pages, &plan.host_runs)
-            .with_context(|| format!("filling the memory of pid {pid}"))?;
-    }
-    drop(uffd);
-    let filled = t_fill.elapsed();
-    run_plan(&mut parasite, pid, pid, &plan.after)?;
-    tracing::info!(
-        pid,
-        elapsed = ?t_plan.elapsed(),
-        host_fill = ?filled,
-        ops = plan.before.len() + plan.after.len(),
-        "restorer ran the plan"
-    );
+    // Once the plan runs, the task's old address space (and the injection site) is going:
+    // on failure there is nothing to cure, and the guard kills the task.
+    let rebuilt = (|parasite: &mut Parasite<'_>| -> Result<()> {
+        run_plan(parasite, pid, pid, &plan.before)?;
+        let t_fill = Instant::now();
+        if let Some(uffd) = &uffd {
+            fill::fill(uffd, &img.pages, &plan.host_runs)
+                .with_context(|| format!("filling the memory of pid {pid}"))?;
+        }
+        drop(uffd);
+        let filled = t_fill.elapsed();
+        run_plan(parasite, pid, pid, &plan.after)?;
+        tracing::info!(
+            pid,
+            elapsed = ?t_plan.elapsed(),
+            host_fill = ?filled,
+            ops = plan.before.len() + plan.after.len(),
+            "restorer ran the plan"
+        );
 
-    // The threads the plan created: each the one the image names, each runs its own plan.
-    let created = parasite.adopt_clones()?;
-    let expected: Vec<i32> = img.cores[1..].iter().map(|c| c.tid).collect();
-    if created != expected {
+        // The threads the plan created: each the one the image names, each runs its own plan.
+        let created = parasite.adopt_clones()?;
+        let expected: Vec<i32> = img.cores[1..].iter().map(|c| c.tid).collect();
+        if created != expected {
+            bail!("pid {pid}: the restorer created threads {created:?}, expected {expected:?}");
+        }
+        for (c, p) in img.cores[1..].iter().zip(&thread_plans) {
+            run_plan(parasite, pid, c.tid, p)?;
+        }
+        Ok(())
+    })(&mut parasite);
+    if let Err(e) = rebuilt {
         parasite.abandon();
-        bail!("pid {pid}: the restorer created threads {created:?}, expected {expected:?}");
-    }
-    for (c, p) in img.cores[1..].iter().zip(&thread_plans) {
-        run_plan(&mut parasite, pid, c.tid, p)?;
+        return Err(e);
     }
     tracing::info!(pid, threads = img.cores.len(), elapsed = ?t_plan.elapsed(), "threads restored");
 

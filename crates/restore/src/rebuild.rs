@@ -1,7 +1,7 @@
 //! The restorer's plan for one task, in the order the kernel needs it: the new task's own
 //! mappings go, the vDSO moves into place, every dumped VMA is mapped and filled, then mm
-//! fields, the other threads, the leader's per-thread and the process-wide state, and
-//! credentials last. Each step's system calls
+//! fields, the other threads, the leader's per-thread and the process-wide state, file locks,
+//! and credentials last. Each step's system calls
 //! come from the module that knows that resource (`mm`, `vdso`); this file only orders them.
 
 use crate::fds::{same_file, Helpers};
@@ -217,7 +217,9 @@ pub(crate) fn build(
             format!("close helper fd {fd}"),
         );
     }
-    // 10. Credentials last: dropping them earlier would forbid the calls above.
+    // 10. File locks, now that no descriptor of the task will be closed any more.
+    crate::files::lock::take_back(&mut p, &img.files.locks);
+    // 11. Credentials last: dropping them earlier would forbid the calls above.
     thread::credentials(&mut p, img.leader(), pr.dumpable);
     Ok(Rebuild {
         before,

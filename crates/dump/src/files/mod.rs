@@ -4,12 +4,13 @@
 //! dump the description. This file only walks the table, groups descriptors into descriptions
 //! (`kcmp`: dup'd and inherited descriptors share one description, hence one offset and one
 //! set of flags) and runs the checks that need the whole table. A descriptor no kind claims is
-//! refused, naming the pid, the fd and what it is: stasis never drops a file silently. So is a
-//! file lock of any kind, which would not survive the restore.
+//! refused, naming the pid, the fd and what it is: stasis never drops a file silently. File
+//! locks are read with each description (`lock`).
 
 mod chardev;
 mod epoll;
 mod eventfd;
+mod lock;
 mod path;
 mod pipe;
 mod tty;
@@ -95,6 +96,8 @@ pub(crate) struct Cx<'a> {
 pub(crate) struct Options {
     /// Terminals are allowed (taken over from the restoring stasis: `--shell-job`).
     pub shell_job: bool,
+    /// File locks are dumped (else a lock refuses the dump: `--no-file-locks`).
+    pub file_locks: bool,
 }
 
 /// Dumps every descriptor of `pid` into `files` (which may already hold unnamed files found
@@ -125,9 +128,10 @@ pub(crate) fn collect(
     let mut reps: Vec<(u32, i32, (u64, u64))> = Vec::new();
     // fd → inode, for checking what epoll instances watch.
     let mut watched = std::collections::HashMap::new();
+    // (major, minor, inode) of every file a lock was found on.
+    let mut locked = Vec::new();
     for fd in fds {
         let (probe, info) = probe(pid, fd)?;
-        refuse_locks(pid, fd, &probe, &info)?;
         let key = (probe.meta.dev(), probe.meta.ino());
         watched.insert(fd, probe.meta.ino());
         let cloexec = info.cloexec;
@@ -146,6 +150,22 @@ pub(crate) fn collect(
             );
         };
         let kind = kind.dump(&probe, &mut cx)?;
+        // The locks of a description are listed on each of its descriptors: read them once.
+        for line in &info.locks {
+            let l = lock::parse(pid, fd, line)?;
+            if !opts.file_locks {
+                lock::refuse(pid, &l, &probe.link)?;
+            }
+            if !matches!(kind, FileKind::Path { .. } | FileKind::Unnamed { .. }) {
+                bail!(
+                    "pid {pid} holds a {l} ({}), which is not a regular file; not supported yet",
+                    probe.link
+                );
+            }
+            cx.files.locks.push(l);
+            let dev = probe.meta.dev();
+            locked.push((libc::major(dev), libc::minor(dev), probe.meta.ino()));
+        }
         let id = cx.files.descs.len() as u32;
         cx.files.descs.push(FileDesc {
             id,
@@ -161,6 +181,7 @@ pub(crate) fn collect(
         reps.push((id, fd, key));
     }
     epoll::check_watches(pid, &cx.epoll_watches, &watched)?;
+    lock::check_unreached(pid, &locked)?;
     let mut files = cx.files;
     pipe::settle_outside_ends(pid, &mut files)?;
     tty::settle_shell_job(pid, opts.shell_job, &mut files)?;
@@ -214,18 +235,6 @@ fn probe(pid: i32, fd: i32) -> Result<(Probe, FdInfo)> {
             locks,
         },
     ))
-}
-
-/// A lock (POSIX record lock, OFD lock, flock, lease) held through this descriptor would be
-/// lost: another process could take it while this one is away, or after the restore.
-fn refuse_locks(pid: i32, fd: i32, p: &Probe, info: &FdInfo) -> Result<()> {
-    if let Some(lock) = info.locks.first() {
-        bail!(
-            "pid {pid} holds a file lock on fd {fd} ({}): {lock}; file locks are not dumped yet",
-            p.link
-        );
-    }
-    Ok(())
 }
 
 /// The description an earlier descriptor of the same file already has, if this one shares it.

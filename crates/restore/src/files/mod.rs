@@ -16,6 +16,7 @@
 mod chardev;
 mod epoll;
 mod eventfd;
+pub(crate) mod lock;
 mod path;
 mod pipe;
 mod tty;
