@@ -10,6 +10,8 @@ struct Summary<'a> {
     kernel: &'a str,
     created: u64,
     threads: &'a [i32],
+    /// The job-control signal that had stopped the process, if it was stopped.
+    stopped_by: Option<i32>,
     /// One line per thread: tid, name, uid, where it stopped.
     thread_details: Vec<String>,
     vmas: usize,
@@ -43,6 +45,7 @@ pub fn show(dir: &std::path::Path, json: bool) -> Result<()> {
         kernel: &img.inventory.kernel,
         created: img.inventory.created,
         threads: &img.inventory.threads,
+        stopped_by: img.process.job_stop,
         thread_details: img
             .cores
             .iter()
@@ -115,6 +118,9 @@ pub fn show(dir: &std::path::Path, json: bool) -> Result<()> {
         "image of pid {} ({}) made under kernel {}",
         s.pid, s.comm, s.kernel
     );
+    if let Some(sig) = s.stopped_by {
+        println!("  stopped by job control (signal {sig}): comes back stopped");
+    }
     println!("  threads: {}", s.threads.len());
     for t in &s.thread_details {
         println!("    {t}");

@@ -148,3 +148,79 @@ unsafe fn clone_with_pid(pid: i32) -> i32 {
         Err(_) => -1,
     }
 }
+
+/// Every thread's state letter, e.g. "TTTTT".
+fn states_of(pid: i32) -> String {
+    threads_of(pid)
+        .iter()
+        .map(|t| {
+            let s =
+                std::fs::read_to_string(format!("/proc/{pid}/task/{t}/stat")).unwrap_or_default();
+            s.rfind(')')
+                .and_then(|i| s[i + 2..].chars().next())
+                .unwrap_or('?')
+        })
+        .collect()
+}
+
+fn wait_states(pid: i32, want: char) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let s = states_of(pid);
+        if !s.is_empty() && s.chars().all(|c| c == want) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pid {pid}: thread states {s}, waiting for all {want}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// A process stopped by job control (SIGSTOP: the daemon's process group is orphaned, so the
+/// kernel would discard a SIGTSTP) stays stopped through a
+/// `--leave-running` dump, comes back stopped from a restore — every thread, and it runs no
+/// further: its thread ids and CPU time do not move — and carries on when continued.
+#[test]
+fn a_stopped_process_comes_back_stopped() {
+    if !require_root("a_stopped_process_comes_back_stopped") {
+        return;
+    }
+    let d = Daemon::start("threads", &["--threads", "4"]);
+    // SAFETY: signalling the fixture.
+    unsafe { libc::kill(d.pid, libc::SIGSTOP) };
+    wait_states(d.pid, 'T');
+    d.dump_leave_running(1);
+    wait_states(d.pid, 'T');
+    let o = stasis(&[
+        "dump",
+        "-t",
+        &d.pid.to_string(),
+        "-D",
+        &d.image(2).to_string_lossy(),
+    ]);
+    assert!(o.status.success(), "dump: {}", stderr_of(&o));
+    wait_gone(d.pid);
+    let o = stasis(&["restore", "-D", &d.image(2).to_string_lossy(), "-d"]);
+    assert!(o.status.success(), "restore: {}", stderr_of(&o));
+    wait_states(d.pid, 'T');
+    assert_eq!(tracer_of(d.pid), 0, "not traced");
+    let cpu = |pid: i32| {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let f: Vec<String> = s[s.rfind(')').unwrap_or(0) + 2..]
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        (f.get(11).cloned(), f.get(12).cloned())
+    };
+    let before = cpu(d.pid);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(states_of(d.pid).chars().filter(|&c| c != 'T').count(), 0);
+    assert_eq!(cpu(d.pid), before, "a stopped process used CPU");
+    // SAFETY: signalling the fixture.
+    unsafe { libc::kill(d.pid, libc::SIGCONT) };
+    wait_states(d.pid, 'S');
+    let v = assert_pass(&d.finish());
+    assert!(v.contains("threads=4"), "{v}");
+}

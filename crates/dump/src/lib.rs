@@ -46,7 +46,6 @@ pub struct DumpSummary {
 pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpSummary> {
     let t0 = Instant::now();
     stasis_infect::check_target(pid)?;
-    preflight::not_stopped(pid)?;
     let images = ImageDir::create(dir)
         .with_context(|| format!("preparing image directory {}", dir.display()))?;
     let mut seized = Seized::seize(pid)?;
@@ -128,6 +127,7 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
         );
     }
     let mut process = task::collect_process(pid, &task, &stat, shared_pending)?;
+    process.job_stop = seized.job_stop();
     tracing::debug!(elapsed = ?frozen_at.elapsed(), "process state collected");
     process.posix_timers = task::posix_timers(pid, &proc_timers, &times)?;
     let (monotonic_ns, boottime_ns) = task::clocks_seen_by(pid)?;

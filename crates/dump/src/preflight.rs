@@ -64,12 +64,3 @@ fn caps_a_restore_gives(st: &ThreadStatus, ours: [u64; 5]) -> [u64; 5] {
         [ours[0], 0, 0, ours[3], 0]
     }
 }
-
-/// Refuses a process stopped by job control (SIGSTOP, SIGTSTP): it would come back running.
-pub(crate) fn not_stopped(pid: i32) -> Result<()> {
-    let stat = stasis_proc::stat(pid)?;
-    if stat.state == 'T' {
-        bail!("pid {pid} is stopped (job control); a stopped process would come back running, which is not supported yet");
-    }
-    Ok(())
-}

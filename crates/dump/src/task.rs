@@ -132,6 +132,7 @@ pub(crate) fn collect_process(
         dumpable: task.dumpable as i32,
         pgid: f.get(4).copied().unwrap_or(0) as i32,
         sid: f.get(5).copied().unwrap_or(0) as i32,
+        job_stop: None,
     })
 }
 

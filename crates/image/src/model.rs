@@ -341,6 +341,9 @@ pub struct Process {
     pub dumpable: i32,
     pub pgid: i32,
     pub sid: i32,
+    /// Stopped by job control at the dump, by this signal (SIGSTOP, SIGTSTP, SIGTTIN,
+    /// SIGTTOU): it comes back stopped.
+    pub job_stop: Option<i32>,
 }
 
 /// What backs a VMA.

@@ -144,6 +144,14 @@ fn check_consistency(img: &Image) -> Result<()> {
             }
         }
     }
+    if img
+        .process
+        .job_stop
+        .is_some_and(|s| ![19, 20, 21, 22].contains(&s))
+    {
+        // SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU.
+        return Err(bad("stopped by a signal that does not stop".into()));
+    }
     if img.process.sigactions.len() != 64 {
         return Err(bad("signal handler table of the wrong size".into()));
     }

@@ -22,8 +22,14 @@ pub struct Seized {
     threads: Vec<i32>,
     /// Signals delivered (not lost) while freezing, for the log.
     pub signals_passed: Vec<(i32, i32)>,
+    /// The signal that had stopped the process by job control (SIGSTOP, SIGTSTP, SIGTTIN,
+    /// SIGTTOU), as the leader's stop reports it; `None`: it was running.
+    job_stop: Option<i32>,
     released: bool,
 }
+
+/// Signals whose default action stops a process (job control).
+pub const STOP_SIGNALS: [i32; 4] = [libc::SIGSTOP, libc::SIGTSTP, libc::SIGTTIN, libc::SIGTTOU];
 
 /// Refuses targets stasis must not or cannot freeze, with a reason the user can act on.
 pub fn check_target(pid: i32) -> Result<()> {
@@ -69,6 +75,7 @@ impl Seized {
             pid,
             threads: Vec::new(),
             signals_passed: Vec::new(),
+            job_stop: None,
             released: false,
         };
         // Until every thread is stopped, any of them may create more; rescan until stable.
@@ -150,8 +157,14 @@ impl Seized {
         let t = Pid::from_raw(tid);
         loop {
             match sys::wait(t, false) {
-                Ok(Wait::Stopped { event, .. }) if event == sys::PTRACE_EVENT_STOP => {
-                    return Ok(true)
+                Ok(Wait::Stopped { event, sig }) if event == sys::PTRACE_EVENT_STOP => {
+                    // A seized thread's stop reports the job-control signal when a group
+                    // stop is in effect (it was stopped, or stopping), SIGTRAP otherwise; a
+                    // detach puts a process in a group stop back into it.
+                    if tid == self.pid && STOP_SIGNALS.contains(&sig) {
+                        self.job_stop = Some(sig);
+                    }
+                    return Ok(true);
                 }
                 Ok(Wait::Stopped { sig, .. }) => {
                     // A signal-delivery stop won the race: deliver the signal as the kernel
@@ -256,6 +269,11 @@ impl Seized {
 
     pub fn threads(&self) -> &[i32] {
         &self.threads
+    }
+
+    /// The signal that had stopped the process by job control, if it was stopped.
+    pub fn job_stop(&self) -> Option<i32> {
+        self.job_stop
     }
 
     /// Makes threads the leader creates from now on start traced (and stopped) by us.

@@ -171,6 +171,15 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
         xsaves[0].clone(),
         l.sigmask,
     )?;
+    if let Some(sig) = img.process.job_stop {
+        // Queued while every thread is still in a ptrace stop: the first thing the process
+        // does once released is stop, before any instruction of its own. SIGSTOP, whatever
+        // stopped it (it cannot be caught; the parent that could tell the difference is not
+        // restored with it).
+        nix::sys::signal::kill(leader, nix::sys::signal::Signal::SIGSTOP).with_context(|| {
+            format!("stopping pid {pid} again (it was stopped by signal {sig})")
+        })?;
+    }
     seized.release()?;
     guard.armed = false;
     drop(child);
