@@ -174,8 +174,13 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             };
             let s = stasis_dump::dump(pid, &images_dir, &opts)?;
             eprintln!(
-                "dumped pid {pid} into {}: {} thread{}, {} VMAs, {} pages ({:.1} MiB), {} fds; frozen {:.1} ms, total {:.1} ms",
+                "dumped pid {pid} into {}: {}{} thread{}, {} VMAs, {} pages ({:.1} MiB), {} fds; frozen {:.1} ms, total {:.1} ms",
                 images_dir.display(),
+                if s.processes > 1 {
+                    format!("{} processes, ", s.processes)
+                } else {
+                    String::new()
+                },
                 s.threads,
                 if s.threads == 1 { "" } else { "s" },
                 s.vmas,

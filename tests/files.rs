@@ -114,13 +114,6 @@ fn refused(option: &str, needle: &str) {
 }
 
 #[test]
-fn a_process_with_children_is_refused() {
-    if require_root("a_process_with_children_is_refused") {
-        refused("--child", "child processes");
-    }
-}
-
-#[test]
 fn sysv_shared_memory_is_refused() {
     if require_root("sysv_shared_memory_is_refused") {
         refused("--sysv-shm", "SysV shared memory");

@@ -1,6 +1,7 @@
 //! `TaskState`: what only the process itself can read — signal handlers, interval timers, the
-//! current brk, dumpability; `ThreadState`: what only the thread itself can read — its
-//! sigaltstack, its clear-child-tid address. Read-only system calls.
+//! current brk, dumpability, child-subreaper flag; `ThreadState`: what only the thread itself
+//! can read — its sigaltstack, its clear-child-tid address, its parent-death signal.
+//! Read-only system calls.
 
 use crate::reply::Reply;
 use crate::sys;
@@ -12,6 +13,8 @@ const SYS_GETITIMER: usize = 36;
 const SYS_BRK: usize = 12;
 const PR_GET_DUMPABLE: usize = 3;
 const PR_GET_TID_ADDRESS: usize = 40;
+const PR_GET_PDEATHSIG: usize = 2;
+const PR_GET_CHILD_SUBREAPER: usize = 37;
 
 pub fn report(out: &mut Reply) {
     let mut st = TaskState {
@@ -20,6 +23,7 @@ pub fn report(out: &mut Reply) {
         itimers: [[0; 4]; 3],
         brk: 0,
         dumpable: 0,
+        child_subreaper: 0,
     };
     for sig in 1..=64usize {
         let slot = &mut st.sigactions[sig - 1];
@@ -49,6 +53,22 @@ pub fn report(out: &mut Reply) {
     st.brk = unsafe { sys::syscall3(SYS_BRK, 0, 0, 0) } as u64;
     // SAFETY: PR_GET_DUMPABLE takes no pointers.
     st.dumpable = unsafe { sys::syscall5(sys::SYS_PRCTL, PR_GET_DUMPABLE, 0, 0, 0, 0) } as i64;
+    let mut flag: i32 = 0;
+    // SAFETY: PR_GET_CHILD_SUBREAPER writes one int to the given address.
+    let r = unsafe {
+        sys::syscall5(
+            sys::SYS_PRCTL,
+            PR_GET_CHILD_SUBREAPER,
+            &mut flag as *mut i32 as usize,
+            0,
+            0,
+            0,
+        )
+    };
+    if r < 0 {
+        return out.finish(Status::Syscall, (-r) as u32);
+    }
+    st.child_subreaper = flag as i64;
     match out.put(0, &st) {
         Ok(()) => out.finish_len(Status::Ok, 0, core::mem::size_of::<TaskState>()),
         Err(s) => out.finish(s, 0),
@@ -77,6 +97,22 @@ pub fn thread_report(out: &mut Reply) {
     if r < 0 {
         return out.finish(Status::Syscall, (-r) as u32);
     }
+    let mut sig: i32 = 0;
+    // SAFETY: PR_GET_PDEATHSIG writes one int to the given address.
+    let r = unsafe {
+        sys::syscall5(
+            sys::SYS_PRCTL,
+            PR_GET_PDEATHSIG,
+            &mut sig as *mut i32 as usize,
+            0,
+            0,
+            0,
+        )
+    };
+    if r < 0 {
+        return out.finish(Status::Syscall, (-r) as u32);
+    }
+    st.pdeathsig = sig as i64;
     match out.put(0, &st) {
         Ok(()) => out.finish_len(Status::Ok, 0, core::mem::size_of::<ThreadState>()),
         Err(s) => out.finish(s, 0),

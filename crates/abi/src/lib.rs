@@ -238,6 +238,8 @@ pub struct TaskState {
     pub brk: u64,
     /// `prctl(PR_GET_DUMPABLE)`.
     pub dumpable: i64,
+    /// `prctl(PR_GET_CHILD_SUBREAPER)`.
+    pub child_subreaper: i64,
 }
 
 /// Payload of `CommandId::ThreadState`, about the thread that ran the command.
@@ -248,6 +250,8 @@ pub struct ThreadState {
     pub altstack: [u64; 3],
     /// `prctl(PR_GET_TID_ADDRESS)`.
     pub tid_address: u64,
+    /// `prctl(PR_GET_PDEATHSIG)`: the signal this thread gets when its parent dies.
+    pub pdeathsig: i64,
 }
 
 /// One step of a restore plan: run system call `nr` with `args`, and check its result.

@@ -12,6 +12,7 @@ mod mm;
 mod preflight;
 mod task;
 mod thread;
+mod tree;
 pub mod vdso_report;
 
 use anyhow::{bail, Context, Result};
@@ -38,6 +39,8 @@ pub struct DumpSummary {
     pub vmas: usize,
     pub fds: usize,
     pub threads: usize,
+    /// Processes (the root and its descendants).
+    pub processes: usize,
     /// How long the process was frozen.
     pub frozen: Duration,
     pub total: Duration,
@@ -48,7 +51,124 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
     stasis_infect::check_target(pid)?;
     let images = ImageDir::create(dir)
         .with_context(|| format!("preparing image directory {}", dir.display()))?;
-    let mut seized = Seized::seize(pid)?;
+    let mut tasks = tree::seize(pid)?;
+    let frozen_at = Instant::now();
+    // Every process is read while the whole tree is frozen; nothing is killed or let go before
+    // every one of them has been read and the tree as a whole checked.
+    let mut dumps = Vec::with_capacity(tasks.len());
+    for t in tasks.iter_mut() {
+        let dir = if t.pid == pid {
+            images.clone()
+        } else {
+            ImageDir::create(dir.join(task_dir_name(t.pid)))
+                .with_context(|| format!("preparing the image directory of pid {}", t.pid))?
+        };
+        dumps.push(dump_task(t.pid, &mut t.seized, dir, opts, t.pid == pid)?);
+    }
+    let tree = tree::settle(&tasks, &mut dumps)?;
+
+    let frozen;
+    if opts.leave_running {
+        for t in tasks.iter_mut() {
+            t.seized.release()?;
+        }
+        frozen = frozen_at.elapsed();
+    } else {
+        // Killed while still frozen: none of them runs past the moment the image describes.
+        for t in &tasks {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(t.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .with_context(|| format!("killing dumped pid {}", t.pid))?;
+        }
+        frozen = frozen_at.elapsed();
+        drop(tasks);
+    }
+
+    let mut s = DumpSummary {
+        frozen,
+        ..DumpSummary::default()
+    };
+    // The root's inventory last: an image without one is incomplete and restore refuses it.
+    for d in dumps.iter_mut().rev() {
+        let written = d.write()?;
+        s.pages += written.pages;
+        s.bytes += written.bytes;
+        s.vmas += written.vmas;
+        s.fds += written.fds;
+        s.threads += written.threads;
+        if d.pid != pid {
+            d.write_inventory()?;
+            continue;
+        }
+        if !tree.tasks.is_empty() {
+            write_record(&images, TREE, KIND_TREE, &tree)?;
+        }
+        d.write_inventory()?;
+    }
+    s.processes = dumps.len();
+    s.total = t0.elapsed();
+    tracing::info!(pid, ?s, "dumped");
+    Ok(s)
+}
+
+/// One process of the tree, read and its pages written, its records not yet.
+pub(crate) struct TaskDump {
+    pub pid: i32,
+    images: ImageDir,
+    pub cores: Vec<Core>,
+    pub mm: Mm,
+    pub process: Process,
+    pub files: Files,
+    pub desc_keys: Vec<files::DescKey>,
+    vdso: VdsoRecord,
+    inventory: Inventory,
+}
+
+struct Written {
+    pages: u64,
+    bytes: u64,
+    vmas: usize,
+    fds: usize,
+    threads: usize,
+}
+
+impl TaskDump {
+    fn write(&self) -> Result<Written> {
+        let images = &self.images;
+        for core in &self.cores {
+            write_record(images, &core_name(core.tid), KIND_CORE, core)?;
+        }
+        write_record(images, MM, KIND_MM, &self.mm)?;
+        write_record(images, PROCESS, KIND_PROCESS, &self.process)?;
+        write_record(images, FILES, KIND_FILES, &self.files)?;
+        write_record(images, VDSO, KIND_VDSO, &self.vdso)?;
+        Ok(Written {
+            pages: self.inventory.page_data_len / PAGE_SIZE as u64,
+            bytes: self.inventory.page_data_len,
+            vmas: self.mm.vmas.len(),
+            fds: self.files.fds.len(),
+            threads: self.cores.len(),
+        })
+    }
+
+    /// The inventory of a descendant is written with its records; the root's comes last.
+    fn write_inventory(&self) -> Result<()> {
+        write_record(&self.images, INVENTORY, KIND_INVENTORY, &self.inventory)?;
+        Ok(())
+    }
+}
+
+/// Reads one frozen process of the tree (nothing in it is changed but by the parasite, which
+/// is cured before this returns) and writes its pages.
+fn dump_task(
+    pid: i32,
+    seized: &mut Seized,
+    images: ImageDir,
+    opts: &DumpOptions,
+    root: bool,
+) -> Result<TaskDump> {
     let frozen_at = Instant::now();
     let threads = seized.threads().to_vec();
     // A thread inside a vDSO function is stepped out of it first (CRIU issue #512).
@@ -64,7 +184,7 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
     let mut pages = PageWriter::create(&images).context("creating pages.img")?;
     let mut files = Files::default();
     files::collect_mapped(pid, &stasis_proc::maps(pid)?, &mut files, &mut pages)?;
-    let files = files::collect(
+    let (files, desc_keys) = files::collect(
         pid,
         &files::Options {
             shell_job: opts.shell_job,
@@ -87,7 +207,7 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
     let (frozen_work, copied) = std::thread::scope(|s| {
         let (plan, pages) = (&mem_plan, &mut pages);
         let copier = s.spawn(move || mm::copy(pid, plan, pages, &cured_rx));
-        let work = frozen_work(pid, &threads, &mut seized, &cured_tx);
+        let work = frozen_work(pid, &threads, seized, &cured_tx);
         // If the work failed, the copier learns it when the channel closes.
         drop(cured_tx);
         let copied = copier
@@ -112,6 +232,15 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
     for ((core, raw), &tid) in cores.iter_mut().zip(&thread_raw).zip(&threads) {
         thread::apply_thread_state(core, &thread::decode_thread_state(tid, raw)?);
     }
+    if root {
+        if let Some(c) = cores.iter().find(|c| c.pdeathsig != 0) {
+            bail!(
+                "thread {} of pid {pid} has a parent-death signal ({}) for a parent that is not dumped with it; not supported",
+                c.tid,
+                c.pdeathsig
+            );
+        }
+    }
 
     // Still frozen, parasite gone: the address space as the process knows it.
     // /proc/PID/stat is read once, frozen, for both the mm fields and the session/pgid.
@@ -131,29 +260,12 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
     tracing::debug!(elapsed = ?frozen_at.elapsed(), "process state collected");
     process.posix_timers = task::posix_timers(pid, &proc_timers, &times)?;
     let (monotonic_ns, boottime_ns) = task::clocks_seen_by(pid)?;
-    tracing::debug!(elapsed = ?frozen_at.elapsed(), "timers and clocks read");
-
-    let frozen;
-    if opts.leave_running {
-        seized.release()?;
-        frozen = frozen_at.elapsed();
-    } else {
-        // Killed while still frozen: it never runs past the moment the image describes.
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .context("killing the dumped process")?;
-        frozen = frozen_at.elapsed();
-        drop(seized);
-    }
     tracing::info!(
         pid,
         threads = threads.len(),
         collected = ?t_collected,
         parasite = ?t_parasite,
         memory_done = ?t_mm_done,
-        frozen = ?frozen,
         "frozen phases"
     );
 
@@ -183,27 +295,17 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
         page_data_len: summary_pages.data_len,
         page_data_xxh3: summary_pages.checksum,
     };
-    let vmas = mm.vmas.len();
-    let fds = files.fds.len();
-    for core in &cores {
-        write_record(&images, &core_name(core.tid), KIND_CORE, core)?;
-    }
-    write_record(&images, MM, KIND_MM, &mm)?;
-    write_record(&images, PROCESS, KIND_PROCESS, &process)?;
-    write_record(&images, FILES, KIND_FILES, &files)?;
-    write_record(&images, VDSO, KIND_VDSO, &vdso)?;
-    write_record(&images, INVENTORY, KIND_INVENTORY, &inventory)?;
-    let s = DumpSummary {
-        pages: summary_pages.data_len / PAGE_SIZE as u64,
-        bytes: summary_pages.data_len,
-        vmas,
-        fds,
-        threads: threads.len(),
-        frozen,
-        total: t0.elapsed(),
-    };
-    tracing::info!(pid, ?s, "dumped");
-    Ok(s)
+    Ok(TaskDump {
+        pid,
+        images,
+        cores,
+        mm,
+        process,
+        files,
+        desc_keys,
+        vdso,
+        inventory,
+    })
 }
 
 /// What is read from the frozen process beside its memory: through ptrace and /proc, and from

@@ -133,6 +133,7 @@ pub(crate) fn collect_process(
         pgid: f.get(4).copied().unwrap_or(0) as i32,
         sid: f.get(5).copied().unwrap_or(0) as i32,
         job_stop: None,
+        child_subreaper: task.child_subreaper != 0,
     })
 }
 

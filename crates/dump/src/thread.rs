@@ -200,6 +200,7 @@ pub(crate) fn collect_core(pid: i32, tid: i32) -> Result<Core> {
         robust_list,
         robust_list_len,
         clear_child_tid: 0,
+        pdeathsig: 0,
         comm: Bytes(comm),
         creds: status.creds,
         sched: sched(tid)?,
@@ -228,4 +229,5 @@ pub(crate) fn apply_thread_state(core: &mut Core, st: &stasis_abi::ThreadState) 
         size: st.altstack[2],
     };
     core.clear_child_tid = st.tid_address;
+    core.pdeathsig = st.pdeathsig as i32;
 }

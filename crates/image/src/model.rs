@@ -19,12 +19,19 @@ pub const KIND_MM: u32 = 3;
 pub const KIND_PROCESS: u32 = 4;
 pub const KIND_FILES: u32 = 5;
 pub const KIND_VDSO: u32 = 6;
+pub const KIND_TREE: u32 = 7;
 
 pub const INVENTORY: &str = "inventory.img";
 pub const MM: &str = "mm.img";
 pub const PROCESS: &str = "process.img";
 pub const FILES: &str = "files.img";
 pub const VDSO: &str = "vdso.img";
+pub const TREE: &str = "tree.img";
+
+/// The subdirectory of a tree image holding the image of descendant `pid`.
+pub fn task_dir_name(pid: i32) -> String {
+    format!("task-{pid}")
+}
 
 pub fn core_name(tid: i32) -> String {
     format!("core-{tid}.img")
@@ -250,6 +257,8 @@ pub struct Core {
     pub robust_list_len: u64,
     /// `set_tid_address` value.
     pub clear_child_tid: u64,
+    /// `PR_SET_PDEATHSIG`: the signal the thread gets when its parent dies (0: none).
+    pub pdeathsig: i32,
     /// The thread's name (`/proc/PID/task/TID/comm`).
     pub comm: Bytes,
     /// Credentials: per thread in the kernel, set on every thread on restore.
@@ -344,6 +353,8 @@ pub struct Process {
     /// Stopped by job control at the dump, by this signal (SIGSTOP, SIGTSTP, SIGTTIN,
     /// SIGTTOU): it comes back stopped.
     pub job_stop: Option<i32>,
+    /// `PR_SET_CHILD_SUBREAPER`.
+    pub child_subreaper: bool,
 }
 
 /// What backs a VMA.
@@ -490,6 +501,12 @@ pub struct EpollWatch {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct FileDesc {
     pub id: u32,
+    /// In a process tree: descriptions of several processes with the same `tree_id` are one
+    /// description (inherited across fork), and so are the ends of a pipe between processes
+    /// (each end its own id). The restoring stasis opens them once; every process inherits
+    /// them. `None`: this process's alone.
+    #[serde(default)]
+    pub tree_id: Option<u32>,
     /// open(2) status flags from fdinfo (access mode, O_APPEND, O_NONBLOCK…; no O_CLOEXEC,
     /// which belongs to a descriptor).
     pub flags: u32,
@@ -583,6 +600,24 @@ impl std::fmt::Display for FileLock {
             ),
         }
     }
+}
+
+/// `tree.img`, in the image of a process that had descendants: every descendant, in the
+/// order they are created again (a parent before its children, a process-group leader before
+/// the members that join its group). Each one's image is a whole single-process image in the
+/// subdirectory [`task_dir_name`]; the top-level image is the root's.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Tree {
+    pub tasks: Vec<TreeTask>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TreeTask {
+    pub pid: i32,
+    /// Its parent: the root or an earlier task.
+    pub ppid: i32,
+    pub pgid: i32,
+    pub sid: i32,
 }
 
 /// Open files: `files.img`.

@@ -75,6 +75,114 @@ pub fn load(dir: &std::path::Path) -> Result<Image> {
     Ok(img)
 }
 
+/// An image of a process and its descendants: the root's image (the top-level directory) and
+/// each descendant's, in the order they are created again. A single-process image is a tree
+/// of one.
+pub struct TreeImage {
+    pub root: Image,
+    pub tasks: Vec<(TreeTask, Image)>,
+}
+
+/// Processes a tree image may hold (an image naming more is implausible).
+pub const MAX_TASKS: usize = 4096;
+
+impl TreeImage {
+    /// Every process's image, the root first.
+    pub fn images(&self) -> impl Iterator<Item = &Image> {
+        std::iter::once(&self.root).chain(self.tasks.iter().map(|(_, i)| i))
+    }
+}
+
+/// Loads and checks the root's image, then `tree.img` (if any) and every descendant's image:
+/// each one whole, and the tree as a whole — distinct pids, every parent created before its
+/// children, sessions and groups a restore can make, one kind for each shared description.
+pub fn load_tree(dir: &std::path::Path) -> Result<TreeImage> {
+    let root = load(dir)?;
+    let tree_path = root.dir.join(TREE);
+    if !tree_path.exists() {
+        return Ok(TreeImage {
+            root,
+            tasks: Vec::new(),
+        });
+    }
+    let tree: Tree = read_record(&root.dir, TREE, KIND_TREE)?;
+    let top = root.dir.clone();
+    let bad = |why: String| inconsistent(&top, why);
+    if tree.tasks.len() > MAX_TASKS {
+        return Err(bad(format!(
+            "{} processes, more than the {MAX_TASKS} this stasis restores",
+            tree.tasks.len()
+        )));
+    }
+    let root_pid = root.inventory.pid;
+    let mut made: std::collections::HashMap<i32, (i32, i32, i32)> =
+        std::collections::HashMap::from([(root_pid, (0, root.process.pgid, root.process.sid))]);
+    let mut tasks = Vec::with_capacity(tree.tasks.len());
+    for t in &tree.tasks {
+        let Some(&(_, ppgid, psid)) = made.get(&t.ppid) else {
+            return Err(bad(format!(
+                "pid {} comes before its parent {}",
+                t.pid, t.ppid
+            )));
+        };
+        if t.pid <= 0 || made.contains_key(&t.pid) {
+            return Err(bad(format!("pid {} is invalid or repeated", t.pid)));
+        }
+        let sid_ok = t.sid == t.pid || t.sid == psid;
+        let pgid_ok = t.pgid == t.pid
+            || t.pgid == ppgid
+            || made
+                .get(&t.pgid)
+                .is_some_and(|&(_, g, s)| g == t.pgid && s == t.sid);
+        if !sid_ok || !pgid_ok {
+            return Err(bad(format!(
+                "pid {}: session {} / group {} cannot be made again",
+                t.pid, t.sid, t.pgid
+            )));
+        }
+        let img = load(&root.dir.path().join(task_dir_name(t.pid)))?;
+        if img.inventory.pid != t.pid || img.process.pgid != t.pgid || img.process.sid != t.sid {
+            return Err(bad(format!(
+                "the image of pid {} belongs to pid {} or disagrees with tree.img",
+                t.pid, img.inventory.pid
+            )));
+        }
+        made.insert(t.pid, (t.ppid, t.pgid, t.sid));
+        tasks.push((*t, img));
+    }
+    let all = TreeImage { root, tasks };
+    let mut ids = std::collections::HashSet::new();
+    for img in all.images() {
+        for &tid in &img.inventory.threads {
+            if !ids.insert(tid) {
+                return Err(bad(format!("thread id {tid} appears twice in the tree")));
+            }
+        }
+    }
+    let mut shared: std::collections::HashMap<u32, std::mem::Discriminant<FileKind>> =
+        std::collections::HashMap::new();
+    for img in all.images() {
+        for d in &img.files.descs {
+            if let Some(id) = d.tree_id {
+                let kind = std::mem::discriminant(&d.kind);
+                let allowed = matches!(
+                    d.kind,
+                    FileKind::Path { .. }
+                        | FileKind::CharDev { .. }
+                        | FileKind::Pipe { inherit: None, .. }
+                        | FileKind::EventFd { .. }
+                );
+                if !allowed || *shared.entry(id).or_insert(kind) != kind {
+                    return Err(bad(format!(
+                        "shared description {id} is of a kind that cannot be shared, or of two kinds"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(all)
+}
+
 /// Threads a restore will create at most (the kernel's own limit is far higher; an image that
 /// names more is implausible and would make us allocate per thread before anything fails).
 pub const MAX_THREADS: usize = 16384;

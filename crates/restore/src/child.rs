@@ -8,20 +8,32 @@
 //! the handlers it installs belong to the restored program, not to stasis.
 
 use crate::fds::Helpers;
-use crate::files::{self, check, cstr, dup_at_least, open_path, FileData};
-use anyhow::{bail, Result};
+use crate::files::{self, check, cstr, dup_at_least, open_path};
+use crate::spawn::Spawn;
+use anyhow::{bail, Context, Result};
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow};
 use nix::sys::stat::Mode;
 use nix::unistd::Pid;
 use stasis_image::model::*;
-use stasis_image::Image;
 use std::os::fd::{AsRawFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
 
-pub fn child_main(img: &Image, h: &Helpers, data: &FileData, ready: OwnedFd, hold: OwnedFd) -> ! {
-    let ready_fd = ready.into_raw_fd();
-    let hold_fd = hold.into_raw_fd();
-    let outcome = prepare(img, h, data, ready_fd, hold_fd);
+/// Task `i` of the tree: prepares itself, then creates its own children (each of which runs
+/// this in turn), reports, and blocks until it is seized.
+pub(crate) fn child_main(spawn: &Spawn<'_>, i: usize) -> ! {
+    let t = &spawn.tasks[i];
+    let h = t.helpers;
+    let (ready_fd, hold_fd) = spawn.plumbing.ends[i];
+    let parent = !t.children.is_empty();
+    let outcome = prepare(spawn, i, ready_fd, hold_fd).and_then(|()| {
+        if parent {
+            make_children(spawn, i)?;
+            // What the children needed from the restoring stasis: they have it now.
+            let base = spawn.plumbing.base as u32;
+            stasis_sys::fs::close_range(base, u32::MAX).context("close_range")?;
+        }
+        Ok(())
+    });
     let msg = match &outcome {
         Ok(()) => "OK".to_string(),
         Err(e) => format!("{e:#}"),
@@ -76,7 +88,36 @@ fn place_helper(fd: OwnedFd, target: RawFd) -> Result<()> {
     Ok(())
 }
 
-fn prepare(img: &Image, h: &Helpers, data: &FileData, ready: RawFd, hold: RawFd) -> Result<()> {
+/// Creates task `i`'s children with their pids; each joins its process group at once (from
+/// here, so a sibling that joins the same group next finds it made).
+fn make_children(spawn: &Spawn<'_>, i: usize) -> Result<()> {
+    let me = &spawn.tasks[i].img.process;
+    for &c in &spawn.tasks[i].children {
+        let child = spawn.tasks[c].img;
+        let (pid, pr) = (child.inventory.pid, &child.process);
+        // SAFETY: this task is single-threaded (a copy of the single-threaded stasis).
+        let r = unsafe { stasis_sys::clone::clone3_with_pid(pid) };
+        match r {
+            Ok(0) => child_main(spawn, c),
+            Ok(_) => {}
+            Err(e) => bail!(
+                "creating pid {pid} with clone3(set_tid): {}",
+                std::io::Error::from(e)
+            ),
+        }
+        if pr.sid != pid && pr.pgid != me.pgid {
+            let (p, g) = (Pid::from_raw(pid), Pid::from_raw(pr.pgid));
+            check(nix::unistd::setpgid(p, g), || {
+                format!("putting pid {pid} into process group {}", pr.pgid)
+            })?;
+        }
+    }
+    Ok(())
+}
+
+fn prepare(spawn: &Spawn<'_>, i: usize, ready: RawFd, hold: RawFd) -> Result<()> {
+    let t = &spawn.tasks[i];
+    let (img, h, data) = (t.img, t.helpers, t.data);
     let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::all()), None);
     let want = h.fd_limit(img);
     let (cur, max) = getrlimit(Resource::RLIMIT_NOFILE).unwrap_or((0, 0));
@@ -101,7 +142,7 @@ fn prepare(img: &Image, h: &Helpers, data: &FileData, ready: RawFd, hold: RawFd)
     if let Ok(uffd) = stasis_sys::uffd::create() {
         place_helper(dup_at_least(&uffd, h.stage_base)?, h.uffd_fd)?;
     }
-    let cx = files::open_all(img, data, h.stage_base)?;
+    let cx = files::open_all(img, data, h.stage_base, &spawn.plumbing)?;
     files::place(&cx)?;
 
     open_at(
@@ -137,6 +178,16 @@ fn prepare(img: &Image, h: &Helpers, data: &FileData, ready: RawFd, hold: RawFd)
     drop(cx);
     let mut keep: Vec<RawFd> = img.files.fds.iter().map(|f| f.fd).collect();
     keep.extend(h.numbers());
+    if !t.children.is_empty() {
+        // The children take theirs from what the restoring stasis opened for the tree.
+        keep.extend(spawn.plumbing.shared.values());
+        keep.extend(spawn.plumbing.lent.values());
+        for (j, e) in spawn.plumbing.ends.iter().enumerate() {
+            if j != i {
+                keep.extend([e.0, e.1]);
+            }
+        }
+    }
     files::close_unplaced(&keep)?;
 
     let pr = &img.process;
@@ -146,11 +197,17 @@ fn prepare(img: &Image, h: &Helpers, data: &FileData, ready: RawFd, hold: RawFd)
     let persona = nix::sys::personality::Persona::from_bits_retain(pr.personality as i32);
     let _ = nix::sys::personality::set(persona);
     let pid = img.inventory.pid;
+    let me = Pid::from_raw(0);
     if pr.sid == pid {
         check(nix::unistd::setsid(), || "setsid".into())?;
     } else if pr.pgid == pid {
-        let me = Pid::from_raw(0);
         check(nix::unistd::setpgid(me, me), || "setpgid".into())?;
+    } else if t.parent_pgid.is_some_and(|g| g != pr.pgid) {
+        // A group its parent made or joined (the root's own group and session, when their
+        // leaders are not in the image, are those of the restoring stasis, as before).
+        check(nix::unistd::setpgid(me, Pid::from_raw(pr.pgid)), || {
+            format!("joining process group {}", pr.pgid)
+        })?;
     }
     if pr.root.as_bytes() != b"/" {
         bail!("the process ran chrooted in {}; not supported yet", pr.root);

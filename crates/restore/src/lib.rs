@@ -29,9 +29,9 @@ pub use vdso::{VdsoMode, VdsoPlan};
 
 use anyhow::{bail, Context, Result};
 use plan::PlanError;
-use spawn::{spawn_child, ChildGuard};
+use spawn::{spawn_tree, Plumbing, Spawn, TaskPlan, TreeGuard};
 use stasis_image::model::*;
-use stasis_image::{load, Image};
+use stasis_image::{load_tree, Image};
 use stasis_infect::{Parasite, RegionSize, Seized};
 use stasis_sys::ptrace as sys;
 use std::time::{Duration, Instant};
@@ -45,38 +45,126 @@ pub struct RestoreOptions {
 
 pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
     let t0 = Instant::now();
-    let img = load(dir)?;
-    tracing::info!(elapsed = ?t0.elapsed(), "image loaded and verified");
-    let pid = img.inventory.pid;
-    for &tid in &img.inventory.threads {
-        if std::path::Path::new(&format!("/proc/{tid}")).exists() {
-            let what = if tid == pid { "pid" } else { "thread id" };
-            bail!("{what} {tid} is in use: the restored process needs its old ids (kill the process using it, or wait for it to be reaped)");
+    let tree = load_tree(dir)?;
+    tracing::info!(elapsed = ?t0.elapsed(), processes = tree.tasks.len() + 1, "image loaded and verified");
+    let imgs: Vec<&Image> = tree.images().collect();
+    for img in &imgs {
+        let pid = img.inventory.pid;
+        for &tid in &img.inventory.threads {
+            if std::path::Path::new(&format!("/proc/{tid}")).exists() {
+                let what = if tid == pid { "pid" } else { "thread id" };
+                bail!("{what} {tid} is in use: the restored process needs its old ids (kill the process using it, or wait for it to be reaped)");
+            }
         }
-    }
-    let vdso = VdsoPlan::decide(&img.vdso, opts.vdso)?;
-    tracing::info!(pid, "vDSO: {}", vdso.describe());
-    if !opts.shell_job {
-        if let Some(f) = img.files.fds.iter().find(|f| {
-            img.files
-                .desc(f.desc)
-                .is_some_and(|d| matches!(d.kind, FileKind::Tty { .. }))
-        }) {
-            bail!("pid {pid} had a terminal on fd {}; restore it with --shell-job to give it this one", f.fd);
+        if !opts.shell_job {
+            if let Some(f) = img.files.fds.iter().find(|f| {
+                img.files
+                    .desc(f.desc)
+                    .is_some_and(|d| matches!(d.kind, FileKind::Tty { .. }))
+            }) {
+                bail!("pid {pid} had a terminal on fd {}; restore it with --shell-job to give it this one", f.fd);
+            }
         }
+        fds::check_lent(img)?;
     }
-    fds::check_lent(&img)?;
-    let helpers = fds::Helpers::new(&img)?;
-    let file_data = files::FileData::read(&img)?;
+    let vdso = imgs
+        .iter()
+        .map(|img| VdsoPlan::decide(&img.vdso, opts.vdso))
+        .collect::<Result<Vec<_>>>()?;
+    tracing::info!(
+        pid = tree.root.inventory.pid,
+        "vDSO: {}",
+        vdso[0].describe()
+    );
+    let helpers = imgs
+        .iter()
+        .map(|img| fds::Helpers::new(img))
+        .collect::<Result<Vec<_>>>()?;
+    let file_data = imgs
+        .iter()
+        .map(|img| files::FileData::read(img))
+        .collect::<Result<Vec<_>>>()?;
+    let mut plans: Vec<TaskPlan<'_>> = imgs
+        .iter()
+        .zip(&helpers)
+        .zip(&file_data)
+        .map(|((img, helpers), data)| TaskPlan {
+            img,
+            helpers,
+            data,
+            children: Vec::new(),
+            parent_pgid: None,
+        })
+        .collect();
+    for (i, (t, _)) in tree.tasks.iter().enumerate() {
+        let Some(p) = imgs.iter().position(|img| img.inventory.pid == t.ppid) else {
+            bail!("pid {}: its parent {} is not in the image", t.pid, t.ppid);
+        };
+        plans[p].children.push(i + 1);
+        plans[i + 1].parent_pgid = Some(imgs[p].process.pgid);
+    }
+    let plumbing = Plumbing::new(&plans)?;
     let loaded = t0.elapsed();
 
-    let shift = shift_clocks_if_behind(&img.inventory)?;
-    let child = spawn_child(&img, &helpers, &file_data)?;
-    let mut guard = ChildGuard { pid, armed: true };
+    let shift = shift_clocks_if_behind(&tree.root.inventory)?;
+    let mut guard = TreeGuard {
+        pids: Vec::new(),
+        armed: false,
+    };
+    let spawned = spawn_tree(
+        Spawn {
+            tasks: plans,
+            plumbing,
+        },
+        &mut guard,
+    );
     if let Some(shift) = shift {
         shift.back()?;
     }
+    let children = spawned?;
     let t1 = Instant::now();
+    let mut seized = Vec::with_capacity(imgs.len());
+    for ((img, h), vdso) in imgs.iter().zip(&helpers).zip(&vdso) {
+        seized.push(rebuild_task(img, h, vdso)?);
+    }
+    // Every process is back: each one stopped by job control is stopped again, then all go.
+    for (img, s) in imgs.iter().zip(seized.iter_mut()) {
+        let pid = img.inventory.pid;
+        if let Some(sig) = img.process.job_stop {
+            // Queued while every thread is still in a ptrace stop: the first thing the
+            // process does once released is stop, before any instruction of its own. SIGSTOP,
+            // whatever stopped it (it cannot be caught).
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGSTOP,
+            )
+            .with_context(|| {
+                format!("stopping pid {pid} again (it was stopped by signal {sig})")
+            })?;
+        }
+        let _ = s;
+    }
+    for s in seized.iter_mut() {
+        s.release()?;
+    }
+    guard.armed = false;
+    drop(children);
+    for img in &imgs {
+        set_terminal_modes(img);
+    }
+    let pid = tree.root.inventory.pid;
+    tracing::info!(pid, processes = imgs.len(), loaded = ?loaded, frozen = ?t1.elapsed(), total = ?t0.elapsed(), "restored");
+    if opts.detach {
+        return Ok(0);
+    }
+    wait_exit(pid)
+}
+
+/// Rebuilds one prepared task into its dumped process: seize it, run the restorer's plan,
+/// fill its memory, make its threads, set every thread's registers. Returns it still seized
+/// (cured), so that the whole tree is let go together.
+fn rebuild_task(img: &Image, helpers: &fds::Helpers, vdso: &VdsoPlan) -> Result<Seized> {
+    let pid = img.inventory.pid;
     let mut seized = Seized::seize(pid)?;
     seized.trace_clones()?;
     let leader = nix::unistd::Pid::from_raw(pid);
@@ -84,7 +172,7 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
     let xsaves = img
         .cores
         .iter()
-        .map(|c| thread::xsave_for_here(&img, c, &runtime_xsave))
+        .map(|c| thread::xsave_for_here(img, c, &runtime_xsave))
         .collect::<Result<Vec<_>>>()?;
     let child_maps = stasis_proc::maps(pid)?;
     let child_rseq = sys::rseq_config(leader)?;
@@ -95,10 +183,10 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
         Some(_) => mm::Fill::Uffd(helpers.uffd_fd),
         None => mm::Fill::Pread,
     };
-    let plan = rebuild::build(&img, &helpers, &vdso, &child_maps, child_rseq, how)?;
+    let plan = rebuild::build(img, helpers, vdso, &child_maps, child_rseq, how)?;
     let thread_plans: Vec<plan::Plan> = img.cores[1..]
         .iter()
-        .map(|c| thread::plan(&img, c))
+        .map(|c| thread::plan(img, c))
         .collect();
     let mut size = RegionSize {
         reply_cap: 4096,
@@ -129,7 +217,6 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
             fill::fill(uffd, &img.pages, &plan.host_runs)
                 .with_context(|| format!("filling the memory of pid {pid}"))?;
         }
-        drop(uffd);
         let filled = t_fill.elapsed();
         run_plan(parasite, pid, pid, &plan.after)?;
         tracing::info!(
@@ -139,7 +226,6 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
             ops = plan.before.len() + plan.after.len(),
             "restorer ran the plan"
         );
-
         // The threads the plan created: each the one the image names, each runs its own plan.
         let created = parasite.adopt_clones()?;
         let expected: Vec<i32> = img.cores[1..].iter().map(|c| c.tid).collect();
@@ -151,6 +237,7 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
         }
         Ok(())
     })(&mut parasite);
+    drop(uffd);
     if let Err(e) = rebuilt {
         parasite.abandon();
         return Err(e);
@@ -171,24 +258,7 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
         xsaves[0].clone(),
         l.sigmask,
     )?;
-    if let Some(sig) = img.process.job_stop {
-        // Queued while every thread is still in a ptrace stop: the first thing the process
-        // does once released is stop, before any instruction of its own. SIGSTOP, whatever
-        // stopped it (it cannot be caught; the parent that could tell the difference is not
-        // restored with it).
-        nix::sys::signal::kill(leader, nix::sys::signal::Signal::SIGSTOP).with_context(|| {
-            format!("stopping pid {pid} again (it was stopped by signal {sig})")
-        })?;
-    }
-    seized.release()?;
-    guard.armed = false;
-    drop(child);
-    set_terminal_modes(&img);
-    tracing::info!(pid, loaded = ?loaded, frozen = ?t1.elapsed(), total = ?t0.elapsed(), "restored");
-    if opts.detach {
-        return Ok(0);
-    }
-    wait_exit(pid)
+    Ok(seized)
 }
 
 /// Runs one plan in thread `tid`; on failure names the operation, and gives the task up (the

@@ -208,6 +208,21 @@ pub(crate) fn build(
             format!("rlimit {}", l.resource),
         );
     }
+    if pr.child_subreaper {
+        p.op(
+            libc::SYS_prctl,
+            [
+                V(libc::PR_SET_CHILD_SUBREAPER as u64),
+                V(1),
+                V(0),
+                V(0),
+                V(0),
+                V(0),
+            ],
+            EXPECT_OK,
+            "child subreaper",
+        );
+    }
     // 9. Close the helpers and the handshake pipe.
     for fd in h.numbers().into_iter().filter(|&fd| fd != h.ready_fd) {
         p.op(
@@ -221,6 +236,7 @@ pub(crate) fn build(
     crate::files::lock::take_back(&mut p, &img.files.locks);
     // 11. Credentials last: dropping them earlier would forbid the calls above.
     thread::credentials(&mut p, img.leader(), pr.dumpable);
+    thread::parent_death_signal(&mut p, img.leader());
     Ok(Rebuild {
         before,
         host_runs,

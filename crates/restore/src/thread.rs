@@ -241,7 +241,27 @@ pub(crate) fn plan(img: &Image, c: &Core) -> Plan {
     let mut p = Plan::new();
     own_state(&mut p, img.inventory.pid, c);
     credentials(&mut p, c, img.process.dumpable);
+    parent_death_signal(&mut p, c);
     p
+}
+
+/// `PR_SET_PDEATHSIG`, after the credentials: changing them clears it.
+pub(crate) fn parent_death_signal(p: &mut Plan, c: &Core) {
+    if c.pdeathsig != 0 {
+        p.op(
+            libc::SYS_prctl,
+            [
+                V(libc::PR_SET_PDEATHSIG as u64),
+                V(c.pdeathsig as u64),
+                V(0),
+                V(0),
+                V(0),
+                V(0),
+            ],
+            EXPECT_OK,
+            format!("thread {}: parent-death signal {}", c.tid, c.pdeathsig),
+        );
+    }
 }
 
 /// The image's XSAVE area made fit for this CPU: as is when the layouts agree, else moved

@@ -100,14 +100,24 @@ pub(crate) struct Options {
     pub file_locks: bool,
 }
 
+/// A description's identity for comparing it with other processes' (`kcmp`): its id, one of
+/// its descriptors, and its file's (dev, inode).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DescKey {
+    pub id: u32,
+    pub fd: i32,
+    pub file: (u64, u64),
+}
+
 /// Dumps every descriptor of `pid` into `files` (which may already hold unnamed files found
-/// in the memory map). Refuses what cannot be restored faithfully.
+/// in the memory map). Refuses what cannot be restored faithfully. Pipes whose other end is
+/// elsewhere are settled by the caller, who knows the whole tree (`settle_pipes`).
 pub(crate) fn collect(
     pid: i32,
     opts: &Options,
     files: Files,
     pages: &mut PageWriter,
-) -> Result<Files> {
+) -> Result<(Files, Vec<DescKey>)> {
     let dir = format!("/proc/{pid}/fd");
     let mut fds: Vec<i32> = std::fs::read_dir(&dir)
         .with_context(|| format!("listing {dir}"))?
@@ -169,6 +179,7 @@ pub(crate) fn collect(
         let id = cx.files.descs.len() as u32;
         cx.files.descs.push(FileDesc {
             id,
+            tree_id: None,
             flags: probe.flags,
             pos: probe.pos,
             kind,
@@ -183,10 +194,15 @@ pub(crate) fn collect(
     epoll::check_watches(pid, &cx.epoll_watches, &watched)?;
     lock::check_unreached(pid, &locked)?;
     let mut files = cx.files;
-    pipe::settle_outside_ends(pid, &mut files)?;
     tty::settle_shell_job(pid, opts.shell_job, &mut files)?;
-    Ok(files)
+    let keys = reps
+        .into_iter()
+        .map(|(id, fd, file)| DescKey { id, fd, file })
+        .collect();
+    Ok((files, keys))
 }
+
+pub(crate) use pipe::{ends as pipe_ends, settle_outside_ends as settle_pipes};
 
 /// The parts of `/proc/PID/fdinfo/N` the dump uses.
 struct FdInfo {

@@ -51,7 +51,8 @@ impl Kind for Pipe {
     }
 }
 
-fn ends(flags: u32) -> (bool, bool) {
+/// (read end, write end) of a pipe description with these flags.
+pub(crate) fn ends(flags: u32) -> (bool, bool) {
     match flags & libc::O_ACCMODE as u32 {
         a if a == libc::O_RDONLY as u32 => (true, false),
         a if a == libc::O_WRONLY as u32 => (false, true),
@@ -59,9 +60,14 @@ fn ends(flags: u32) -> (bool, bool) {
     }
 }
 
-/// Marks the descriptions of pipes with an end outside the process as taken over from the
-/// restoring stasis's standard descriptor of the same number, or refuses.
-pub(crate) fn settle_outside_ends(pid: i32, files: &mut Files) -> Result<()> {
+/// Marks the descriptions of pipes with an end outside the dumped processes as taken over
+/// from the restoring stasis's standard descriptor of the same number, or refuses. `internal`:
+/// pipes (by inode) with a read end and a write end among the dumped processes.
+pub(crate) fn settle_outside_ends(
+    pid: i32,
+    files: &mut Files,
+    internal: &std::collections::HashSet<u64>,
+) -> Result<()> {
     let mut inodes: Vec<u64> = files
         .descs
         .iter()
@@ -75,16 +81,7 @@ pub(crate) fn settle_outside_ends(pid: i32, files: &mut Files) -> Result<()> {
     for inode in inodes {
         let of_pipe =
             |d: &FileDesc| matches!(d.kind, FileKind::Pipe { inode: i, .. } if i == inode);
-        let (read, write) =
-            files
-                .descs
-                .iter()
-                .filter(|d| of_pipe(d))
-                .fold((false, false), |acc, d| {
-                    let e = ends(d.flags);
-                    (acc.0 || e.0, acc.1 || e.1)
-                });
-        if read && write {
+        if internal.contains(&inode) {
             continue;
         }
         for d in files.descs.iter_mut().filter(|d| of_pipe(d)) {
@@ -102,7 +99,7 @@ pub(crate) fn settle_outside_ends(pid: i32, files: &mut Files) -> Result<()> {
                     }
                 }
                 _ => bail!(
-                    "fd {} of pid {pid} is one end of a pipe whose other end is outside the process; only the standard descriptors 0-2 of such a pipe can be taken over on restore",
+                    "fd {} of pid {pid} is one end of a pipe whose other end is outside the dumped processes; only the standard descriptors 0-2 of such a pipe can be taken over on restore",
                     lowest.unwrap_or(-1)
                 ),
             }

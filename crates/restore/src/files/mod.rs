@@ -131,6 +131,7 @@ pub(crate) fn open_all<'a>(
     img: &'a Image,
     data: &'a FileData,
     stage_base: RawFd,
+    plumbing: &crate::spawn::Plumbing,
 ) -> Result<OpenCx<'a>> {
     let mut cx = OpenCx {
         img,
@@ -142,13 +143,23 @@ pub(crate) fn open_all<'a>(
     };
     for d in &img.files.descs {
         if let Some(n) = inherited_from(&d.kind) {
-            // SAFETY: n is one of the restoring stasis's own descriptors, inherited by this
-            // child: `check_lent` found it open before the handshake pipes existed, and since
-            // then the child has closed only those pipes' originals and descriptors it made.
-            let lent = unsafe { BorrowedFd::borrow_raw(n) };
+            let Some(&copy) = plumbing.lent.get(&n) else {
+                bail!("fd {n} of the restoring stasis was not lent to the tree");
+            };
+            // SAFETY: copy is the restoring stasis's fd n duplicated above every number the
+            // task uses (`Plumbing`), inherited and not closed before `close_unplaced`.
+            let lent = unsafe { BorrowedFd::borrow_raw(copy) };
             let fd = dup_at_least(lent, stage_base)
                 .with_context(|| format!("taking over fd {n} from stasis"))?;
             set_status_flags(&fd, d.flags)?;
+            cx.staged.insert(d.id, fd);
+        } else if let Some(t) = d.tree_id {
+            let Some(&shared) = plumbing.shared.get(&t) else {
+                bail!("shared description {t} was not opened for the tree");
+            };
+            // SAFETY: as above: opened by the restoring stasis for the tree, inherited.
+            let fd = dup_at_least(unsafe { BorrowedFd::borrow_raw(shared) }, stage_base)
+                .with_context(|| format!("taking the shared {}", describe(img, d)))?;
             cx.staged.insert(d.id, fd);
         }
     }
@@ -187,6 +198,39 @@ pub(crate) fn open_all<'a>(
         }
     }
     Ok(cx)
+}
+
+/// Opens, in the restoring stasis, every description shared by processes of the tree (each
+/// once, from the image of the first process holding it; the ends of one pipe from one pipe),
+/// at numbers ≥ `base`. `load_tree` allowed only kinds that need no task of their own.
+pub(crate) fn open_shared(
+    imgs: &[(&Image, &FileData)],
+    base: RawFd,
+) -> Result<Vec<(u32, OwnedFd)>> {
+    let mut out: Vec<(u32, OwnedFd)> = Vec::new();
+    let mut pipes = HashMap::new();
+    for &(img, data) in imgs {
+        let mut cx = OpenCx {
+            img,
+            data,
+            stage_base: base,
+            staged: HashMap::new(),
+            unnamed: HashMap::new(),
+            pipes: std::mem::take(&mut pipes),
+        };
+        for d in &img.files.descs {
+            let Some(t) = d.tree_id else { continue };
+            if out.iter().any(|(id, _)| *id == t) {
+                continue;
+            }
+            let fd = ops(&d.kind)
+                .open(d, &mut cx)
+                .with_context(|| format!("opening the shared {}", describe(img, d)))?;
+            out.push((t, cx.stage(fd)?));
+        }
+        pipes = std::mem::take(&mut cx.pipes);
+    }
+    Ok(out)
 }
 
 /// The restoring stasis's descriptor a description is taken over from, if it is.

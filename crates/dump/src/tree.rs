@@ -1,0 +1,318 @@
+//! The process tree: seizing a process and every descendant, and what the processes of a tree
+//! share — open file descriptions inherited across fork, pipes between them, process groups
+//! and sessions — checked as a whole once every process has been read.
+//!
+//! What this does not bring back yet is refused, naming the pid and the thing: a zombie, a
+//! group or session whose leader is not in the tree (or has exited), an epoll instance, a
+//! deleted file or memfd, or shared anonymous memory used by more than one process.
+
+use crate::TaskDump;
+use anyhow::{bail, Context, Result};
+use stasis_image::model::*;
+use stasis_infect::Seized;
+use std::collections::{HashMap, HashSet};
+
+/// One seized process of the tree.
+pub(crate) struct Task {
+    pub pid: i32,
+    pub ppid: i32,
+    pub seized: Seized,
+}
+
+/// Seizes `root` and every descendant. A frozen process cannot fork, so the children of every
+/// seized process are listed (again) until a pass finds none new; a child that forked before
+/// its parent froze is found when its own children are listed after it is frozen in turn.
+pub(crate) fn seize(root: i32) -> Result<Vec<Task>> {
+    let ppid = stasis_proc::stat(root)?.ppid;
+    let mut tasks = vec![Task {
+        pid: root,
+        ppid,
+        seized: Seized::seize(root)?,
+    }];
+    let mut seen: HashSet<i32> = HashSet::from([root]);
+    loop {
+        let mut fresh = Vec::new();
+        for t in &tasks {
+            for &tid in t.seized.threads() {
+                let path = format!("/proc/{}/task/{tid}/children", t.pid);
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading the children of pid {}", t.pid))?;
+                for c in text.split_whitespace() {
+                    let c: i32 = c
+                        .parse()
+                        .with_context(|| format!("{path}: a child that is not a pid: {c:?}"))?;
+                    if seen.insert(c) {
+                        fresh.push((c, t.pid));
+                    }
+                }
+            }
+        }
+        if fresh.is_empty() {
+            break;
+        }
+        for (pid, ppid) in fresh {
+            let st = stasis_proc::stat(pid)
+                .with_context(|| format!("pid {pid}, a child of pid {ppid}"))?;
+            if st.state == 'Z' || st.state == 'X' {
+                bail!("pid {pid}, a child of pid {ppid}, is a zombie (exited, not yet waited for); dumping zombies is not supported yet");
+            }
+            let seized = Seized::seize(pid).with_context(|| {
+                format!("freezing pid {pid}, a child of pid {ppid}, with the tree of pid {root}")
+            })?;
+            tasks.push(Task { pid, ppid, seized });
+        }
+    }
+    Ok(tasks)
+}
+
+/// Checks the tree as a whole and records what its processes share; returns the restore order
+/// of the descendants. `tasks` and `dumps` are in the same order, the root first.
+pub(crate) fn settle(tasks: &[Task], dumps: &mut [TaskDump]) -> Result<Tree> {
+    settle_pipes(dumps)?;
+    share_descriptions(dumps)?;
+    refuse_shared(dumps)?;
+    let order = restore_order(tasks, dumps)?;
+    Ok(Tree {
+        tasks: order
+            .into_iter()
+            .skip(1)
+            .map(|i| TreeTask {
+                pid: dumps[i].pid,
+                ppid: tasks[i].ppid,
+                pgid: dumps[i].process.pgid,
+                sid: dumps[i].process.sid,
+            })
+            .collect(),
+    })
+}
+
+/// A pipe with a read end and a write end somewhere in the tree comes back whole; one with an
+/// end outside it is taken over from the restoring stasis on fds 0-2, or refused.
+fn settle_pipes(dumps: &mut [TaskDump]) -> Result<()> {
+    let mut ends: HashMap<u64, (bool, bool)> = HashMap::new();
+    for d in dumps.iter() {
+        for desc in &d.files.descs {
+            if let FileKind::Pipe { inode, .. } = desc.kind {
+                let (r, w) = crate::files::pipe_ends(desc.flags);
+                let e = ends.entry(inode).or_default();
+                e.0 |= r;
+                e.1 |= w;
+            }
+        }
+    }
+    let internal: HashSet<u64> = ends
+        .into_iter()
+        .filter(|(_, (r, w))| *r && *w)
+        .map(|(i, _)| i)
+        .collect();
+    for d in dumps.iter_mut() {
+        crate::files::settle_pipes(d.pid, &mut d.files, &internal)?;
+    }
+    Ok(())
+}
+
+fn lent(kind: &FileKind) -> bool {
+    matches!(
+        kind,
+        FileKind::Pipe {
+            inherit: Some(_),
+            ..
+        } | FileKind::Tty {
+            inherit: Some(_),
+            ..
+        }
+    )
+}
+
+/// Gives one `tree_id` to the descriptions of different processes that are one description
+/// (`kcmp`), and one to every end of a pipe used by more than one process.
+fn share_descriptions(dumps: &mut [TaskDump]) -> Result<()> {
+    let mut next = 0u32;
+    // (dev, inode) → (process index, description id, fd) of every earlier description.
+    type Holder = (usize, u32, i32);
+    let mut earlier: HashMap<(u64, u64), Vec<Holder>> = HashMap::new();
+    for q in 0..dumps.len() {
+        let keys = dumps[q].desc_keys.clone();
+        for k in keys {
+            let Some(desc) = dumps[q].files.descs.iter().find(|d| d.id == k.id) else {
+                continue;
+            };
+            if lent(&desc.kind) {
+                continue;
+            }
+            let mut same = None;
+            for &(p, pid_desc, pfd) in earlier.get(&k.file).into_iter().flatten() {
+                let (ppid, qpid) = (dumps[p].pid, dumps[q].pid);
+                match stasis_sys::fs::same_description(ppid, pfd, qpid, k.fd) {
+                    Ok(true) => {
+                        same = Some((p, pid_desc));
+                        break;
+                    }
+                    Ok(false) => {}
+                    Err(e) => bail!(
+                        "cannot tell whether fd {pfd} of pid {ppid} and fd {} of pid {qpid} share one open file (kcmp: {e})",
+                        k.fd
+                    ),
+                }
+            }
+            if let Some((p, pid_desc)) = same {
+                let id = match dumps[p]
+                    .files
+                    .descs
+                    .iter()
+                    .find(|d| d.id == pid_desc)
+                    .and_then(|d| d.tree_id)
+                {
+                    Some(id) => id,
+                    None => {
+                        next += 1;
+                        set_tree_id(&mut dumps[p], pid_desc, next - 1);
+                        next - 1
+                    }
+                };
+                set_tree_id(&mut dumps[q], k.id, id);
+            } else {
+                earlier.entry(k.file).or_default().push((q, k.id, k.fd));
+            }
+        }
+    }
+    // A pipe between processes: every end of it, shared or not, is made by the restoring
+    // stasis, so both ends belong to one pipe.
+    let mut holders: HashMap<u64, HashSet<usize>> = HashMap::new();
+    for (i, d) in dumps.iter().enumerate() {
+        for desc in &d.files.descs {
+            if let FileKind::Pipe {
+                inode,
+                inherit: None,
+            } = desc.kind
+            {
+                holders.entry(inode).or_default().insert(i);
+            }
+        }
+    }
+    for d in dumps.iter_mut() {
+        for desc in d.files.descs.iter_mut() {
+            if let FileKind::Pipe {
+                inode,
+                inherit: None,
+            } = desc.kind
+            {
+                if desc.tree_id.is_none() && holders.get(&inode).is_some_and(|h| h.len() > 1) {
+                    desc.tree_id = Some(next);
+                    next += 1;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn set_tree_id(d: &mut TaskDump, desc: u32, id: u32) {
+    if let Some(x) = d.files.descs.iter_mut().find(|x| x.id == desc) {
+        x.tree_id = Some(id);
+    }
+}
+
+/// What processes of the tree share but a restore cannot give back shared yet.
+fn refuse_shared(dumps: &[TaskDump]) -> Result<()> {
+    for d in dumps {
+        for desc in d.files.descs.iter().filter(|x| x.tree_id.is_some()) {
+            let what = match desc.kind {
+                FileKind::Epoll { .. } => "an epoll instance",
+                FileKind::Unnamed { .. } => "a deleted file or memfd",
+                FileKind::Tty { .. } => "a terminal opened again",
+                _ => continue,
+            };
+            let fd = d
+                .files
+                .fds
+                .iter()
+                .find(|f| f.desc == desc.id)
+                .map_or(-1, |f| f.fd);
+            bail!("fd {fd} of pid {} is {what} shared with another process of the tree; not supported yet", d.pid);
+        }
+    }
+    let mut unnamed: HashMap<(u64, u64), i32> = HashMap::new();
+    let mut shmem: HashMap<u64, i32> = HashMap::new();
+    for d in dumps {
+        for u in &d.files.unnamed {
+            if let Some(other) = unnamed.insert((u.dev, u.inode), d.pid) {
+                bail!("pids {other} and {} both use the deleted file or memfd with inode {}; sharing one between processes is not supported yet", d.pid, u.inode);
+            }
+        }
+        let mut mine = HashSet::new();
+        for v in &d.mm.vmas {
+            if let Backing::AnonShared { id, .. } = v.backing {
+                if mine.insert(id) {
+                    if let Some(other) = shmem.insert(id, d.pid) {
+                        bail!("pids {other} and {} share anonymous memory (MAP_SHARED, {:#x}-{:#x} in pid {}); not supported yet", d.pid, v.start, v.end, d.pid);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Parents before children, siblings by pid; each process's session and group must be one a
+/// restore can make: its own, its parent's, or (a group) one led by an ancestor or by a sibling
+/// created before it. Returns indexes into `dumps`, the root first.
+fn restore_order(tasks: &[Task], dumps: &[TaskDump]) -> Result<Vec<usize>> {
+    let index: HashMap<i32, usize> = dumps.iter().enumerate().map(|(i, d)| (d.pid, i)).collect();
+    let mut children: HashMap<i32, Vec<usize>> = HashMap::new();
+    for (i, t) in tasks.iter().enumerate().skip(1) {
+        children.entry(t.ppid).or_default().push(i);
+    }
+    for c in children.values_mut() {
+        c.sort_by_key(|&i| dumps[i].pid);
+    }
+    let mut order = Vec::with_capacity(dumps.len());
+    let mut stack = vec![0usize];
+    while let Some(i) = stack.pop() {
+        order.push(i);
+        if let Some(c) = children.get(&dumps[i].pid) {
+            stack.extend(c.iter().rev());
+        }
+    }
+    for &i in order.iter().skip(1) {
+        let (pid, pr) = (dumps[i].pid, &dumps[i].process);
+        let parent = &dumps[index[&tasks[i].ppid]].process;
+        if pr.sid != pid && pr.sid != parent.sid {
+            bail!(
+                "pid {pid} is in session {}, whose leader is not in the tree of pid {} (or has exited); not supported yet",
+                pr.sid,
+                dumps[0].pid
+            );
+        }
+        if pr.pgid == pid || pr.pgid == parent.pgid {
+            continue;
+        }
+        let leader = index.get(&pr.pgid).copied();
+        let ok = leader.is_some_and(|l| {
+            let lp = &dumps[l].process;
+            let is_ancestor = {
+                let mut a = tasks[i].ppid;
+                loop {
+                    if a == dumps[l].pid {
+                        break true;
+                    }
+                    match index.get(&a) {
+                        Some(&ai) if ai != 0 => a = tasks[ai].ppid,
+                        _ => break false,
+                    }
+                }
+            };
+            let earlier_sibling = tasks[l].ppid == tasks[i].ppid
+                && order.iter().position(|&x| x == l) < order.iter().position(|&x| x == i);
+            lp.pgid == dumps[l].pid && lp.sid == pr.sid && (is_ancestor || earlier_sibling)
+        });
+        if !ok {
+            bail!(
+                "pid {pid} is in process group {}, whose leader is not in the tree of pid {} (or has exited, or is neither an ancestor nor an elder sibling); not supported yet",
+                pr.pgid,
+                dumps[0].pid
+            );
+        }
+    }
+    Ok(order)
+}

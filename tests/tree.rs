@@ -1,0 +1,162 @@
+//! Process trees: `stasis dump -t PID` takes the process and every descendant; the restore
+//! brings them all back with their pids, parents, process groups and sessions, the open file
+//! descriptions they share (one offset), the pipes between them (with the data in flight),
+//! their private memory (each its own), their parent-death signals, a stopped member stopped.
+//! The fixture checks itself (tests/fixtures/tree.c); these tests also look from outside.
+
+mod common;
+
+use common::*;
+
+/// pid → (ppid, pgid, sid, state) for `pid` and every descendant.
+fn tree_of(root: i32) -> std::collections::BTreeMap<i32, (i32, i32, i32, char)> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![root];
+    while let Some(p) = todo.pop() {
+        let s = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        let Some(i) = s.rfind(')') else { continue };
+        let f: Vec<&str> = s[i + 2..].split_whitespace().collect();
+        let num = |k: usize| f.get(k).and_then(|v| v.parse().ok()).unwrap_or(-1);
+        let state = f.first().and_then(|v| v.chars().next()).unwrap_or('?');
+        out.insert(p, (num(1), num(2), num(3), state));
+        for t in std::fs::read_dir(format!("/proc/{p}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            todo.extend(
+                kids.split_whitespace()
+                    .filter_map(|k| k.parse::<i32>().ok()),
+            );
+        }
+    }
+    out
+}
+
+fn shape(root: i32) -> Vec<(i32, i32, i32, i32)> {
+    tree_of(root)
+        .into_iter()
+        .map(|(p, (pp, g, s, _))| (p, pp, g, s))
+        .collect()
+}
+
+fn wait_for_tree(root: i32, n: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while tree_of(root).len() < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tree of {root} did not grow to {n}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_tree_with_groups_sessions_pipes_and_shared_files_comes_back() {
+    if !require_root("a_tree_with_groups_sessions_pipes_and_shared_files_comes_back") {
+        return;
+    }
+    let d = Daemon::start("tree", &[]);
+    wait_for_tree(d.pid, 5);
+    let before = shape(d.pid);
+    assert_eq!(before.len(), 5, "{before:?}");
+    for n in 1..=2 {
+        let img = d.image(n);
+        let o = stasis(&[
+            "dump",
+            "-t",
+            &d.pid.to_string(),
+            "-D",
+            &img.to_string_lossy(),
+        ]);
+        assert!(o.status.success(), "dump {n}: {}", stderr_of(&o));
+        assert!(stderr_of(&o).contains("5 processes"), "{}", stderr_of(&o));
+        for (p, ..) in &before {
+            wait_gone(*p);
+        }
+        let o = stasis(&["restore", "-D", &img.to_string_lossy(), "-d"]);
+        assert!(o.status.success(), "restore {n}: {}", stderr_of(&o));
+        let after = shape(d.pid);
+        assert_eq!(
+            after, before,
+            "pids, parents, groups and sessions after restore {n}"
+        );
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let v = assert_pass(&d.finish());
+    assert_eq!(detail(&v, "procs"), 5, "{v}");
+    assert!(detail(&v, "counter") > 10, "{v}");
+}
+
+/// Starts `python3 -c script` in a session of its own, with only fds 0-2 (/dev/null), and
+/// waits for the pid it writes to `pidfile`.
+fn python(script: &str, pidfile: &std::path::Path) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new("python3");
+    cmd.args(["-c", script])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().expect("python3");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !pidfile.exists() {
+        assert!(std::time::Instant::now() < deadline, "python did not start");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child
+}
+
+/// What a tree shares but stasis cannot restore yet is refused before anything is touched,
+/// naming the pid and the thing: a zombie child, anonymous memory shared across fork.
+#[test]
+fn a_zombie_child_or_shared_anonymous_memory_refuses_the_dump() {
+    if !require_root("a_zombie_child_or_shared_anonymous_memory_refuses_the_dump") {
+        return;
+    }
+    for (what, needle) in [
+        ("c = os.fork()\nif c == 0: os._exit(0)\ntime.sleep(0.3)", "zombie"),
+        (
+            "m = mmap.mmap(-1, 4096); m[0:5] = b'hello'\nc = os.fork()\nif c == 0:\n    time.sleep(60); os._exit(0)",
+            "share anonymous memory",
+        ),
+    ] {
+        let dir = tempdir::Dir::new("tree-refused");
+        let pidfile = dir.path().join("pid");
+        let script = format!(
+            "import os, time, mmap\n{what}\nopen('{p}.tmp','w').write(str(os.getpid())); os.rename('{p}.tmp','{p}')\ntime.sleep(60)\n",
+            p = pidfile.display()
+        );
+        let mut child = python(&script, &pidfile);
+        let pid = child.id() as i32;
+        let before = tree_of(pid);
+        let o = stasis(&["dump", "-t", &pid.to_string(), "-D", &dir.path().join("img").to_string_lossy()]);
+        let e = stderr_of(&o);
+        let after = tree_of(pid);
+        let traced: Vec<(i32, i32)> = after
+            .iter()
+            .filter(|(_, v)| v.3 != 'Z')
+            .map(|(p, _)| (*p, tracer_of(*p)))
+            .collect();
+        for p in after.keys() {
+            // SAFETY: killing the processes this test started.
+            unsafe { libc::kill(*p, libc::SIGKILL) };
+        }
+        let _ = child.wait();
+        assert_eq!(o.status.code(), Some(1), "{e}");
+        assert_eq!(e.trim().lines().count(), 1, "one line: {e}");
+        assert!(e.contains(needle) && e.contains("not supported"), "{e}");
+        assert_eq!(after, before, "the tree runs on as it was");
+        for (p, t) in traced {
+            assert_eq!(t, 0, "pid {p} is not traced");
+        }
+    }
+}
