@@ -23,10 +23,15 @@ struct Summary<'a> {
     vdso_symbols: usize,
     vdso_strategy: String,
     mappings: Vec<String>,
+    /// The process tree, one line per process, indented by depth (the root alone for an
+    /// image of one process).
+    tree: Vec<String>,
 }
 
 pub fn show(dir: &std::path::Path, json: bool) -> Result<()> {
-    let img = stasis_image::load(dir)?;
+    let all = stasis_image::load_tree(dir)?;
+    let tree = draw_tree(&all);
+    let img = &all.root;
     let pages: u64 = img
         .mm
         .vmas
@@ -109,6 +114,7 @@ pub fn show(dir: &std::path::Path, json: bool) -> Result<()> {
                 )
             })
             .collect(),
+        tree,
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&s)?);
@@ -120,6 +126,15 @@ pub fn show(dir: &std::path::Path, json: bool) -> Result<()> {
     );
     if let Some(sig) = s.stopped_by {
         println!("  stopped by job control (signal {sig}): comes back stopped");
+    }
+    if s.tree.len() > 1 {
+        println!(
+            "  process tree ({} processes; this image describes the first):",
+            s.tree.len()
+        );
+        for t in &s.tree {
+            println!("    {t}");
+        }
     }
     println!("  threads: {}", s.threads.len());
     for t in &s.thread_details {
@@ -147,4 +162,35 @@ pub fn show(dir: &std::path::Path, json: bool) -> Result<()> {
     println!("  vDSO: {} ({} symbols)", s.vdso.join(", "), s.vdso_symbols);
     println!("  restore here: {}", s.vdso_strategy);
     Ok(())
+}
+
+/// One line per process, each child under its parent, indented by depth.
+fn draw_tree(all: &stasis_image::TreeImage) -> Vec<String> {
+    fn line(img: &stasis_image::Image, depth: usize) -> String {
+        let pr = &img.process;
+        let n = img.cores.len();
+        format!(
+            "{}{} {} (group {}, session {}, {n} thread{}{})",
+            "  ".repeat(depth),
+            img.inventory.pid,
+            img.inventory.comm,
+            pr.pgid,
+            pr.sid,
+            if n == 1 { "" } else { "s" },
+            if pr.job_stop.is_some() {
+                ", stopped"
+            } else {
+                ""
+            }
+        )
+    }
+    fn below(all: &stasis_image::TreeImage, parent: i32, depth: usize, out: &mut Vec<String>) {
+        for (t, img) in all.tasks.iter().filter(|(t, _)| t.ppid == parent) {
+            out.push(line(img, depth));
+            below(all, t.pid, depth + 1, out);
+        }
+    }
+    let mut out = vec![line(&all.root, 0)];
+    below(all, all.root.inventory.pid, 1, &mut out);
+    out
 }

@@ -89,6 +89,62 @@ fn a_tree_with_groups_sessions_pipes_and_shared_files_comes_back() {
     assert!(detail(&v, "counter") > 10, "{v}");
 }
 
+/// A stopped member of the tree (SIGSTOP) comes back stopped, the others running; continued,
+/// it carries on, and the tree's verdict is a pass.
+#[test]
+fn a_stopped_child_comes_back_stopped() {
+    if !require_root("a_stopped_child_comes_back_stopped") {
+        return;
+    }
+    let d = Daemon::start("tree", &["--stop-child"]);
+    wait_for_tree(d.pid, 5);
+    let stopped = || -> Vec<i32> {
+        tree_of(d.pid)
+            .into_iter()
+            .filter(|(_, v)| v.3 == 'T')
+            .map(|(p, _)| p)
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while stopped().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the child did not stop"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let s = stopped();
+    assert_eq!(s.len(), 1, "{s:?}");
+    let img = d.image(1);
+    let o = stasis(&[
+        "dump",
+        "-t",
+        &d.pid.to_string(),
+        "-D",
+        &img.to_string_lossy(),
+    ]);
+    assert!(o.status.success(), "dump: {}", stderr_of(&o));
+    let shown = stasis(&["show", &img.to_string_lossy()]);
+    let text = String::from_utf8_lossy(&shown.stdout).into_owned();
+    assert!(text.contains("process tree (5 processes"), "{text}");
+    assert!(
+        text.contains(&format!("{} tree (group", s[0])) && text.contains(", stopped)"),
+        "{text}"
+    );
+    wait_gone(d.pid);
+    for p in &s {
+        wait_gone(*p);
+    }
+    let o = stasis(&["restore", "-D", &img.to_string_lossy(), "-d"]);
+    assert!(o.status.success(), "restore: {}", stderr_of(&o));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(stopped(), s, "the same child is stopped, the others run");
+    // SAFETY: continuing the fixture's child.
+    unsafe { libc::kill(s[0], libc::SIGCONT) };
+    let v = assert_pass(&d.finish());
+    assert_eq!(detail(&v, "procs"), 5, "{v}");
+}
+
 /// Starts `python3 -c script` in a session of its own, with only fds 0-2 (/dev/null), and
 /// waits for the pid it writes to `pidfile`.
 fn python(script: &str, pidfile: &std::path::Path) -> std::process::Child {
@@ -116,7 +172,8 @@ fn python(script: &str, pidfile: &std::path::Path) -> std::process::Child {
 }
 
 /// What a tree shares but stasis cannot restore yet is refused before anything is touched,
-/// naming the pid and the thing: a zombie child, anonymous memory shared across fork.
+/// naming the pid and the thing: a zombie child, anonymous memory shared across fork, a
+/// descriptor table shared by two processes (CLONE_FILES).
 #[test]
 fn a_zombie_child_or_shared_anonymous_memory_refuses_the_dump() {
     if !require_root("a_zombie_child_or_shared_anonymous_memory_refuses_the_dump") {
@@ -127,6 +184,10 @@ fn a_zombie_child_or_shared_anonymous_memory_refuses_the_dump() {
         (
             "m = mmap.mmap(-1, 4096); m[0:5] = b'hello'\nc = os.fork()\nif c == 0:\n    time.sleep(60); os._exit(0)",
             "share anonymous memory",
+        ),
+        (
+            "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nc = libc.syscall(56, 0x400 | 17, 0, 0, 0, 0)\nif c == 0:\n    time.sleep(60); os._exit(0)",
+            "descriptor table",
         ),
     ] {
         let dir = tempdir::Dir::new("tree-refused");

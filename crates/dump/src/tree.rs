@@ -68,6 +68,7 @@ pub(crate) fn seize(root: i32) -> Result<Vec<Task>> {
 /// Checks the tree as a whole and records what its processes share; returns the restore order
 /// of the descendants. `tasks` and `dumps` are in the same order, the root first.
 pub(crate) fn settle(tasks: &[Task], dumps: &mut [TaskDump]) -> Result<Tree> {
+    separate(dumps)?;
     settle_pipes(dumps)?;
     share_descriptions(dumps)?;
     refuse_shared(dumps)?;
@@ -84,6 +85,37 @@ pub(crate) fn settle(tasks: &[Task], dumps: &mut [TaskDump]) -> Result<Tree> {
             })
             .collect(),
     })
+}
+
+/// Processes made with `clone` flags that share what fork copies (a vfork child that has not
+/// exec'd shares the address space; CLONE_FILES, CLONE_FS, CLONE_SIGHAND) would come back as
+/// separate copies: refused.
+fn separate(dumps: &[TaskDump]) -> Result<()> {
+    use stasis_sys::fs::Shared;
+    for (i, a) in dumps.iter().enumerate() {
+        for b in &dumps[..i] {
+            for (what, name) in [
+                (
+                    Shared::Vm,
+                    "its address space (a vfork child that has not exec'd yet)",
+                ),
+                (Shared::Files, "its descriptor table (CLONE_FILES)"),
+                (Shared::Fs, "its cwd and umask (CLONE_FS)"),
+                (Shared::Sighand, "its signal handlers (CLONE_SIGHAND)"),
+            ] {
+                match stasis_sys::fs::shares(a.pid, b.pid, what) {
+                    Ok(false) => {}
+                    Ok(true) => bail!(
+                        "pid {} shares {name} with pid {}; not supported yet",
+                        a.pid,
+                        b.pid
+                    ),
+                    Err(e) => bail!("kcmp of pids {} and {}: {e}", a.pid, b.pid),
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A pipe with a read end and a write end somewhere in the tree comes back whole; one with an

@@ -17,6 +17,26 @@ pub fn same_description(pid_a: i32, a: RawFd, pid_b: i32, b: RawFd) -> Result<bo
     Errno::result(r).map(|v| v == 0)
 }
 
+/// What two processes may share without being threads of one another (`kcmp` types).
+#[derive(Clone, Copy, Debug)]
+pub enum Shared {
+    /// The address space (CLONE_VM: a vfork child before it execs).
+    Vm = 1,
+    /// The descriptor table (CLONE_FILES).
+    Files = 2,
+    /// cwd, root and umask (CLONE_FS).
+    Fs = 3,
+    /// The signal handlers (CLONE_SIGHAND).
+    Sighand = 4,
+}
+
+/// Whether `pid_a` and `pid_b` share `what` (`kcmp`).
+pub fn shares(pid_a: i32, pid_b: i32, what: Shared) -> Result<bool, Errno> {
+    // SAFETY: kcmp takes only integers.
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid_a, pid_b, what as i32, 0, 0) };
+    Errno::result(r).map(|v| v == 0)
+}
+
 /// A pidfd for `pid` (`pidfd_open`).
 pub fn pidfd_open(pid: i32) -> Result<OwnedFd, Errno> {
     // SAFETY: pidfd_open takes a pid and flags; it returns a new descriptor we own.
