@@ -185,6 +185,16 @@ fn draw_tree(all: &stasis_image::TreeImage) -> Vec<String> {
         )
     }
     fn below(all: &stasis_image::TreeImage, parent: i32, depth: usize, out: &mut Vec<String>) {
+        for z in all.zombies.iter().filter(|z| z.ppid == parent) {
+            out.push(format!(
+                "{}{} (zombie, wait status {:#x}; group {}, session {})",
+                "  ".repeat(depth),
+                z.pid,
+                z.status,
+                z.pgid,
+                z.sid
+            ));
+        }
         for (t, img) in all.tasks.iter().filter(|(t, _)| t.ppid == parent) {
             out.push(line(img, depth));
             below(all, t.pid, depth + 1, out);

@@ -172,15 +172,14 @@ fn python(script: &str, pidfile: &std::path::Path) -> std::process::Child {
 }
 
 /// What a tree shares but stasis cannot restore yet is refused before anything is touched,
-/// naming the pid and the thing: a zombie child, anonymous memory shared across fork, a
+/// naming the pid and the thing: anonymous memory shared across fork, a
 /// descriptor table shared by two processes (CLONE_FILES).
 #[test]
-fn a_zombie_child_or_shared_anonymous_memory_refuses_the_dump() {
-    if !require_root("a_zombie_child_or_shared_anonymous_memory_refuses_the_dump") {
+fn shared_anonymous_memory_or_fd_table_refuses_the_dump() {
+    if !require_root("shared_anonymous_memory_or_fd_table_refuses_the_dump") {
         return;
     }
     for (what, needle) in [
-        ("c = os.fork()\nif c == 0: os._exit(0)\ntime.sleep(0.3)", "zombie"),
         (
             "m = mmap.mmap(-1, 4096); m[0:5] = b'hello'\nc = os.fork()\nif c == 0:\n    time.sleep(60); os._exit(0)",
             "share anonymous memory",
@@ -220,4 +219,75 @@ fn a_zombie_child_or_shared_anonymous_memory_refuses_the_dump() {
             assert_eq!(t, 0, "pid {p} is not traced");
         }
     }
+}
+
+/// Zombie children (one exited with status 7, one killed by SIGTERM, neither waited for) come
+/// back as zombies of their parent, which then reaps them with those very statuses.
+#[test]
+fn zombies_come_back_and_are_reaped_with_their_status() {
+    if !require_root("zombies_come_back_and_are_reaped_with_their_status") {
+        return;
+    }
+    let dir = tempdir::Dir::new("tree-zombies");
+    let pidfile = dir.path().join("pid");
+    let go = dir.path().join("go");
+    let result = dir.path().join("result");
+    let script = format!(
+        r#"import os, time, signal
+a = os.fork()
+if a == 0: os._exit(7)
+b = os.fork()
+if b == 0:
+    os.kill(os.getpid(), signal.SIGTERM); time.sleep(10); os._exit(1)
+time.sleep(0.3)
+open('{p}.tmp','w').write(str(os.getpid())); os.rename('{p}.tmp','{p}')
+while not os.path.exists('{go}'): time.sleep(0.02)
+_, sa = os.waitpid(a, 0)
+_, sb = os.waitpid(b, 0)
+ok = os.WIFEXITED(sa) and os.WEXITSTATUS(sa) == 7 and os.WIFSIGNALED(sb) and os.WTERMSIG(sb) == signal.SIGTERM
+open('{r}','w').write(('OK' if ok else 'FAIL') + ' %d %d %x %x' % (a, b, sa, sb))
+"#,
+        p = pidfile.display(),
+        go = go.display(),
+        r = result.display()
+    );
+    let mut child = python(&script, &pidfile);
+    let pid = child.id() as i32;
+    let before = tree_of(pid);
+    let zombies: Vec<i32> = before
+        .iter()
+        .filter(|(_, v)| v.3 == 'Z')
+        .map(|(p, _)| *p)
+        .collect();
+    assert_eq!(zombies.len(), 2, "{before:?}");
+    let img = dir.path().join("img");
+    let o = stasis(&["dump", "-t", &pid.to_string(), "-D", &img.to_string_lossy()]);
+    assert!(o.status.success(), "dump: {}", stderr_of(&o));
+    let _ = child.wait();
+    for p in before.keys() {
+        wait_gone(*p);
+    }
+    let o = stasis(&["restore", "-D", &img.to_string_lossy(), "-d"]);
+    assert!(o.status.success(), "restore: {}", stderr_of(&o));
+    // The root's parent was this test; it is outside the image.
+    let mut after = tree_of(pid);
+    let mut before = before;
+    for t in [&mut after, &mut before] {
+        if let Some(r) = t.get_mut(&pid) {
+            r.0 = 0;
+        }
+    }
+    assert_eq!(after, before, "the same tree, zombies included");
+    std::fs::write(&go, b"").expect("go");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !result.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no result from the restored parent"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let r = std::fs::read_to_string(&result).unwrap_or_default();
+    assert!(r.starts_with("OK"), "{r}");
 }

@@ -51,7 +51,7 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
     stasis_infect::check_target(pid)?;
     let images = ImageDir::create(dir)
         .with_context(|| format!("preparing image directory {}", dir.display()))?;
-    let mut tasks = tree::seize(pid)?;
+    let (mut tasks, zombies) = tree::seize(pid)?;
     let frozen_at = Instant::now();
     // Every process is read while the whole tree is frozen; nothing is killed or let go before
     // every one of them has been read and the tree as a whole checked.
@@ -65,7 +65,7 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
         };
         dumps.push(dump_task(t.pid, &mut t.seized, dir, opts, t.pid == pid)?);
     }
-    let tree = tree::settle(&tasks, &mut dumps)?;
+    let tree = tree::settle(&tasks, zombies, &mut dumps)?;
 
     let frozen;
     if opts.leave_running {
@@ -102,7 +102,7 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
             d.write_inventory()?;
             continue;
         }
-        if !tree.tasks.is_empty() {
+        if !tree.tasks.is_empty() || !tree.zombies.is_empty() {
             write_record(&images, TREE, KIND_TREE, &tree)?;
         }
         d.write_inventory()?;

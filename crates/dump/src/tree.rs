@@ -2,9 +2,11 @@
 //! share — open file descriptions inherited across fork, pipes between them, process groups
 //! and sessions — checked as a whole once every process has been read.
 //!
-//! What this does not bring back yet is refused, naming the pid and the thing: a zombie, a
-//! group or session whose leader is not in the tree (or has exited), an epoll instance, a
-//! deleted file or memfd, or shared anonymous memory used by more than one process.
+//! A zombie child (exited, not yet waited for) is recorded with its exit status; it is made
+//! again and exits at once. What this does not bring back yet is refused, naming the pid and
+//! the thing: a group or session whose leader is not in the tree (or has exited), an epoll
+//! instance, a deleted file or memfd, or shared anonymous memory used by more than one
+//! process.
 
 use crate::TaskDump;
 use anyhow::{bail, Context, Result};
@@ -22,7 +24,8 @@ pub(crate) struct Task {
 /// Seizes `root` and every descendant. A frozen process cannot fork, so the children of every
 /// seized process are listed (again) until a pass finds none new; a child that forked before
 /// its parent froze is found when its own children are listed after it is frozen in turn.
-pub(crate) fn seize(root: i32) -> Result<Vec<Task>> {
+/// Zombies cannot be seized (nor change): they are returned apart, read from /proc.
+pub(crate) fn seize(root: i32) -> Result<(Vec<Task>, Vec<TreeZombie>)> {
     let ppid = stasis_proc::stat(root)?.ppid;
     let mut tasks = vec![Task {
         pid: root,
@@ -30,6 +33,7 @@ pub(crate) fn seize(root: i32) -> Result<Vec<Task>> {
         seized: Seized::seize(root)?,
     }];
     let mut seen: HashSet<i32> = HashSet::from([root]);
+    let mut zombies = Vec::new();
     loop {
         let mut fresh = Vec::new();
         for t in &tasks {
@@ -54,7 +58,8 @@ pub(crate) fn seize(root: i32) -> Result<Vec<Task>> {
             let st = stasis_proc::stat(pid)
                 .with_context(|| format!("pid {pid}, a child of pid {ppid}"))?;
             if st.state == 'Z' || st.state == 'X' {
-                bail!("pid {pid}, a child of pid {ppid}, is a zombie (exited, not yet waited for); dumping zombies is not supported yet");
+                zombies.push(zombie(pid, ppid)?);
+                continue;
             }
             let seized = Seized::seize(pid).with_context(|| {
                 format!("freezing pid {pid}, a child of pid {ppid}, with the tree of pid {root}")
@@ -62,18 +67,48 @@ pub(crate) fn seize(root: i32) -> Result<Vec<Task>> {
             tasks.push(Task { pid, ppid, seized });
         }
     }
-    Ok(tasks)
+    Ok((tasks, zombies))
+}
+
+/// A zombie child of a frozen parent, from /proc/PID/stat (which a zombie keeps until it is
+/// waited for): group, session, and the exit status its parent's wait would report.
+fn zombie(pid: i32, ppid: i32) -> Result<TreeZombie> {
+    let path = format!("/proc/{pid}/stat");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let rest = text
+        .rfind(')')
+        .and_then(|i| text.get(i + 2..))
+        .with_context(|| format!("{path}: no command name"))?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Field 3 (state) is f[0]: pgrp is field 5, session 6, exit_code 52.
+    let num = |field: usize| -> Result<i32> {
+        f.get(field - 3)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("{path}: field {field} missing or not a number"))
+    };
+    Ok(TreeZombie {
+        pid,
+        ppid,
+        pgid: num(5)?,
+        sid: num(6)?,
+        status: num(52)?,
+    })
 }
 
 /// Checks the tree as a whole and records what its processes share; returns the restore order
 /// of the descendants. `tasks` and `dumps` are in the same order, the root first.
-pub(crate) fn settle(tasks: &[Task], dumps: &mut [TaskDump]) -> Result<Tree> {
+pub(crate) fn settle(
+    tasks: &[Task],
+    zombies: Vec<TreeZombie>,
+    dumps: &mut [TaskDump],
+) -> Result<Tree> {
     separate(dumps)?;
     settle_pipes(dumps)?;
     share_descriptions(dumps)?;
     refuse_shared(dumps)?;
-    let order = restore_order(tasks, dumps)?;
+    let order = restore_order(tasks, &zombies, dumps)?;
     Ok(Tree {
+        zombies,
         tasks: order
             .into_iter()
             .skip(1)
@@ -289,7 +324,7 @@ fn refuse_shared(dumps: &[TaskDump]) -> Result<()> {
 /// Parents before children, siblings by pid; each process's session and group must be one a
 /// restore can make: its own, its parent's, or (a group) one led by an ancestor or by a sibling
 /// created before it. Returns indexes into `dumps`, the root first.
-fn restore_order(tasks: &[Task], dumps: &[TaskDump]) -> Result<Vec<usize>> {
+fn restore_order(tasks: &[Task], zombies: &[TreeZombie], dumps: &[TaskDump]) -> Result<Vec<usize>> {
     let index: HashMap<i32, usize> = dumps.iter().enumerate().map(|(i, d)| (d.pid, i)).collect();
     let mut children: HashMap<i32, Vec<usize>> = HashMap::new();
     for (i, t) in tasks.iter().enumerate().skip(1) {
@@ -306,6 +341,17 @@ fn restore_order(tasks: &[Task], dumps: &[TaskDump]) -> Result<Vec<usize>> {
             stack.extend(c.iter().rev());
         }
     }
+    // A zombie is made before its parent's live children (so a group it led exists for
+    // them), in its parent's session and group or leading its own.
+    for z in zombies {
+        let parent = &dumps[index[&z.ppid]].process;
+        if (z.sid != z.pid && z.sid != parent.sid) || (z.pgid != z.pid && z.pgid != parent.pgid) {
+            bail!(
+                "zombie pid {} (a child of pid {}) is in group {} / session {} that a restore cannot make; not supported yet",
+                z.pid, z.ppid, z.pgid, z.sid
+            );
+        }
+    }
     for &i in order.iter().skip(1) {
         let (pid, pr) = (dumps[i].pid, &dumps[i].process);
         let parent = &dumps[index[&tasks[i].ppid]].process;
@@ -319,25 +365,29 @@ fn restore_order(tasks: &[Task], dumps: &[TaskDump]) -> Result<Vec<usize>> {
         if pr.pgid == pid || pr.pgid == parent.pgid {
             continue;
         }
-        let leader = index.get(&pr.pgid).copied();
-        let ok = leader.is_some_and(|l| {
-            let lp = &dumps[l].process;
-            let is_ancestor = {
-                let mut a = tasks[i].ppid;
-                loop {
-                    if a == dumps[l].pid {
-                        break true;
-                    }
-                    match index.get(&a) {
-                        Some(&ai) if ai != 0 => a = tasks[ai].ppid,
-                        _ => break false,
-                    }
-                }
-            };
-            let earlier_sibling = tasks[l].ppid == tasks[i].ppid
-                && order.iter().position(|&x| x == l) < order.iter().position(|&x| x == i);
-            lp.pgid == dumps[l].pid && lp.sid == pr.sid && (is_ancestor || earlier_sibling)
+        let zombie_sibling = zombies.iter().any(|z| {
+            z.pid == pr.pgid && z.pgid == z.pid && z.ppid == tasks[i].ppid && z.sid == pr.sid
         });
+        let leader = index.get(&pr.pgid).copied();
+        let ok = zombie_sibling
+            || leader.is_some_and(|l| {
+                let lp = &dumps[l].process;
+                let is_ancestor = {
+                    let mut a = tasks[i].ppid;
+                    loop {
+                        if a == dumps[l].pid {
+                            break true;
+                        }
+                        match index.get(&a) {
+                            Some(&ai) if ai != 0 => a = tasks[ai].ppid,
+                            _ => break false,
+                        }
+                    }
+                };
+                let earlier_sibling = tasks[l].ppid == tasks[i].ppid
+                    && order.iter().position(|&x| x == l) < order.iter().position(|&x| x == i);
+                lp.pgid == dumps[l].pid && lp.sid == pr.sid && (is_ancestor || earlier_sibling)
+            });
         if !ok {
             bail!(
                 "pid {pid} is in process group {}, whose leader is not in the tree of pid {} (or has exited, or is neither an ancestor nor an elder sibling); not supported yet",

@@ -609,6 +609,20 @@ impl std::fmt::Display for FileLock {
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Tree {
     pub tasks: Vec<TreeTask>,
+    /// Children that had exited and were not yet waited for: each is made again (by its
+    /// parent, before the parent's live children) and exits with its status at once.
+    #[serde(default)]
+    pub zombies: Vec<TreeZombie>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TreeZombie {
+    pub pid: i32,
+    pub ppid: i32,
+    pub pgid: i32,
+    pub sid: i32,
+    /// The status its parent's wait will report (as waitpid encodes it).
+    pub status: i32,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -81,6 +81,7 @@ pub fn load(dir: &std::path::Path) -> Result<Image> {
 pub struct TreeImage {
     pub root: Image,
     pub tasks: Vec<(TreeTask, Image)>,
+    pub zombies: Vec<TreeZombie>,
 }
 
 /// Processes a tree image may hold (an image naming more is implausible).
@@ -103,12 +104,13 @@ pub fn load_tree(dir: &std::path::Path) -> Result<TreeImage> {
         return Ok(TreeImage {
             root,
             tasks: Vec::new(),
+            zombies: Vec::new(),
         });
     }
     let tree: Tree = read_record(&root.dir, TREE, KIND_TREE)?;
     let top = root.dir.clone();
     let bad = |why: String| inconsistent(&top, why);
-    if tree.tasks.len() > MAX_TASKS {
+    if tree.tasks.len() + tree.zombies.len() > MAX_TASKS {
         return Err(bad(format!(
             "{} processes, more than the {MAX_TASKS} this stasis restores",
             tree.tasks.len()
@@ -117,6 +119,40 @@ pub fn load_tree(dir: &std::path::Path) -> Result<TreeImage> {
     let root_pid = root.inventory.pid;
     let mut made: std::collections::HashMap<i32, (i32, i32, i32)> =
         std::collections::HashMap::from([(root_pid, (0, root.process.pgid, root.process.sid))]);
+    for z in &tree.zombies {
+        let parent = if z.ppid == root_pid {
+            Some((root.process.pgid, root.process.sid))
+        } else {
+            tree.tasks
+                .iter()
+                .find(|t| t.pid == z.ppid)
+                .map(|t| (t.pgid, t.sid))
+        };
+        let Some((ppgid, psid)) = parent else {
+            return Err(bad(format!(
+                "zombie {} has no parent {} in the tree",
+                z.pid, z.ppid
+            )));
+        };
+        let status_ok = match z.status & 0x7f {
+            0 => z.status & !0xff00 == 0,
+            sig => (1..=64).contains(&sig) && z.status & !0xff == 0,
+        };
+        if z.pid <= 0
+            || made.contains_key(&z.pid)
+            || tree.tasks.iter().any(|t| t.pid == z.pid)
+            || root.inventory.threads.contains(&z.pid)
+            || !status_ok
+            || (z.sid != z.pid && z.sid != psid)
+            || (z.pgid != z.pid && z.pgid != ppgid)
+        {
+            return Err(bad(format!(
+                "zombie {}: repeated pid, bad status {:#x}, or a group or session that cannot be made",
+                z.pid, z.status
+            )));
+        }
+        made.insert(z.pid, (z.ppid, z.pgid, z.sid));
+    }
     let mut tasks = Vec::with_capacity(tree.tasks.len());
     for t in &tree.tasks {
         let Some(&(_, ppgid, psid)) = made.get(&t.ppid) else {
@@ -150,13 +186,22 @@ pub fn load_tree(dir: &std::path::Path) -> Result<TreeImage> {
         made.insert(t.pid, (t.ppid, t.pgid, t.sid));
         tasks.push((*t, img));
     }
-    let all = TreeImage { root, tasks };
+    let all = TreeImage {
+        root,
+        tasks,
+        zombies: tree.zombies.clone(),
+    };
     let mut ids = std::collections::HashSet::new();
     for img in all.images() {
         for &tid in &img.inventory.threads {
             if !ids.insert(tid) {
                 return Err(bad(format!("thread id {tid} appears twice in the tree")));
             }
+        }
+    }
+    for z in &all.zombies {
+        if !ids.insert(z.pid) {
+            return Err(bad(format!("zombie {} has the id of a thread", z.pid)));
         }
     }
     let mut shared: std::collections::HashMap<u32, std::mem::Discriminant<FileKind>> =

@@ -24,7 +24,7 @@ pub(crate) fn child_main(spawn: &Spawn<'_>, i: usize) -> ! {
     let t = &spawn.tasks[i];
     let h = t.helpers;
     let (ready_fd, hold_fd) = spawn.plumbing.ends[i];
-    let parent = !t.children.is_empty();
+    let parent = !t.children.is_empty() || !t.zombies.is_empty();
     let outcome = prepare(spawn, i, ready_fd, hold_fd).and_then(|()| {
         if parent {
             make_children(spawn, i)?;
@@ -92,6 +92,29 @@ fn place_helper(fd: OwnedFd, target: RawFd) -> Result<()> {
 /// here, so a sibling that joins the same group next finds it made).
 fn make_children(spawn: &Spawn<'_>, i: usize) -> Result<()> {
     let me = &spawn.tasks[i].img.process;
+    for z in &spawn.tasks[i].zombies {
+        make_zombie(z)?;
+    }
+    if !spawn.tasks[i].zombies.is_empty() {
+        // Their SIGCHLDs were the process's long ago (any it had not taken yet is in the
+        // image, queued again by the plan): take these away.
+        let set = SigSet::from(nix::sys::signal::Signal::SIGCHLD);
+        let zero = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: rt_sigtimedwait with a valid set, no siginfo, and a zero timeout.
+        while unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigtimedwait,
+                set.as_ref() as *const libc::sigset_t,
+                std::ptr::null_mut::<libc::siginfo_t>(),
+                &zero as *const libc::timespec,
+                8usize,
+            )
+        } > 0
+        {}
+    }
     for &c in &spawn.tasks[i].children {
         let child = spawn.tasks[c].img;
         let (pid, pr) = (child.inventory.pid, &child.process);
@@ -112,6 +135,49 @@ fn make_children(spawn: &Spawn<'_>, i: usize) -> Result<()> {
             })?;
         }
     }
+    Ok(())
+}
+
+/// A child that had exited and not been waited for: made with its pid, in its group and
+/// session, it ends at once as it ended then; this task (its parent) waits until it has,
+/// without reaping it (`WNOWAIT`), so the group it may lead exists for its siblings.
+fn make_zombie(z: &stasis_image::model::TreeZombie) -> Result<()> {
+    // SAFETY: this task is single-threaded (a copy of the single-threaded stasis).
+    match unsafe { stasis_sys::clone::clone3_with_pid(z.pid) } {
+        Ok(0) => {
+            let me = Pid::from_raw(0);
+            if z.sid == z.pid {
+                let _ = nix::unistd::setsid();
+            } else if z.pgid == z.pid {
+                let _ = nix::unistd::setpgid(me, me);
+            }
+            let sig = z.status & 0x7f;
+            if sig == 0 {
+                stasis_sys::process::exit_now((z.status >> 8) & 0xff);
+            }
+            // No core file: RLIMIT_CORE 0 (so the status lacks the core flag, if it had one).
+            let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0);
+            let act = stasis_abi::KSigAction::default();
+            let _ = stasis_sys::signal::set_kernel_action(sig, &act);
+            if let Ok(s) = nix::sys::signal::Signal::try_from(sig) {
+                let _ = sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&SigSet::from(s)), None);
+                let _ = nix::sys::signal::raise(s);
+            }
+            // A signal that does not kill by default (the image said it did).
+            stasis_sys::process::exit_now(128 + sig)
+        }
+        Ok(_) => {}
+        Err(e) => bail!(
+            "creating zombie pid {} with clone3(set_tid): {}",
+            z.pid,
+            std::io::Error::from(e)
+        ),
+    }
+    let flags = nix::sys::wait::WaitPidFlag::WEXITED | nix::sys::wait::WaitPidFlag::WNOWAIT;
+    check(
+        nix::sys::wait::waitid(nix::sys::wait::Id::Pid(Pid::from_raw(z.pid)), flags),
+        || format!("waiting for zombie {} to exit", z.pid),
+    )?;
     Ok(())
 }
 

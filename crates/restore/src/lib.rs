@@ -94,8 +94,26 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
             data,
             children: Vec::new(),
             parent_pgid: None,
+            zombies: Vec::new(),
         })
         .collect();
+    for z in &tree.zombies {
+        if std::path::Path::new(&format!("/proc/{}", z.pid)).exists() {
+            bail!(
+                "pid {} (a zombie child of pid {}) is in use: the restored zombie needs its old id",
+                z.pid,
+                z.ppid
+            );
+        }
+        let Some(p) = imgs.iter().position(|img| img.inventory.pid == z.ppid) else {
+            bail!(
+                "zombie {}: its parent {} is not in the image",
+                z.pid,
+                z.ppid
+            );
+        };
+        plans[p].zombies.push(*z);
+    }
     for (i, (t, _)) in tree.tasks.iter().enumerate() {
         let Some(p) = imgs.iter().position(|img| img.inventory.pid == t.ppid) else {
             bail!("pid {}: its parent {} is not in the image", t.pid, t.ppid);

@@ -61,6 +61,8 @@ pub(crate) struct TaskPlan<'a> {
     pub children: Vec<usize>,
     /// The dumped process group of its parent (`None` for the root).
     pub parent_pgid: Option<i32>,
+    /// Its children that were zombies: made first, each exits at once with its status.
+    pub zombies: Vec<stasis_image::model::TreeZombie>,
 }
 
 /// Everything the tasks need while they make themselves; each task is a copy of this stasis,
