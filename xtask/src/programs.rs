@@ -24,6 +24,12 @@
 //!   every restore a second writer (another `python3`) must be locked out at once ("database
 //!   is locked"); on SIGTERM the program commits — which must succeed — and a new connection
 //!   must read back exactly one row per tick.
+//! - **A process tree comes back whole.** The `pipeline` workload is a bash pipeline —
+//!   `while …; do echo "tick $i"; sleep 0.1; done | grep --line-buffered | cat > TICKS`: the
+//!   shell, the counting subshell (forking `sleep` every tick), grep and cat, linked by two
+//!   pipes — dumped as a tree and restored with every pid; the ticks must be continuous (no
+//!   orphan writes while it is dumped: the file must not grow), and at the end the whole
+//!   session is killed.
 //! - **The runtimes are unmodified.** The machine's `python3`, `node` (18+), `go` (the binary
 //!   is built at test time, standard library only, no module downloads) and `java` (compiled
 //!   with `javac` at test time), started as a service would be: own session, stdin
@@ -70,7 +76,15 @@ enum Kind {
     Node,
     Go,
     Java,
+    /// A bash pipeline: a tree of processes (see `PIPELINE`).
+    Shell,
 }
+
+/// The pipeline workload, run as `bash -c PIPELINE TICKS PIDFILE VERDICT` ($0 $1 $2): the
+/// shell, a subshell counting (forking `sleep` each time), grep and cat — four processes and
+/// a transient fifth — writing `tick <n>` lines through two pipes into the tick file.
+const PIPELINE: &str = r#"echo $$ > "$1.tmp" && mv "$1.tmp" "$1"
+i=0; while :; do echo "tick $i"; i=$((i+1)); sleep 0.1; done | grep --line-buffered '^tick' | cat > "$0""#;
 
 struct Program {
     name: &'static str,
@@ -120,6 +134,19 @@ const PROGRAMS: &[Program] = &[
         resume: Duration::from_secs(20),
         verdict: Duration::from_secs(15),
         sqlite: Some("wal"),
+    },
+    Program {
+        name: "pipeline",
+        kind: Kind::Shell,
+        tools: &[Tool {
+            bin: "bash",
+            package: "bash",
+            min_major: None,
+        }],
+        startup: Duration::from_secs(20),
+        resume: Duration::from_secs(20),
+        verdict: Duration::from_secs(15),
+        sqlite: None,
     },
     Program {
         name: "node",
@@ -524,6 +551,7 @@ impl Attempt {
         let run = Running {
             pid: child_pid,
             marker: ticks.to_string_lossy().into_owned(),
+            tree: p.kind == Kind::Shell,
             ticks,
             verdict,
             log,
@@ -536,7 +564,14 @@ impl Attempt {
             "   pid {pid} ready in {:.1} s; {threads0} thread(s): {names}",
             t.elapsed().as_secs_f64()
         );
-        if threads0 < 2 && !single_thread {
+        let shell = p.kind == Kind::Shell;
+        if shell {
+            let n = tree(pid).len();
+            if n < 4 {
+                bail!("the pipeline of pid {pid} has {n} process(es), expected at least 4");
+            }
+            println!("   a tree of {n} processes: {:?}", tree(pid));
+        } else if threads0 < 2 && !single_thread {
             bail!("pid {pid} has {threads0} thread(s): this workload must be multi-threaded");
         }
         locked_out("before the first dump")?;
@@ -559,8 +594,14 @@ impl Attempt {
                 ],
             )?;
             let t_gone = Instant::now();
+            let members = tree(pid);
             run.wait_gone(GONE_TIMEOUT)
                 .with_context(|| format!("after dump {c}"))?;
+            if shell {
+                // Every member was killed: each pid must be free for the restore (orphans come
+                // to us, the subreaper, and are reaped here).
+                wait_all_gone(&members, GONE_TIMEOUT).with_context(|| format!("after dump {c}"))?;
+            }
             let lines = read_ticks(&run.ticks, true)?;
             check_ticks(&lines, &marks)?;
             println!(
@@ -630,6 +671,24 @@ impl Attempt {
                 run.reaped_status()
             );
         }
+        if shell {
+            // No verdict of its own: the tick file is the proof. Then the whole session goes.
+            let members = tree(pid);
+            let lines = read_ticks(&run.ticks, true)?;
+            check_ticks(&lines, &marks)?;
+            // SAFETY: signalling our workload's process group (it leads it: own session).
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+            wait_all_gone(&members, GONE_TIMEOUT).context("killing the pipeline")?;
+            self.running = None;
+            let dumps: Vec<String> = marks.iter().map(|(_, n)| (n - 1).to_string()).collect();
+            return Ok(format!(
+                "ticks 0..={} continuous across dumps after ticks {}; {} processes; dump/restore s {}",
+                last_tick(&lines),
+                dumps.join(", "),
+                members.len(),
+                timings.join(", ")
+            ));
+        }
         // SAFETY: signalling our workload (checked to be it just above, by its command line).
         unsafe { libc::kill(pid, libc::SIGTERM) };
         let t = Instant::now();
@@ -695,6 +754,11 @@ impl Attempt {
                     .arg(src.join("ticker.go"));
                 build(b, &build_log, "go build")?;
                 Command::new(exe)
+            }
+            Kind::Shell => {
+                let mut c = Command::new(tool(0)?);
+                c.args(["-c", PIPELINE]);
+                c
             }
             Kind::Java => {
                 let classes = self.dir.join("classes");
@@ -797,6 +861,8 @@ struct Running {
     ticks: PathBuf,
     verdict: PathBuf,
     log: PathBuf,
+    /// A tree of processes in a session of its own, stopped all at once.
+    tree: bool,
 }
 
 impl Running {
@@ -938,6 +1004,13 @@ impl Running {
             return None;
         }
         let t = Instant::now();
+        if self.tree {
+            let members = tree(self.pid);
+            // SAFETY: our workload's process group (it leads its own session).
+            unsafe { libc::kill(-self.pid, libc::SIGKILL) };
+            let _ = wait_all_gone(&members, GONE_TIMEOUT);
+            return None;
+        }
         // SAFETY: the pid is our workload (checked by its command line just above). SIGCONT
         // first, in case a failed stasis left it stopped.
         unsafe {
@@ -999,6 +1072,50 @@ sys.exit(1)
     }
     println!("   a second sqlite writer is locked out: {said}");
     Ok(())
+}
+
+/// `pid` and every descendant.
+fn tree(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        out.push(p);
+        for t in std::fs::read_dir(format!("/proc/{p}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            todo.extend(
+                kids.split_whitespace()
+                    .filter_map(|k| k.parse::<i32>().ok()),
+            );
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+/// Reaps whatever children of ours have ended, until none of `pids` exists.
+fn wait_all_gone(pids: &[i32], timeout: Duration) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        let mut status = 0;
+        // SAFETY: a WNOHANG wait for any child of ours.
+        while unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) } > 0 {}
+        let left: Vec<i32> = pids
+            .iter()
+            .copied()
+            .filter(|p| Path::new(&format!("/proc/{p}")).exists())
+            .collect();
+        if left.is_empty() {
+            return Ok(());
+        }
+        if t.elapsed() > timeout {
+            bail!("pids {left:?} still exist {} s later", timeout.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 fn spawn_in_session(cmd: &mut Command, log: &Path) -> Result<i32> {
