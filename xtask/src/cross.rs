@@ -16,7 +16,9 @@
 //! compares with the raw system calls; `--proxy` (image and restore kernels differ) makes it
 //! also require stasis's vDSO proxy at the old `[vdso]` address. Beside it, in `mt/`, the
 //! multi-threaded `threads` fixture (4 threads, each with its own registers, altstack, mask,
-//! pending signal, scheduling, blocked in futex/nanosleep/read/poll/epoll) makes the same trip. Kernels come from
+//! pending signal, scheduling, blocked in futex/nanosleep/read/poll/epoll) makes the same trip,
+//! and in `pt/` the `tree` fixture: five processes with their groups, sessions, a pipe and a
+//! file description shared across fork, dumped and restored as one tree. Kernels come from
 //! `../shared/tools/fetch-kernel.sh` (cached in `$XKERNEL_CACHE` or `~/.cache/xkernel`).
 
 use anyhow::{bail, Context, Result};
@@ -73,12 +75,18 @@ fn glibc_mask(host_flags: &[String]) -> Option<String> {
 /// Lines of a failing step's output shown under the matrix.
 const TAIL_LINES: usize = 40;
 
-const DUMP_SH: &str = r#"# dump.sh SHARE [FIXTURE FLAGS]: start vdso_calls (in SHARE) and the multi-threaded
-# threads fixture (in SHARE/mt), dump each into its img/ (which kills it).
+const DUMP_SH: &str = r#"# dump.sh SHARE [FIXTURE FLAGS]: start vdso_calls (in SHARE), the multi-threaded
+# threads fixture (in SHARE/mt) and the tree fixture (in SHARE/pt), dump each into its img/
+# (which kills it).
 S=$1; shift
 cd "$S" || exit 1
 fail() { echo "== FAIL: $*"; exit 1; }
 echo "== dump under kernel $(uname -r); uptime $(cut -d' ' -f1 /proc/uptime) s"
+# tree_pids PID: PID and every descendant, one per line
+tree_pids() {
+	echo "$1"
+	for c in $(cat /proc/"$1"/task/*/children 2>/dev/null); do tree_pids "$c"; done
+}
 # dump_one DIR FIXTURE [FLAGS]
 dump_one() {
 	D=$1; F=$2; shift 2
@@ -94,11 +102,13 @@ dump_one() {
 	echo "== $F pid $PID"
 	sleep 0.5
 	[ -d "/proc/$PID" ] || fail "$F (pid $PID) died before the dump: $(cat "$D/out" 2>/dev/null)"
+	tree_pids "$PID" > "$D/pids"
 	./stasis -v dump -t "$PID" -D "$D/img" || fail "stasis dump of $F failed (rc $?)"
 	echo "== dump of $F OK; uptime $(cut -d' ' -f1 /proc/uptime) s"
 }
 dump_one "$S" vdso_calls "$@"
 dump_one "$S/mt" threads --threads 4 --strict-epoll
+dump_one "$S/pt" tree --dir "$S/pt"
 "#;
 
 const RESTORE_SH: &str = r#"# restore.sh SHARE: restore both images, let them run, SIGTERM them, print the verdicts.
@@ -113,10 +123,12 @@ restore_one() {
 	[ -n "$PID" ] || fail "no pid file from the dump of $F"
 	rm -f "$D/out"
 	# A killed process stays a zombie until its parent (init) reaps it.
-	i=0
-	while [ -d "/proc/$PID" ]; do
-		i=$((i + 1)); [ $i -le 100 ] || fail "pid $PID is still in use here ($(cat /proc/$PID/comm 2>/dev/null))"
-		sleep 0.1
+	for P in $(cat "$D/pids" 2>/dev/null || echo "$PID"); do
+		i=0
+		while [ -d "/proc/$P" ]; do
+			i=$((i + 1)); [ $i -le 100 ] || fail "pid $P is still in use here ($(cat /proc/$P/comm 2>/dev/null))"
+			sleep 0.1
+		done
 	done
 	./stasis show "$D/img" || echo "== stasis show failed (rc $?)"
 	./stasis -v restore -D "$D/img" --detach || fail "stasis restore of $F failed (rc $?)"
@@ -139,10 +151,12 @@ verdict_of() {
 }
 restore_one "$S" vdso_calls; P1=$PID
 restore_one "$S/mt" threads; P2=$PID
+restore_one "$S/pt" tree; P3=$PID
 sleep 1
 verdict_of "$S" vdso_calls "$P1"; R1=$?
 verdict_of "$S/mt" threads "$P2"; R2=$?
-[ $R1 -eq 0 ] && [ $R2 -eq 0 ]
+verdict_of "$S/pt" tree "$P3"; R3=$?
+[ $R1 -eq 0 ] && [ $R2 -eq 0 ] && [ $R3 -eq 0 ]
 "#;
 
 struct Setup {
@@ -152,6 +166,8 @@ struct Setup {
     fixture: PathBuf,
     /// The static multi-threaded fixture (`threads`), run beside `fixture` in every cell.
     threads_fixture: PathBuf,
+    /// The static process-tree fixture (`tree`), likewise.
+    tree_fixture: PathBuf,
     host_release: String,
     /// QEMU's `--cpu` for the guests, when the default does not suit this host.
     guest_cpu: Option<String>,
@@ -351,6 +367,7 @@ fn prepare() -> Result<Setup> {
     };
     let fixture = static_fixture("vdso_calls")?;
     let threads_fixture = static_fixture("threads")?;
+    let tree_fixture = static_fixture("tree")?;
 
     let mut versions: Vec<&'static str> = Vec::new();
     for &(a, b) in MATRIX {
@@ -398,6 +415,7 @@ fn prepare() -> Result<Setup> {
         stasis,
         fixture,
         threads_fixture,
+        tree_fixture,
         host_release,
         guest_cpu: guest_cpu(&host_flags),
         host_glibc_mask: glibc_mask(&host_flags),
@@ -463,7 +481,9 @@ fn run_cell(setup: &Setup, from: Kernel, to: Kernel) -> Result<Cell> {
     std::fs::copy(&setup.stasis, dir.join("stasis"))?;
     std::fs::copy(&setup.fixture, dir.join("vdso_calls"))?;
     std::fs::copy(&setup.threads_fixture, dir.join("threads"))?;
+    std::fs::copy(&setup.tree_fixture, dir.join("tree"))?;
     std::fs::create_dir_all(dir.join("mt"))?;
+    std::fs::create_dir_all(dir.join("pt"))?;
     std::fs::write(dir.join("dump.sh"), DUMP_SH)?;
     std::fs::write(dir.join("restore.sh"), RESTORE_SH)?;
     let same = setup.release(from) == setup.release(to);
@@ -507,9 +527,12 @@ fn run_cell(setup: &Setup, from: Kernel, to: Kernel) -> Result<Cell> {
     }
     cell.strategy = strategy(&restore.output);
     let read = |d: &Path| std::fs::read_to_string(d.join("out")).unwrap_or_default();
-    let (verdict, mt) = (read(&dir), read(&dir.join("mt")));
-    let (verdict, mt) = (verdict.trim(), mt.trim());
-    cell.pass = restore.ok && verdict.starts_with("PASS:") && mt.starts_with("PASS:");
+    let (verdict, mt, tree) = (read(&dir), read(&dir.join("mt")), read(&dir.join("pt")));
+    let (verdict, mt, tree) = (verdict.trim(), mt.trim(), tree.trim());
+    cell.pass = restore.ok
+        && verdict.starts_with("PASS:")
+        && mt.starts_with("PASS:")
+        && tree.starts_with("PASS:");
     let short = |v: &str| {
         v.strip_prefix("PASS: ")
             .or_else(|| v.strip_prefix("FAIL: "))
@@ -518,9 +541,26 @@ fn run_cell(setup: &Setup, from: Kernel, to: Kernel) -> Result<Cell> {
     };
     cell.reason = match (verdict.is_empty(), mt) {
         (true, _) => format!("restore: {}", restore.reason),
-        (false, m) if m.starts_with("PASS:") => {
+        (false, m) if m.starts_with("PASS:") && tree.starts_with("PASS:") => {
             let threads = m.split_whitespace().find(|w| w.starts_with("threads="));
-            format!("{}; {} ok", short(verdict), threads.unwrap_or("threads"))
+            let procs = tree.split_whitespace().find(|w| w.starts_with("procs="));
+            format!(
+                "{}; {} ok; tree {} ok",
+                short(verdict),
+                threads.unwrap_or("threads"),
+                procs.unwrap_or("")
+            )
+        }
+        (false, m) if m.starts_with("PASS:") => {
+            format!(
+                "{}; tree: {}",
+                short(verdict),
+                if tree.is_empty() {
+                    restore.reason.clone()
+                } else {
+                    short(tree)
+                }
+            )
         }
         (false, "") => format!("{}; threads: {}", short(verdict), restore.reason),
         (false, m) => format!("{}; threads: {}", short(verdict), short(m)),
@@ -681,6 +721,7 @@ fn kill_fixture(dir: &Path) {
     for (d, name) in [
         (dir.to_path_buf(), "vdso_calls"),
         (dir.join("mt"), "threads"),
+        (dir.join("pt"), "tree"),
     ] {
         let Some(pid) = std::fs::read_to_string(d.join("pid"))
             .ok()
