@@ -24,6 +24,10 @@ pub enum Which {
         /// Threads of the workload (all but one nap in nanosleep).
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        /// Processes of the workload: a parent and N-1 children, each with the threads and
+        /// 1/N of the memory.
+        #[arg(long, default_value_t = 1)]
+        processes: usize,
         /// A CRIU (>= 4.1) binary to measure in the same run; default: `criu` on PATH.
         #[arg(long)]
         criu: Option<std::path::PathBuf>,
@@ -47,8 +51,14 @@ pub fn run(which: Which) -> Result<()> {
             sizes,
             runs,
             threads,
+            processes,
             criu,
-        } => crate::bench_cr::run(&sizes, runs, threads, crate::bench_cr::find_criu(criu)),
+        } => crate::bench_cr::run(
+            &sizes,
+            runs,
+            crate::bench_cr::Shape { threads, processes },
+            crate::bench_cr::find_criu(criu),
+        ),
         Which::Freeze { threads, runs } => crate::bench_cr::freeze(&threads, runs),
     }
 }

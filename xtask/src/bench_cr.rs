@@ -60,12 +60,14 @@ fn timed(cmd: &mut Command, what: &str, log: &Path) -> Result<(Duration, u64)> {
 
 /// Starts `memhold MIB STATE THREADS` on its own and waits until it has filled its memory;
 /// returns its pid.
-fn start_memhold(memhold: &Path, mib: u64, threads: usize, state: &Path) -> Result<i32> {
+fn start_memhold(memhold: &Path, mib: u64, shape: Shape, state: &Path) -> Result<i32> {
+    let threads = shape.threads;
     let status = workload_launcher()
         .arg(memhold)
         .arg(mib.to_string())
         .arg(state)
         .arg(threads.to_string())
+        .arg(shape.processes.to_string())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -117,15 +119,46 @@ fn gone(pid: i32) -> bool {
     !Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// One dump + restore of a fresh `memhold mib` (with `threads` threads) with `tool`.
-pub fn round(tool: &Tool, memhold: &Path, work: &Path, mib: u64, threads: usize) -> Result<Round> {
+/// The workload's shape: threads per process, processes.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    pub threads: usize,
+    pub processes: usize,
+}
+
+/// `pid` and its descendants.
+fn tree(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        out.push(p);
+        let kids =
+            std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default();
+        todo.extend(
+            kids.split_whitespace()
+                .filter_map(|k| k.parse::<i32>().ok()),
+        );
+    }
+    out
+}
+
+/// One dump + restore of a fresh `memhold mib` of this shape with `tool`.
+pub fn round(tool: &Tool, memhold: &Path, work: &Path, mib: u64, shape: Shape) -> Result<Round> {
     let dir = work.join(format!("{}-{mib}", tool.name));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let state = dir.join("state");
     let img = dir.join("img");
     std::fs::create_dir_all(&img)?;
-    let pid = start_memhold(memhold, mib, threads, &state)?;
+    let pid = start_memhold(memhold, mib, shape, &state)?;
+    let members = tree(pid);
+    if members.len() != shape.processes {
+        bail!(
+            "memhold made {} processes, not {}",
+            members.len(),
+            shape.processes
+        );
+    }
     let read_state = || std::fs::read_to_string(&state).unwrap_or_default();
 
     let img_s = img.to_string_lossy().into_owned();
@@ -151,8 +184,8 @@ pub fn round(tool: &Tool, memhold: &Path, work: &Path, mib: u64, threads: usize)
     )?;
     wait_until(
         Duration::from_secs(60),
-        || gone(pid),
-        "the dumped process to be reaped",
+        || members.iter().all(|&p| gone(p)),
+        "the dumped processes to be reaped",
     )?;
     let (restore_t, restore_rss) = timed(
         &mut restore,
@@ -168,15 +201,17 @@ pub fn round(tool: &Tool, memhold: &Path, work: &Path, mib: u64, threads: usize)
         "the restored process to verify its memory",
     )?;
     let verdict = read_state();
-    // SAFETY: the workload's job is done.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
+    for &p in &members {
+        // SAFETY: the workload's job is done.
+        unsafe { libc::kill(p, libc::SIGKILL) };
+    }
     if !verdict.starts_with("OK") {
         bail!("{}: restored memory did not verify: {verdict}", tool.name);
     }
     wait_until(
         Duration::from_secs(60),
-        || gone(pid),
-        "the restored process to be reaped",
+        || members.iter().all(|&p| gone(p)),
+        "the restored processes to be reaped",
     )?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(Round {
@@ -192,7 +227,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-pub fn run(sizes: &[u64], runs: usize, threads: usize, criu: Option<PathBuf>) -> Result<()> {
+pub fn run(sizes: &[u64], runs: usize, shape: Shape, criu: Option<PathBuf>) -> Result<()> {
     if runs == 0 {
         bail!("--runs must be at least 1");
     }
@@ -217,7 +252,8 @@ pub fn run(sizes: &[u64], runs: usize, threads: usize, criu: Option<PathBuf>) ->
         ),
     }
     println!(
-        "bench dump-restore: {runs} runs per size, medians; {threads} thread(s); memory verified after every restore"
+        "bench dump-restore: {runs} runs per size, medians; {} process(es) × {} thread(s); memory verified after every restore",
+        shape.processes, shape.threads
     );
     println!(
         "{:<8} {:<7} {:>10} {:>10} {:>13} {:>13}",
@@ -226,7 +262,7 @@ pub fn run(sizes: &[u64], runs: usize, threads: usize, criu: Option<PathBuf>) ->
     for &mib in sizes {
         // One warm-up round per tool: the first touch of fresh memory is far slower on this VM.
         for tool in &tools {
-            round(tool, &memhold, &work, mib.min(64), threads)?;
+            round(tool, &memhold, &work, mib.min(64), shape)?;
         }
         // The tools take turns, round by round (the order alternating), and every round starts
         // with nothing left to write back: whatever the machine does meanwhile (page cache
@@ -237,7 +273,7 @@ pub fn run(sizes: &[u64], runs: usize, threads: usize, criu: Option<PathBuf>) ->
                 let t = if run % 2 == 0 { k } else { tools.len() - 1 - k };
                 // SAFETY: sync has no preconditions.
                 unsafe { libc::sync() };
-                rounds[t].push(round(&tools[t], &memhold, &work, mib, threads)?);
+                rounds[t].push(round(&tools[t], &memhold, &work, mib, shape)?);
             }
         }
         let mut medians = Vec::new();
@@ -314,7 +350,11 @@ pub fn freeze(thread_counts: &[usize], runs: usize) -> Result<()> {
         let dir = work.join(format!("freeze-{n}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        let pid = start_memhold(&memhold, 16, n, &dir.join("state"))?;
+        let shape = Shape {
+            threads: n,
+            processes: 1,
+        };
+        let pid = start_memhold(&memhold, 16, shape, &dir.join("state"))?;
         let mut frozen = Vec::new();
         for i in 0..=runs {
             let img = dir.join(format!("img{i}"));

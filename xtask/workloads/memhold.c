@@ -4,9 +4,12 @@
  * "READY pid=P" in a state file, then naps. On SIGUSR1 it verifies every word and reports
  * "OK pid=P" or "BAD pid=P words=W", so a benchmark can prove the restored copy is intact.
  * With THREADS > 1 it runs that many threads in all (the others nap in nanosleep too, each
- * holding a word of its own that is verified with the memory).
+ * holding a word of its own that is verified with the memory). With PROCESSES > 1 it is a
+ * tree: the first process forks PROCESSES - 1 children before anything else, and each of
+ * them holds MIB / PROCESSES of its own distinct memory and THREADS threads; on SIGUSR1 the
+ * first one asks each child to verify (STATE_FILE.<k>) and reports for all.
  *
- *   memhold MIB STATE_FILE [THREADS]
+ *   memhold MIB STATE_FILE [THREADS [PROCESSES]]
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -17,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -75,17 +79,35 @@ int main(int argc, char **argv)
 	uint64_t *mem;
 	size_t words, i;
 	long threads = argc > 3 ? strtol(argv[3], NULL, 10) : 1;
+	long procs = argc > 4 ? strtol(argv[4], NULL, 10) : 1;
+	pid_t kids[64];
+	long me = 0;
+	char own_state[4096];
 
-	if (argc < 3 || argc > 4 || threads < 1 || threads > MAX_THREADS) {
-		fprintf(stderr, "usage: memhold MIB STATE_FILE [THREADS]\n");
+	if (argc < 3 || argc > 5 || threads < 1 || threads > MAX_THREADS || procs < 1 || procs > 64) {
+		fprintf(stderr, "usage: memhold MIB STATE_FILE [THREADS [PROCESSES]]\n");
 		return 2;
 	}
-	words = strtoull(argv[1], NULL, 10) << 17; /* MiB / 8 bytes */
+	signal(SIGUSR1, on_usr1);
+	for (long k = 1; k < procs; k++) {
+		kids[k] = fork();
+		if (kids[k] < 0)
+			return 1;
+		if (kids[k] == 0) {
+			me = k;
+			break;
+		}
+	}
+	if (me)
+		snprintf(own_state, sizeof(own_state), "%s.%ld", argv[2], me);
+	else
+		snprintf(own_state, sizeof(own_state), "%s", argv[2]);
+	words = (strtoull(argv[1], NULL, 10) << 17) / (uint64_t)procs; /* MiB / 8 bytes */
 	mem = mmap(NULL, words * 8, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (mem == MAP_FAILED)
 		return 1;
 	for (i = 0; i < words; i++)
-		mem[i] = word(i);
+		mem[i] = word(i + (uint64_t)me * words);
 	for (long t = 1; t < threads; t++) {
 		pthread_t th;
 
@@ -95,9 +117,23 @@ int main(int argc, char **argv)
 	for (long t = 1; t < threads; t++)
 		while (thread_word[t] != (0x5ea7ull << 32 | (uint64_t)t))
 			nanosleep(&nap, NULL);
-	signal(SIGUSR1, on_usr1);
-	snprintf(line, sizeof(line), "READY pid=%d\n", getpid());
-	state(argv[2], line);
+	if (me) {
+		snprintf(line, sizeof(line), "READY pid=%d\n", getpid());
+		state(own_state, line);
+	} else {
+		/* Ready when every child is. */
+		for (long k = 1; k < procs; k++) {
+			char path[4200];
+			struct stat st;
+
+			snprintf(path, sizeof(path), "%s.%ld", argv[2], k);
+			while (stat(path, &st))
+				nanosleep(&nap, NULL);
+			unlink(path);
+		}
+		snprintf(line, sizeof(line), "READY pid=%d\n", getpid());
+		state(argv[2], line);
+	}
 	for (;;) {
 		size_t bad = 0;
 
@@ -105,14 +141,32 @@ int main(int argc, char **argv)
 		if (!verify_now)
 			continue;
 		verify_now = 0;
+		for (long k = 1; !me && k < procs; k++)
+			kill(kids[k], SIGUSR1);
 		for (i = 0; i < words; i++)
-			bad += mem[i] != word(i);
+			bad += mem[i] != word(i + (uint64_t)me * words);
 		for (long t = 1; t < threads; t++)
 			bad += thread_word[t] != (0x5ea7ull << 32 | (uint64_t)t);
+		for (long k = 1; !me && k < procs; k++) {
+			char path[4200], got[128] = "";
+			int fd = -1;
+
+			snprintf(path, sizeof(path), "%s.%ld", argv[2], k);
+			for (int tries = 0; tries < 60000 && fd < 0; tries++) {
+				fd = open(path, O_RDONLY);
+				if (fd < 0)
+					nanosleep(&nap, NULL);
+			}
+			if (fd < 0 || read(fd, got, sizeof(got) - 1) < 2 || strncmp(got, "OK", 2))
+				bad++;
+			if (fd >= 0)
+				close(fd);
+			unlink(path);
+		}
 		if (bad)
 			snprintf(line, sizeof(line), "BAD pid=%d words=%zu\n", getpid(), bad);
 		else
 			snprintf(line, sizeof(line), "OK pid=%d\n", getpid());
-		state(argv[2], line);
+		state(own_state, line);
 	}
 }
