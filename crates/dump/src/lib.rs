@@ -75,14 +75,12 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
         frozen = frozen_at.elapsed();
     } else {
         // Killed while still frozen: none of them runs past the moment the image describes.
-        for t in &tasks {
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(t.pid),
-                nix::sys::signal::Signal::SIGKILL,
-            )
-            .with_context(|| format!("killing dumped pid {}", t.pid))?;
-        }
         frozen = frozen_at.elapsed();
+        for t in tasks.iter_mut() {
+            t.seized
+                .kill_and_reap()
+                .with_context(|| format!("killing dumped pid {}", t.pid))?;
+        }
         drop(tasks);
     }
 

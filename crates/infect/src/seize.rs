@@ -292,6 +292,44 @@ impl Seized {
         }
     }
 
+    /// Kills the process while it is frozen, and waits, as its tracer, until every thread has
+    /// died: then the kernel hands the dead process to its real parent with a SIGCHLD, as if
+    /// it had never been traced (a tracer that just goes away leaves the parent of a
+    /// multi-threaded process without one).
+    pub fn kill_and_reap(&mut self) -> Result<()> {
+        nix::sys::signal::kill(Pid::from_raw(self.pid), nix::sys::signal::Signal::SIGKILL)
+            .map_err(|errno| InfectError::Ptrace {
+                op: "kill",
+                tid: self.pid,
+                errno,
+            })?;
+        self.released = true;
+        // The leader's death is reported last, once its group is empty.
+        let mut order: Vec<i32> = self
+            .threads
+            .iter()
+            .copied()
+            .filter(|&t| t != self.pid)
+            .collect();
+        order.push(self.pid);
+        for tid in order {
+            loop {
+                match sys::wait(Pid::from_raw(tid), false) {
+                    Ok(Wait::Exited(_)) | Ok(Wait::Killed(_)) | Err(Errno::ECHILD) => break,
+                    Ok(_) => continue,
+                    Err(errno) => {
+                        return Err(InfectError::Ptrace {
+                            op: "wait",
+                            tid,
+                            errno,
+                        })
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Detaches every thread, letting the process run on. Idempotent.
     pub fn release(&mut self) -> Result<()> {
         if self.released {

@@ -264,7 +264,9 @@ fn prepare(spawn: &Spawn<'_>, i: usize, ready: RawFd, hold: RawFd) -> Result<()>
     let _ = nix::sys::personality::set(persona);
     let pid = img.inventory.pid;
     let me = Pid::from_raw(0);
-    if pr.sid == pid {
+    if i == 0 && spawn.shell_job {
+        // The job's terminal is this stasis's: its session and group are the job's now.
+    } else if pr.sid == pid {
         check(nix::unistd::setsid(), || "setsid".into())?;
     } else if pr.pgid == pid {
         check(nix::unistd::setpgid(me, me), || "setpgid".into())?;

@@ -133,6 +133,7 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
         Spawn {
             tasks: plans,
             plumbing,
+            shell_job: opts.shell_job,
         },
         &mut guard,
     );

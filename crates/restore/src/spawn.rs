@@ -70,6 +70,9 @@ pub(crate) struct TaskPlan<'a> {
 pub(crate) struct Spawn<'a> {
     pub tasks: Vec<TaskPlan<'a>>,
     pub plumbing: Plumbing,
+    /// A shell job (`--shell-job`): the root joins this stasis's session and process group,
+    /// whose terminal it is given (as CRIU does), instead of making its own.
+    pub shell_job: bool,
 }
 
 /// The parent's ends of the handshakes: a task blocks reading its hold pipe until it is
@@ -166,7 +169,11 @@ pub(crate) fn spawn_tree(mut spawn: Spawn<'_>, guard: &mut TreeGuard) -> Result<
         host_ends.push((ready_r, hold_w));
     }
     let root = spawn.tasks[0].img.inventory.pid;
-    let session = session_helper(spawn.tasks[0].img);
+    let session = if spawn.shell_job {
+        None
+    } else {
+        session_helper(spawn.tasks[0].img)
+    };
     if let Some(s) = session {
         // The helper's children come back to us when it exits.
         // SAFETY: prctl with integer arguments only.
