@@ -53,6 +53,7 @@ fn still_locked(d: &Daemon) {
     assert_eq!(getlk(&p("mapped"), 0, false), (w, d.pid), "mapped 0-4095");
     assert!(flock_blocked(&p("flock_ex")), "flock_ex");
     assert!(flock_blocked(&p("flock_sh")), "flock_sh");
+    assert!(flock_blocked(&p("maplock")), "maplock (held by a mapping)");
 }
 
 #[test]
@@ -74,7 +75,7 @@ fn every_kind_of_lock_is_held_again_after_restore() {
         still_locked(&d);
     }
     let v = assert_pass(&d.finish());
-    assert_eq!(detail(&v, "locks"), 7, "{v}");
+    assert_eq!(detail(&v, "locks"), 8, "{v}");
 }
 
 /// Another process took a lock while the dumped one was away: the restore must fail, naming

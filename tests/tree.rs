@@ -297,3 +297,111 @@ open('{r}','w').write(('OK' if ok else 'FAIL') + ' %d %d %x %x' % (a, b, sa, sb)
     let r = std::fs::read_to_string(&result).unwrap_or_default();
     assert!(r.starts_with("OK"), "{r}");
 }
+
+/// A process forking short-lived children as fast as it can (each exits with a status its
+/// parent checks when it reaps it): the freeze catches whatever is there — live children,
+/// zombies — twenty times running on, then once for good; restored, it carries on.
+#[test]
+fn a_process_forking_all_the_time_is_frozen_whole_and_carries_on() {
+    if !require_root("a_process_forking_all_the_time_is_frozen_whole_and_carries_on") {
+        return;
+    }
+    let dir = tempdir::Dir::new("tree-churn");
+    let pidfile = dir.path().join("pid");
+    let ticks = dir.path().join("ticks");
+    let script = format!(
+        r#"import os, time
+f = os.open('{t}', os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+open('{p}.tmp','w').write(str(os.getpid())); os.rename('{p}.tmp','{p}')
+n = 0
+kids = {{}}
+while True:
+    c = os.fork()
+    if c == 0:
+        time.sleep(0.003); os._exit(n % 7)
+    kids[c] = n % 7
+    while kids:
+        p, st = os.waitpid(-1, os.WNOHANG)
+        if p == 0: break
+        if not os.WIFEXITED(st) or os.WEXITSTATUS(st) != kids.pop(p):
+            os.write(f, b'BAD %d %x\n' % (p, st))
+    n += 1
+    os.write(f, b'%d\n' % n)
+    time.sleep(0.001)
+"#,
+        t = ticks.display(),
+        p = pidfile.display()
+    );
+    let mut child = python(&script, &pidfile);
+    let pid = child.id() as i32;
+    let lines = || std::fs::read_to_string(&ticks).unwrap_or_default();
+    let mut sizes = Vec::new();
+    for n in 1..=20 {
+        let img = dir.path().join(format!("img{n}"));
+        let o = stasis(&[
+            "dump",
+            "-t",
+            &pid.to_string(),
+            "-D",
+            &img.to_string_lossy(),
+            "--leave-running",
+        ]);
+        assert!(o.status.success(), "dump {n}: {}", stderr_of(&o));
+        let e = stderr_of(&o);
+        sizes.push(
+            e.split(" processes")
+                .next()
+                .and_then(|s| s.rsplit(' ').next())
+                .unwrap_or("1")
+                .to_string(),
+        );
+        assert_eq!(tracer_of(pid), 0, "released after dump {n}");
+    }
+    let img = dir.path().join("last");
+    let o = stasis(&["dump", "-t", &pid.to_string(), "-D", &img.to_string_lossy()]);
+    assert!(o.status.success(), "dump: {}", stderr_of(&o));
+    let _ = child.wait();
+    // Every pid the image holds (zombies too) must be free again before the restore.
+    for p in image_pids(&img) {
+        wait_gone(p);
+    }
+    let at_dump = lines().lines().count();
+    let o = stasis(&["restore", "-D", &img.to_string_lossy(), "-d"]);
+    assert!(o.status.success(), "restore: {}", stderr_of(&o));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let text = lines();
+    let after = tree_of(pid);
+    for p in after.keys() {
+        // SAFETY: killing the processes this test started.
+        unsafe { libc::kill(*p, libc::SIGKILL) };
+    }
+    assert!(
+        !text.contains("BAD"),
+        "a child's status came back wrong: {text}"
+    );
+    let counts: Vec<u64> = text.lines().filter_map(|l| l.parse().ok()).collect();
+    assert!(
+        counts.len() > at_dump + 20,
+        "it carries on: {} lines at the dump, {} now",
+        at_dump,
+        counts.len()
+    );
+    assert!(
+        counts.windows(2).all(|w| w[1] == w[0] + 1),
+        "the count is continuous"
+    );
+    eprintln!("processes per dump: {}", sizes.join(" "));
+}
+
+/// Every pid of an image's tree, from `stasis show --json` (each line starts with the pid).
+fn image_pids(img: &std::path::Path) -> Vec<i32> {
+    let o = stasis(&["show", "--json", &img.to_string_lossy()]);
+    assert!(o.status.success(), "show: {}", stderr_of(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("show --json");
+    v["tree"]
+        .as_array()
+        .expect("tree")
+        .iter()
+        .filter_map(|l| l.as_str()?.split_whitespace().next()?.parse().ok())
+        .collect()
+}

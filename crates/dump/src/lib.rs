@@ -54,17 +54,28 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
     let (mut tasks, zombies) = tree::seize(pid)?;
     let frozen_at = Instant::now();
     // Every process is read while the whole tree is frozen; nothing is killed or let go before
-    // every one of them has been read and the tree as a whole checked.
-    let mut dumps = Vec::with_capacity(tasks.len());
-    for t in tasks.iter_mut() {
-        let dir = if t.pid == pid {
-            images.clone()
-        } else {
-            ImageDir::create(dir.join(task_dir_name(t.pid)))
-                .with_context(|| format!("preparing the image directory of pid {}", t.pid))?
-        };
-        dumps.push(dump_task(t.pid, &mut t.seized, dir, opts, t.pid == pid)?);
-    }
+    // every one of them has been read and the tree as a whole checked. The memory of each is
+    // copied in the background while the next ones are read.
+    let mut dumps = std::thread::scope(|scope| -> Result<Vec<TaskDump>> {
+        let mut pending = Vec::with_capacity(tasks.len());
+        for t in tasks.iter_mut() {
+            let dir = if t.pid == pid {
+                images.clone()
+            } else {
+                ImageDir::create(dir.join(task_dir_name(t.pid)))
+                    .with_context(|| format!("preparing the image directory of pid {}", t.pid))?
+            };
+            pending.push(start_task(
+                scope,
+                t.pid,
+                &mut t.seized,
+                dir,
+                opts,
+                t.pid == pid,
+            )?);
+        }
+        pending.into_iter().map(finish_task).collect()
+    })?;
     let tree = tree::settle(&tasks, zombies, &mut dumps)?;
 
     let frozen;
@@ -158,16 +169,28 @@ impl TaskDump {
     }
 }
 
+/// One process read but for its memory, whose copy runs on in the background.
+struct PendingTask<'s> {
+    pid: i32,
+    root: bool,
+    images: ImageDir,
+    files: Files,
+    desc_keys: Vec<files::DescKey>,
+    work: FrozenWork,
+    job_stop: Option<i32>,
+    copier: std::thread::ScopedJoinHandle<'s, (mm::MemPlan, PageWriter, Result<()>)>,
+}
+
 /// Reads one frozen process of the tree (nothing in it is changed but by the parasite, which
-/// is cured before this returns) and writes its pages.
-fn dump_task(
+/// is cured before this returns) and starts the copy of its pages into `scope`.
+fn start_task<'s>(
+    scope: &'s std::thread::Scope<'s, '_>,
     pid: i32,
     seized: &mut Seized,
     images: ImageDir,
     opts: &DumpOptions,
     root: bool,
-) -> Result<TaskDump> {
-    let frozen_at = Instant::now();
+) -> Result<PendingTask<'s>> {
     let threads = seized.threads().to_vec();
     // A thread inside a vDSO function is stepped out of it first (CRIU issue #512).
     if let Some(vdso) = stasis_vdso::VdsoLayout::of_pid(pid)?.vdso() {
@@ -202,17 +225,49 @@ fn dump_task(
         stasis_image::DATA_OFFSET + pages.data_len(),
     )?;
     let (cured_tx, cured_rx) = std::sync::mpsc::channel::<()>();
-    let (frozen_work, copied) = std::thread::scope(|s| {
-        let (plan, pages) = (&mem_plan, &mut pages);
-        let copier = s.spawn(move || mm::copy(pid, plan, pages, &cured_rx));
-        let work = frozen_work(pid, &threads, seized, &cured_tx);
-        // If the work failed, the copier learns it when the channel closes.
-        drop(cured_tx);
-        let copied = copier
-            .join()
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("the memory copy thread panicked")));
-        (work, copied)
+    let copier = scope.spawn(move || {
+        let r = mm::copy(pid, &mem_plan, &mut pages, &cured_rx);
+        (mem_plan, pages, r)
     });
+    let work = frozen_work(pid, &threads, seized, &cured_tx);
+    // If the work failed, the copier learns it when the channel closes.
+    drop(cured_tx);
+    let work = match work {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = copier.join();
+            return Err(e);
+        }
+    };
+    Ok(PendingTask {
+        pid,
+        root,
+        images,
+        files,
+        desc_keys,
+        work,
+        job_stop: seized.job_stop(),
+        copier,
+    })
+}
+
+/// Waits for a process's memory copy and completes what is read of it (still frozen).
+fn finish_task(p: PendingTask<'_>) -> Result<TaskDump> {
+    let PendingTask {
+        pid,
+        root,
+        images,
+        files,
+        desc_keys,
+        work,
+        job_stop,
+        copier,
+    } = p;
+    let frozen_at = Instant::now();
+    let (mem_plan, pages, copied) = copier
+        .join()
+        .map_err(|_| anyhow::anyhow!("the memory copy thread of pid {pid} panicked"))?;
+    let threads: Vec<i32> = work.cores.iter().map(|c| c.tid).collect();
     let FrozenWork {
         mut cores,
         shared_pending,
@@ -223,7 +278,7 @@ fn dump_task(
         thread_raw,
         t_collected,
         t_parasite,
-    } = frozen_work?;
+    } = work;
     copied?;
     let vdso_info = asked.verify()?;
     let task = decode_task_state(pid, &task_raw)?;
@@ -254,7 +309,7 @@ fn dump_task(
         );
     }
     let mut process = task::collect_process(pid, &task, &stat, shared_pending)?;
-    process.job_stop = seized.job_stop();
+    process.job_stop = job_stop;
     tracing::debug!(elapsed = ?frozen_at.elapsed(), "process state collected");
     process.posix_timers = task::posix_timers(pid, &proc_timers, &times)?;
     let (monotonic_ns, boottime_ns) = task::clocks_seen_by(pid)?;

@@ -61,13 +61,44 @@ pub(crate) fn seize(root: i32) -> Result<(Vec<Task>, Vec<TreeZombie>)> {
                 zombies.push(zombie(pid, ppid)?);
                 continue;
             }
-            let seized = Seized::seize(pid).with_context(|| {
-                format!("freezing pid {pid}, a child of pid {ppid}, with the tree of pid {root}")
-            })?;
+            let seized = match Seized::seize(pid) {
+                Ok(s) => s,
+                Err(e) => {
+                    // A child exiting at this very moment cannot be traced (EPERM) or has
+                    // just gone: its parent is frozen, so it is about to be a zombie.
+                    match exited(pid) {
+                        Some(true) => {
+                            zombies.push(zombie(pid, ppid)?);
+                            continue;
+                        }
+                        Some(false) => continue,
+                        None => {
+                            return Err(anyhow::Error::from(e).context(format!(
+                                "freezing pid {pid}, a child of pid {ppid}, with the tree of pid {root}"
+                            )))
+                        }
+                    }
+                }
+            };
             tasks.push(Task { pid, ppid, seized });
         }
     }
     Ok((tasks, zombies))
+}
+
+/// For a child that could not be seized: `Some(true)` once it is a zombie, `Some(false)` if it
+/// is gone altogether, `None` if it still runs (the failure was something else). An exiting
+/// task becomes a zombie within moments; it is given 200 ms.
+fn exited(pid: i32) -> Option<bool> {
+    let t = std::time::Instant::now();
+    loop {
+        match stasis_proc::stat(pid) {
+            Err(_) => return Some(false),
+            Ok(st) if st.state == 'Z' || st.state == 'X' => return Some(true),
+            Ok(_) if t.elapsed() > std::time::Duration::from_millis(200) => return None,
+            Ok(_) => std::thread::sleep(std::time::Duration::from_millis(1)),
+        }
+    }
 }
 
 /// A zombie child of a frozen parent, from /proc/PID/stat (which a zombie keeps until it is

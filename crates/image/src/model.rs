@@ -643,6 +643,19 @@ pub struct Files {
     pub unnamed: Vec<UnnamedFile>,
     /// File locks the process holds, taken again once every descriptor is back.
     pub locks: Vec<FileLock>,
+    /// flock locks held through a description that only a mapping keeps (its last fd closed:
+    /// a JVM's hsperfdata file), taken again through the descriptor the file is mapped from.
+    #[serde(default)]
+    pub mapped_locks: Vec<MappedLock>,
+}
+
+/// A flock on a mapped file (`dev` as `Backing::File` has it), held by the mapping's
+/// description.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MappedLock {
+    pub dev: u64,
+    pub inode: u64,
+    pub write: bool,
 }
 
 impl Files {

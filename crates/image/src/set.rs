@@ -358,6 +358,17 @@ fn check_consistency(img: &Image) -> Result<()> {
             )));
         }
     }
+    for l in &f.mapped_locks {
+        let mapped = img.mm.vmas.iter().any(|v| {
+            matches!(v.backing, Backing::File { dev, inode, .. } if dev == l.dev && inode == l.inode)
+        });
+        if !mapped {
+            return Err(bad(format!(
+                "a flock on inode {} held through a mapping the process does not have",
+                l.inode
+            )));
+        }
+    }
     for d in &f.descs {
         if let FileKind::Unnamed { dev, inode } = d.kind {
             if f.unnamed(dev, inode).is_none() {

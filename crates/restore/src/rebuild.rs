@@ -223,6 +223,8 @@ pub(crate) fn build(
             "child subreaper",
         );
     }
+    // The flock a mapping holds, through the mapping's descriptor, before it is closed.
+    crate::files::lock::take_back_mapped(&mut p, &img.files.mapped_locks, h)?;
     // 9. Close the helpers and the handshake pipe.
     for fd in h.numbers().into_iter().filter(|&fd| fd != h.ready_fd) {
         p.op(

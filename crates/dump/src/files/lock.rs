@@ -67,10 +67,17 @@ pub(crate) fn parse(pid: i32, fd: i32, line: &str) -> Result<FileLock> {
 
 /// Cross-checks the locks found through descriptors against `/proc/locks`: a flock or POSIX
 /// lock listed with this pid on a file none of its locks was found on is held where no
-/// descriptor reaches, and would be lost. (An OFD lock lists no owner there, so an OFD lock
-/// kept alive only by a mapping cannot be told from another process's.)
+/// descriptor reaches. A flock on a file the process maps is held by the mapping's
+/// description (its last fd closed since): returned, to be taken again through the mapping's
+/// descriptor. Anything else would be lost: refused. (An OFD lock lists no owner there, so an
+/// OFD lock kept alive only by a mapping cannot be told from another process's.)
 /// `found`: the (major, minor, inode) of every file a lock was found on.
-pub(crate) fn check_unreached(pid: i32, found: &[(u32, u32, u64)]) -> Result<()> {
+pub(crate) fn check_unreached(
+    pid: i32,
+    found: &[(u32, u32, u64)],
+    maps: &[stasis_proc::Vma],
+) -> Result<Vec<MappedLock>> {
+    let mut mapped = Vec::new();
     let text = std::fs::read_to_string("/proc/locks").context("reading /proc/locks")?;
     for line in text.lines() {
         let w: Vec<&str> = line.split_whitespace().collect();
@@ -84,12 +91,32 @@ pub(crate) fn check_unreached(pid: i32, found: &[(u32, u32, u64)]) -> Result<()>
         if !matches!(*class, "FLOCK" | "POSIX") || owner.parse::<i32>().ok() != Some(pid) {
             continue;
         }
-        if !found.iter().any(|f| Some(*f) == parse_inode(inode)) {
-            let cut: String = line.chars().take(160).collect();
-            bail!("pid {pid} holds a file lock no descriptor of it reaches ({cut}); not supported yet");
+        let Some(file) = parse_inode(inode) else {
+            continue;
+        };
+        if found.contains(&file) {
+            continue;
         }
+        let (major, minor, ino) = file;
+        let in_map = maps
+            .iter()
+            .any(|v| v.dev == (major, minor) && v.inode == ino && v.name.starts_with(b"/"));
+        if *class == "FLOCK" && in_map {
+            let write = w.get(3) == Some(&"WRITE");
+            let l = MappedLock {
+                dev: kdev(major, minor),
+                inode: ino,
+                write,
+            };
+            if !mapped.contains(&l) {
+                mapped.push(l);
+            }
+            continue;
+        }
+        let cut: String = line.chars().take(160).collect();
+        bail!("pid {pid} holds a file lock no descriptor of it reaches ({cut}); not supported yet");
     }
-    Ok(())
+    Ok(mapped)
 }
 
 /// `fe:00:10018965`: major and minor in hex, inode in decimal.

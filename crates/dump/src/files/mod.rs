@@ -192,7 +192,15 @@ pub(crate) fn collect(
         reps.push((id, fd, key));
     }
     epoll::check_watches(pid, &cx.epoll_watches, &watched)?;
-    lock::check_unreached(pid, &locked)?;
+    let maps = stasis_proc::maps(pid)?;
+    let mapped_locks = lock::check_unreached(pid, &locked, &maps)?;
+    if !opts.file_locks && !mapped_locks.is_empty() {
+        bail!(
+            "pid {pid} holds a flock on a file it maps (inode {}) and --no-file-locks was given",
+            mapped_locks[0].inode
+        );
+    }
+    cx.files.mapped_locks = mapped_locks;
     let mut files = cx.files;
     tty::settle_shell_job(pid, opts.shell_job, &mut files)?;
     let keys = reps

@@ -45,6 +45,43 @@ pub(crate) fn take_back(p: &mut Plan, locks: &[FileLock]) {
     }
 }
 
+/// flock locks held by mappings: taken through the descriptor each file is mapped from, which
+/// the mapping keeps after the plan closes it.
+pub(crate) fn take_back_mapped(
+    p: &mut Plan,
+    locks: &[MappedLock],
+    h: &crate::fds::Helpers,
+) -> anyhow::Result<()> {
+    for l in locks {
+        let Some((_, &fd)) = h
+            .maps
+            .iter()
+            .find(|(m, _)| m.dev == l.dev && m.inode == l.inode)
+        else {
+            anyhow::bail!(
+                "no mapping of inode {} to take its flock back through",
+                l.inode
+            );
+        };
+        let op = if l.write {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_SH
+        } | libc::LOCK_NB;
+        p.op(
+            libc::SYS_flock,
+            [V(fd as u64), V(op as u64), V(0), V(0), V(0), V(0)],
+            EXPECT_OK,
+            format!(
+                "take back the flock {} lock on mapped inode {} (another process may hold it now)",
+                if l.write { "write" } else { "read" },
+                l.inode
+            ),
+        );
+    }
+    Ok(())
+}
+
 /// `struct flock` as x86_64 lays it out: l_type, l_whence (i16 each), padding, l_start,
 /// l_len (i64 each), l_pid (which F_OFD_SETLK requires to be 0), padding.
 fn flock_bytes(l: &FileLock) -> [u8; 32] {
