@@ -237,6 +237,43 @@ fn backing_of(
     Ok(Some(Backing::Anon))
 }
 
+/// Which pages of shared anonymous mapping `v` its shmem object holds (`SEEK_DATA` and
+/// `SEEK_HOLE` on the object, opened through /proc/PID/map_files).
+fn shmem_pages(pid: i32, v: &stasis_proc::Vma, npages: usize) -> Result<Vec<bool>> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/proc/{pid}/map_files/{:x}-{:x}", v.start, v.end);
+    let f = File::open(&path).with_context(|| format!("opening {path} (shared memory {v})"))?;
+    let mut bits = vec![false; npages];
+    let (lo, hi) = (v.offset, v.offset + v.len());
+    let page = PAGE_SIZE as u64;
+    let mut pos = lo;
+    while pos < hi {
+        // SAFETY: lseek on our own descriptor.
+        let data = unsafe { libc::lseek(f.as_raw_fd(), pos as i64, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // no data from pos on
+            }
+            bail!("SEEK_DATA on {path}: {e}");
+        }
+        let data = data as u64;
+        if data >= hi {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(f.as_raw_fd(), data as i64, libc::SEEK_HOLE) };
+        let hole = if hole < 0 { hi } else { (hole as u64).min(hi) };
+        let first = ((data - lo) / page) as usize;
+        let last = (hole - lo).div_ceil(page) as usize;
+        for b in bits.iter_mut().take(last.min(npages)).skip(first) {
+            *b = true;
+        }
+        pos = hole.max(data + page);
+    }
+    Ok(bits)
+}
+
 /// The internal shmem mount: shared anonymous memory, memfds, SysV segments.
 const SHMEM_DEV: (u32, u32) = (0, 1);
 
@@ -361,17 +398,27 @@ pub(crate) fn plan(
                 entries[at..at + 8].try_into().unwrap_or([0; 8]),
             ))
         };
+        // Shared anonymous memory: the pages the object holds, mapped here or not (a page
+        // another process wrote, or one whose mapping was dropped, is in the object but not
+        // in this page table, which is all pagemap tells).
+        let in_object = match backing {
+            Backing::AnonShared { .. } => Some(shmem_pages(pid, v, npages)?),
+            _ => None,
+        };
+        let mut want = |k: usize| -> Result<bool> {
+            match &in_object {
+                Some(bits) => Ok(bits[k]),
+                None => Ok(wants_page(&backing, v.shared, entry(k)?, zero_pfn)),
+            }
+        };
         let mut i = 0;
         while i < npages {
-            if !wants_page(&backing, v.shared, entry(i)?, zero_pfn) {
+            if !want(i)? {
                 i += 1;
                 continue;
             }
             let mut j = i + 1;
-            while j < npages
-                && j - i < CHUNK / PAGE_SIZE
-                && wants_page(&backing, v.shared, entry(j)?, zero_pfn)
-            {
+            while j < npages && j - i < CHUNK / PAGE_SIZE && want(j)? {
                 j += 1;
             }
             let addr = v.start + (i * PAGE_SIZE) as u64;

@@ -3,10 +3,10 @@
 //! and sessions — checked as a whole once every process has been read.
 //!
 //! A zombie child (exited, not yet waited for) is recorded with its exit status; it is made
-//! again and exits at once. What this does not bring back yet is refused, naming the pid and
-//! the thing: a group or session whose leader is not in the tree (or has exited), an epoll
-//! instance, a deleted file or memfd, or shared anonymous memory used by more than one
-//! process.
+//! again and exits at once. Shared anonymous memory several processes map is one object
+//! again on restore (`crates/restore/src/shm.rs`). What this does not bring back yet is
+//! refused, naming the pid and the thing: a group or session whose leader is not in the tree
+//! (or has exited), an epoll instance, a deleted file or memfd shared between processes.
 
 use crate::TaskDump;
 use anyhow::{bail, Context, Result};
@@ -331,21 +331,10 @@ fn refuse_shared(dumps: &[TaskDump]) -> Result<()> {
         }
     }
     let mut unnamed: HashMap<(u64, u64), i32> = HashMap::new();
-    let mut shmem: HashMap<u64, i32> = HashMap::new();
     for d in dumps {
         for u in &d.files.unnamed {
             if let Some(other) = unnamed.insert((u.dev, u.inode), d.pid) {
                 bail!("pids {other} and {} both use the deleted file or memfd with inode {}; sharing one between processes is not supported yet", d.pid, u.inode);
-            }
-        }
-        let mut mine = HashSet::new();
-        for v in &d.mm.vmas {
-            if let Backing::AnonShared { id, .. } = v.backing {
-                if mine.insert(id) {
-                    if let Some(other) = shmem.insert(id, d.pid) {
-                        bail!("pids {other} and {} share anonymous memory (MAP_SHARED, {:#x}-{:#x} in pid {}); not supported yet", d.pid, v.start, v.end, d.pid);
-                    }
-                }
             }
         }
     }

@@ -242,12 +242,21 @@ fn prepare(spawn: &Spawn<'_>, i: usize, ready: RawFd, hold: RawFd) -> Result<()>
         place_helper(fd, target)?;
     }
     drop(cx);
+    for (id, &target) in &h.shm {
+        let Some(&obj) = spawn.plumbing.shm.get(id) else {
+            bail!("shared memory {id} was not made for the tree");
+        };
+        // SAFETY: made by the restoring stasis for the tree (`Plumbing`), inherited, open.
+        let obj = unsafe { BorrowedFd::borrow_raw(obj) };
+        place_helper(dup_at_least(obj, h.stage_base)?, target)?;
+    }
     let mut keep: Vec<RawFd> = img.files.fds.iter().map(|f| f.fd).collect();
     keep.extend(h.numbers());
     if !t.children.is_empty() {
         // The children take theirs from what the restoring stasis opened for the tree.
         keep.extend(spawn.plumbing.shared.values());
         keep.extend(spawn.plumbing.lent.values());
+        keep.extend(spawn.plumbing.shm.values());
         for (j, e) in spawn.plumbing.ends.iter().enumerate() {
             if j != i {
                 keep.extend([e.0, e.1]);

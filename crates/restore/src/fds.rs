@@ -47,15 +47,20 @@ pub struct Helpers {
     pub uffd_fd: i32,
     /// Every file the plan maps → the descriptor it maps it from.
     pub maps: BTreeMap<MapFile, i32>,
+    /// Shared anonymous memory shared with other processes of the tree: its object (by id)
+    /// → the descriptor the plan maps it from (made once by the restoring stasis).
+    pub shm: BTreeMap<u64, i32>,
     /// Where the child stages descriptions before it puts them at their numbers.
     pub stage_base: i32,
 }
 
 impl Helpers {
-    pub fn new(img: &Image) -> Result<Helpers> {
+    /// `tree_shm`: the shared anonymous objects several processes of the tree map.
+    pub fn new(img: &Image, tree_shm: &std::collections::HashSet<u64>) -> Result<Helpers> {
         let max_fd = img.files.fds.iter().map(|f| f.fd).max().unwrap_or(2);
         let base = (max_fd + 16).max(100);
         let mut maps = BTreeMap::new();
+        let mut shm = BTreeMap::new();
         let mut next = base + 5;
         for v in &img.mm.vmas {
             if let Some(m) = MapFile::of(v) {
@@ -63,6 +68,14 @@ impl Helpers {
                     next += 1;
                     next - 1
                 });
+            }
+            if let Backing::AnonShared { id, .. } = v.backing {
+                if tree_shm.contains(&id) {
+                    shm.entry(id).or_insert_with(|| {
+                        next += 1;
+                        next - 1
+                    });
+                }
             }
         }
         Ok(Helpers {
@@ -73,6 +86,7 @@ impl Helpers {
             uffd_fd: base + 4,
             stage_base: next + 8,
             maps,
+            shm,
         })
     }
 
@@ -86,6 +100,7 @@ impl Helpers {
             self.uffd_fd,
         ];
         v.extend(self.maps.values());
+        v.extend(self.shm.values());
         v
     }
 

@@ -21,6 +21,7 @@ mod fill;
 mod mm;
 mod plan;
 mod rebuild;
+mod shm;
 mod spawn;
 mod thread;
 mod vdso;
@@ -76,9 +77,10 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
         "vDSO: {}",
         vdso[0].describe()
     );
+    let tree_shm = shm::shared_by_several(&imgs);
     let helpers = imgs
         .iter()
-        .map(|img| fds::Helpers::new(img))
+        .map(|img| fds::Helpers::new(img, &tree_shm))
         .collect::<Result<Vec<_>>>()?;
     let file_data = imgs
         .iter()
@@ -121,7 +123,7 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
         plans[p].children.push(i + 1);
         plans[i + 1].parent_pgid = Some(imgs[p].process.pgid);
     }
-    let plumbing = Plumbing::new(&plans)?;
+    let plumbing = Plumbing::new(&plans, &tree_shm)?;
     let loaded = t0.elapsed();
 
     let shift = shift_clocks_if_behind(&tree.root.inventory)?;

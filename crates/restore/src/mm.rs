@@ -57,6 +57,26 @@ pub(crate) fn map_vma(p: &mut Plan, v: &Vma, h: &Helpers, fill: Fill) -> Result<
                 what,
             );
         }
+        Backing::AnonShared { id, offset } if h.shm.contains_key(id) => {
+            // Shared with other processes of the tree: the one object the restoring stasis
+            // made and filled, mapped from its descriptor; nothing to fill here.
+            let fd = h.shm[id];
+            flags |= libc::MAP_SHARED as u64;
+            p.op(
+                SYS_MMAP,
+                [
+                    V(v.start),
+                    V(len),
+                    V(v.prot as u64),
+                    V(flags),
+                    V(fd as u64),
+                    V(*offset),
+                ],
+                EXPECT_ARG0,
+                format!("{what} (shared memory {id} of the tree)"),
+            );
+            return Ok(());
+        }
         Backing::AnonShared { id, offset } => {
             // A further view of a shared object already mapped: duplicate that mapping
             // (mremap with old size 0), so both views stay one object, as they were.

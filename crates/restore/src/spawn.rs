@@ -48,6 +48,8 @@ pub(crate) struct Plumbing {
     pub lent: HashMap<RawFd, RawFd>,
     /// Per task: the task's ends of its ready pipe (it writes) and hold pipe (it reads).
     pub ends: Vec<(RawFd, RawFd)>,
+    /// Shared anonymous memory several processes map: object id → a descriptor of it.
+    pub shm: HashMap<u64, RawFd>,
     /// All of the above, held until the root has inherited them.
     owned: Vec<OwnedFd>,
 }
@@ -82,7 +84,10 @@ pub struct Children {
 }
 
 impl Plumbing {
-    pub(crate) fn new(tasks: &[TaskPlan<'_>]) -> Result<Plumbing> {
+    pub(crate) fn new(
+        tasks: &[TaskPlan<'_>],
+        tree_shm: &std::collections::HashSet<u64>,
+    ) -> Result<Plumbing> {
         let top = tasks
             .iter()
             .map(|t| t.helpers.fd_limit(t.img))
@@ -97,10 +102,17 @@ impl Plumbing {
             shared: HashMap::new(),
             lent: HashMap::new(),
             ends: Vec::new(),
+            shm: HashMap::new(),
             owned: Vec::new(),
         };
-        let imgs: Vec<(&Image, &FileData)> = tasks.iter().map(|t| (t.img, t.data)).collect();
-        for (id, fd) in crate::files::open_shared(&imgs, base)? {
+        let imgs: Vec<&Image> = tasks.iter().map(|t| t.img).collect();
+        for id in tree_shm {
+            let fd = crate::shm::make(*id, &imgs, base)?;
+            p.shm.insert(*id, fd.as_raw_fd());
+            p.owned.push(fd);
+        }
+        let with_data: Vec<(&Image, &FileData)> = tasks.iter().map(|t| (t.img, t.data)).collect();
+        for (id, fd) in crate::files::open_shared(&with_data, base)? {
             p.shared.insert(id, fd.as_raw_fd());
             p.owned.push(fd);
         }
