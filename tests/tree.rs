@@ -191,6 +191,7 @@ fn a_shared_fd_table_refuses_the_dump() {
             p = pidfile.display()
         );
         let mut child = python(&script, &pidfile);
+        let _reap = KillTree(child.id() as i32);
         let pid = child.id() as i32;
         let before = tree_of(pid);
         let o = stasis(&["dump", "-t", &pid.to_string(), "-D", &dir.path().join("img").to_string_lossy()]);
@@ -248,6 +249,7 @@ open('{r}','w').write(('OK' if ok else 'FAIL') + ' %d %d %x %x' % (a, b, sa, sb)
     );
     let mut child = python(&script, &pidfile);
     let pid = child.id() as i32;
+    let _reap = KillTree(pid);
     let before = tree_of(pid);
     let zombies: Vec<i32> = before
         .iter()
@@ -329,6 +331,7 @@ while True:
     );
     let mut child = python(&script, &pidfile);
     let pid = child.id() as i32;
+    let _reap = KillTree(pid);
     let lines = || std::fs::read_to_string(&ticks).unwrap_or_default();
     let mut sizes = Vec::new();
     for n in 1..=20 {
@@ -399,4 +402,16 @@ fn image_pids(img: &std::path::Path) -> Vec<i32> {
         .iter()
         .filter_map(|l| l.as_str()?.split_whitespace().next()?.parse().ok())
         .collect()
+}
+
+/// Kills a test's process and all its descendants, however the test ends.
+struct KillTree(i32);
+
+impl Drop for KillTree {
+    fn drop(&mut self) {
+        for p in tree_of(self.0).keys() {
+            // SAFETY: killing processes this test started.
+            unsafe { libc::kill(*p, libc::SIGKILL) };
+        }
+    }
 }

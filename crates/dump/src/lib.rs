@@ -86,13 +86,13 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
         frozen = frozen_at.elapsed();
     } else {
         // Killed while still frozen: none of them runs past the moment the image describes.
+        // They are reaped (as their tracer) once the image is written, while they die.
         frozen = frozen_at.elapsed();
         for t in tasks.iter_mut() {
             t.seized
-                .kill_and_reap()
+                .kill()
                 .with_context(|| format!("killing dumped pid {}", t.pid))?;
         }
-        drop(tasks);
     }
 
     let mut s = DumpSummary {
@@ -116,6 +116,14 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
         }
         d.write_inventory()?;
     }
+    if !opts.leave_running {
+        for t in tasks.iter_mut() {
+            t.seized
+                .reap_killed()
+                .with_context(|| format!("waiting for dumped pid {} to die", t.pid))?;
+        }
+    }
+    drop(tasks);
     s.processes = dumps.len();
     s.total = t0.elapsed();
     tracing::info!(pid, ?s, "dumped");

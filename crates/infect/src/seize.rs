@@ -297,6 +297,12 @@ impl Seized {
     /// it had never been traced (a tracer that just goes away leaves the parent of a
     /// multi-threaded process without one).
     pub fn kill_and_reap(&mut self) -> Result<()> {
+        self.kill()?;
+        self.reap_killed()
+    }
+
+    /// The first half of `kill_and_reap`: SIGKILL, while every thread is frozen.
+    pub fn kill(&mut self) -> Result<()> {
         nix::sys::signal::kill(Pid::from_raw(self.pid), nix::sys::signal::Signal::SIGKILL)
             .map_err(|errno| InfectError::Ptrace {
                 op: "kill",
@@ -304,6 +310,11 @@ impl Seized {
                 errno,
             })?;
         self.released = true;
+        Ok(())
+    }
+
+    /// The second half: waits until every thread of the killed process has died.
+    pub fn reap_killed(&mut self) -> Result<()> {
         // The leader's death is reported last, once its group is empty.
         let mut order: Vec<i32> = self
             .threads
