@@ -415,3 +415,66 @@ impl Drop for KillTree {
         }
     }
 }
+
+/// A process group whose leader has exited (the first of a pipeline), and a session whose
+/// leader has exited (its member came back to the root, a child subreaper): both are made again
+/// by helper tasks with the old numbers, and every member comes back in them, with its parent.
+#[test]
+fn groups_and_sessions_whose_leader_exited_come_back() {
+    if !require_root("groups_and_sessions_whose_leader_exited_come_back") {
+        return;
+    }
+    let dir = tempdir::Dir::new("tree-lost-leaders");
+    let pidfile = dir.path().join("pid");
+    let script = format!(
+        r#"import os, time, ctypes
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)
+L = os.fork()
+if L == 0:
+    os.setpgid(0, 0); time.sleep(0.3); os._exit(0)
+os.setpgid(L, L)
+M = os.fork()
+if M == 0:
+    time.sleep(60); os._exit(0)
+os.setpgid(M, L)
+S = os.fork()
+if S == 0:
+    os.setsid()
+    if os.fork() == 0:
+        time.sleep(60); os._exit(0)
+    os._exit(0)
+os.waitpid(L, 0); os.waitpid(S, 0)
+time.sleep(0.2)
+open('{p}.tmp','w').write(str(os.getpid())); os.rename('{p}.tmp','{p}')
+while True:
+    try: os.waitpid(-1, 0)
+    except ChildProcessError: time.sleep(0.1)
+"#,
+        p = pidfile.display()
+    );
+    let mut child = python(&script, &pidfile);
+    let pid = child.id() as i32;
+    let _reap = KillTree(pid);
+    let before = tree_of(pid);
+    assert_eq!(before.len(), 3, "{before:?}");
+    let img = dir.path().join("img");
+    let o = stasis(&["dump", "-t", &pid.to_string(), "-D", &img.to_string_lossy()]);
+    assert!(o.status.success(), "dump: {}", stderr_of(&o));
+    let _ = child.wait();
+    for p in image_pids(&img) {
+        wait_gone(p);
+    }
+    let o = stasis(&["restore", "-D", &img.to_string_lossy(), "-d"]);
+    assert!(o.status.success(), "restore: {}", stderr_of(&o));
+    let mut after = tree_of(pid);
+    let mut before = before;
+    for t in [&mut after, &mut before] {
+        if let Some(r) = t.get_mut(&pid) {
+            r.0 = 0;
+        }
+        for v in t.values_mut() {
+            v.3 = 'S';
+        }
+    }
+    assert_eq!(after, before, "pids, parents, groups and sessions");
+}

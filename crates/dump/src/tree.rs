@@ -137,7 +137,7 @@ pub(crate) fn settle(
     settle_pipes(dumps)?;
     share_descriptions(dumps)?;
     refuse_shared(dumps)?;
-    let order = restore_order(tasks, &zombies, dumps)?;
+    let (order, helpers) = restore_order(tasks, &zombies, dumps)?;
     Ok(Tree {
         zombies,
         tasks: order
@@ -148,6 +148,8 @@ pub(crate) fn settle(
                 ppid: tasks[i].ppid,
                 pgid: dumps[i].process.pgid,
                 sid: dumps[i].process.sid,
+                helper: helpers.get(&i).map(|h| h.0),
+                helper_session: helpers.get(&i).is_some_and(|h| h.1),
             })
             .collect(),
     })
@@ -343,8 +345,26 @@ fn refuse_shared(dumps: &[TaskDump]) -> Result<()> {
 
 /// Parents before children, siblings by pid; each process's session and group must be one a
 /// restore can make: its own, its parent's, or (a group) one led by an ancestor or by a sibling
-/// created before it. Returns indexes into `dumps`, the root first.
-fn restore_order(tasks: &[Task], zombies: &[TreeZombie], dumps: &[TaskDump]) -> Result<Vec<usize>> {
+/// created before it — or one whose leader is gone and whose number is no process of the tree:
+/// the first member made then gets a helper task that makes it (`TreeTask::helper`), and later
+/// members of that group join it. Returns indexes into `dumps`, the root first, and the
+/// helpers: index → (number, whether it is a session).
+type Helpers = HashMap<usize, (i32, bool)>;
+
+fn restore_order(
+    tasks: &[Task],
+    zombies: &[TreeZombie],
+    dumps: &[TaskDump],
+) -> Result<(Vec<usize>, Helpers)> {
+    let mut helpers: Helpers = HashMap::new();
+    // Groups made by helpers so far: (group, session).
+    let mut lost: Vec<(i32, i32)> = Vec::new();
+    let taken = |n: i32| {
+        dumps
+            .iter()
+            .any(|d| d.pid == n || d.cores.iter().any(|c| c.tid == n))
+            || zombies.iter().any(|z| z.pid == n)
+    };
     let index: HashMap<i32, usize> = dumps.iter().enumerate().map(|(i, d)| (d.pid, i)).collect();
     let mut children: HashMap<i32, Vec<usize>> = HashMap::new();
     for (i, t) in tasks.iter().enumerate().skip(1) {
@@ -375,6 +395,17 @@ fn restore_order(tasks: &[Task], zombies: &[TreeZombie], dumps: &[TaskDump]) -> 
     for &i in order.iter().skip(1) {
         let (pid, pr) = (dumps[i].pid, &dumps[i].process);
         let parent = &dumps[index[&tasks[i].ppid]].process;
+        if pr.sid != pid
+            && pr.sid != parent.sid
+            && !taken(pr.sid)
+            && !lost.iter().any(|&(_, s)| s == pr.sid)
+            && (pr.pgid == pr.sid || pr.pgid == pid)
+        {
+            // A session whose leader is gone: a helper with its number makes it.
+            helpers.insert(i, (pr.sid, true));
+            lost.push((pr.sid, pr.sid));
+            continue;
+        }
         if pr.sid != pid && pr.sid != parent.sid {
             bail!(
                 "pid {pid} is in session {}, whose leader is not in the tree of pid {} (or has exited); not supported yet",
@@ -383,6 +414,14 @@ fn restore_order(tasks: &[Task], zombies: &[TreeZombie], dumps: &[TaskDump]) -> 
             );
         }
         if pr.pgid == pid || pr.pgid == parent.pgid {
+            continue;
+        }
+        if lost.contains(&(pr.pgid, pr.sid)) {
+            continue; // a group a helper made for an earlier member: joined
+        }
+        if !taken(pr.pgid) && pr.sid == parent.sid && index.get(&pr.pgid).is_none() {
+            helpers.insert(i, (pr.pgid, false));
+            lost.push((pr.pgid, pr.sid));
             continue;
         }
         let zombie_sibling = zombies.iter().any(|z| {
@@ -416,5 +455,5 @@ fn restore_order(tasks: &[Task], zombies: &[TreeZombie], dumps: &[TaskDump]) -> 
             );
         }
     }
-    Ok(order)
+    Ok((order, helpers))
 }

@@ -632,6 +632,13 @@ pub struct TreeTask {
     pub ppid: i32,
     pub pgid: i32,
     pub sid: i32,
+    /// Its group (or, with `helper_session`, its session) had a leader that is gone: a helper
+    /// task with that number makes it, creates this task inside it as its parent's child
+    /// (CLONE_PARENT), and exits.
+    #[serde(default)]
+    pub helper: Option<i32>,
+    #[serde(default)]
+    pub helper_session: bool,
 }
 
 /// Open files: `files.img`.

@@ -164,12 +164,33 @@ pub fn load_tree(dir: &std::path::Path) -> Result<TreeImage> {
         if t.pid <= 0 || made.contains_key(&t.pid) {
             return Err(bad(format!("pid {} is invalid or repeated", t.pid)));
         }
-        let sid_ok = t.sid == t.pid || t.sid == psid;
-        let pgid_ok = t.pgid == t.pid
-            || t.pgid == ppgid
-            || made
-                .get(&t.pgid)
-                .is_some_and(|&(_, g, s)| g == t.pgid && s == t.sid);
+        let (sid_ok, pgid_ok) = match t.helper {
+            Some(h) => {
+                let free = h > 0
+                    && h != t.pid
+                    && !made.contains_key(&h)
+                    && !tree.tasks.iter().any(|x| x.pid == h)
+                    && !tree.zombies.iter().any(|z| z.pid == h);
+                let ok = if t.helper_session {
+                    t.sid == h && (t.pgid == h || t.pgid == t.pid)
+                } else {
+                    t.pgid == h && t.sid == psid
+                };
+                if free && ok {
+                    // Later members of its group join it.
+                    made.insert(h, (t.ppid, h, t.sid));
+                }
+                (free && ok, free && ok)
+            }
+            None => (
+                t.sid == t.pid || t.sid == psid,
+                t.pgid == t.pid
+                    || t.pgid == ppgid
+                    || made
+                        .get(&t.pgid)
+                        .is_some_and(|&(_, g, s)| g == t.pgid && s == t.sid),
+            ),
+        };
         if !sid_ok || !pgid_ok {
             return Err(bad(format!(
                 "pid {}: session {} / group {} cannot be made again",
@@ -202,6 +223,15 @@ pub fn load_tree(dir: &std::path::Path) -> Result<TreeImage> {
     for z in &all.zombies {
         if !ids.insert(z.pid) {
             return Err(bad(format!("zombie {} has the id of a thread", z.pid)));
+        }
+    }
+    for (t, _) in &all.tasks {
+        if let Some(h) = t.helper {
+            if !ids.insert(h) {
+                return Err(bad(format!(
+                    "helper {h} has the id of a thread or another helper"
+                )));
+            }
         }
     }
     let mut shared: std::collections::HashMap<u32, std::mem::Discriminant<FileKind>> =

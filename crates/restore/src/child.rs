@@ -95,29 +95,13 @@ fn make_children(spawn: &Spawn<'_>, i: usize) -> Result<()> {
     for z in &spawn.tasks[i].zombies {
         make_zombie(z)?;
     }
-    if !spawn.tasks[i].zombies.is_empty() {
-        // Their SIGCHLDs were the process's long ago (any it had not taken yet is in the
-        // image, queued again by the plan): take these away.
-        let set = SigSet::from(nix::sys::signal::Signal::SIGCHLD);
-        let zero = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: rt_sigtimedwait with a valid set, no siginfo, and a zero timeout.
-        while unsafe {
-            libc::syscall(
-                libc::SYS_rt_sigtimedwait,
-                set.as_ref() as *const libc::sigset_t,
-                std::ptr::null_mut::<libc::siginfo_t>(),
-                &zero as *const libc::timespec,
-                8usize,
-            )
-        } > 0
-        {}
-    }
     for &c in &spawn.tasks[i].children {
         let child = spawn.tasks[c].img;
         let (pid, pr) = (child.inventory.pid, &child.process);
+        if let Some((h, session)) = spawn.tasks[c].helper {
+            make_through_helper(spawn, c, h, session)?;
+            continue;
+        }
         // SAFETY: this task is single-threaded (a copy of the single-threaded stasis).
         let r = unsafe { stasis_sys::clone::clone3_with_pid(pid) };
         match r {
@@ -135,7 +119,74 @@ fn make_children(spawn: &Spawn<'_>, i: usize) -> Result<()> {
             })?;
         }
     }
+    if !spawn.tasks[i].zombies.is_empty()
+        || spawn.tasks[i]
+            .children
+            .iter()
+            .any(|&c| spawn.tasks[c].helper.is_some())
+    {
+        // The SIGCHLDs of the zombies were the process's long ago (any it had not taken yet is
+        // in the image, queued again by the plan), the helpers' never were: take them away.
+        let set = SigSet::from(nix::sys::signal::Signal::SIGCHLD);
+        let zero = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: rt_sigtimedwait with a valid set, no siginfo, and a zero timeout.
+        while unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigtimedwait,
+                set.as_ref() as *const libc::sigset_t,
+                std::ptr::null_mut::<libc::siginfo_t>(),
+                &zero as *const libc::timespec,
+                8usize,
+            )
+        } > 0
+        {}
+    }
     Ok(())
+}
+
+/// Child `c`, whose group (or session) `h` lost its leader: a helper task with pid `h` makes it
+/// (setpgid, or setsid), creates `c` inside it as this task's child (CLONE_PARENT) and exits;
+/// this task reaps the helper. The group lives on in `c`.
+fn make_through_helper(spawn: &Spawn<'_>, c: usize, h: i32, session: bool) -> Result<()> {
+    let pid = spawn.tasks[c].img.inventory.pid;
+    // SAFETY: this task is single-threaded (a copy of the single-threaded stasis).
+    match unsafe { stasis_sys::clone::clone3_with_pid(h) } {
+        Ok(0) => {
+            let me = Pid::from_raw(0);
+            let made = if session {
+                nix::unistd::setsid().map(drop)
+            } else {
+                nix::unistd::setpgid(me, me)
+            };
+            if made.is_err() {
+                stasis_sys::process::exit_now(2);
+            }
+            // SAFETY: the helper is single-threaded too.
+            match unsafe {
+                stasis_sys::clone::clone3_with_pid_flags(pid, libc::CLONE_PARENT as u64)
+            } {
+                Ok(0) => child_main(spawn, c),
+                Ok(_) => stasis_sys::process::exit_now(0),
+                Err(_) => stasis_sys::process::exit_now(3),
+            }
+        }
+        Ok(_) => {}
+        Err(e) => bail!(
+            "creating helper pid {h} (to make {} {h} again) with clone3(set_tid): {}",
+            if session { "session" } else { "process group" },
+            std::io::Error::from(e)
+        ),
+    }
+    match nix::sys::wait::waitpid(Pid::from_raw(h), None) {
+        Ok(nix::sys::wait::WaitStatus::Exited(_, 0)) => Ok(()),
+        other => bail!(
+            "the helper making {} {h} failed to create pid {pid}: {other:?}",
+            if session { "session" } else { "process group" }
+        ),
+    }
 }
 
 /// A child that had exited and not been waited for: made with its pid, in its group and

@@ -96,6 +96,7 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
             data,
             children: Vec::new(),
             parent_pgid: None,
+            helper: None,
             zombies: Vec::new(),
         })
         .collect();
@@ -122,6 +123,12 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
         };
         plans[p].children.push(i + 1);
         plans[i + 1].parent_pgid = Some(imgs[p].process.pgid);
+        if let Some(h) = t.helper {
+            if std::path::Path::new(&format!("/proc/{h}")).exists() {
+                bail!("pid {h} is in use: a helper needs it to make the process group (or session) {h} of pid {} again", t.pid);
+            }
+            plans[i + 1].helper = Some((h, t.helper_session));
+        }
     }
     let plumbing = Plumbing::new(&plans, &tree_shm)?;
     let loaded = t0.elapsed();

@@ -63,6 +63,8 @@ pub(crate) struct TaskPlan<'a> {
     pub children: Vec<usize>,
     /// The dumped process group of its parent (`None` for the root).
     pub parent_pgid: Option<i32>,
+    /// A helper task that makes its group or session first (`TreeTask::helper`).
+    pub helper: Option<(i32, bool)>,
     /// Its children that were zombies: made first, each exits at once with its status.
     pub zombies: Vec<stasis_image::model::TreeZombie>,
 }

@@ -27,9 +27,24 @@ const _: () = assert!(std::mem::size_of::<CloneArgs>() == 88);
 /// As for fork(2): in a multi-threaded caller, the child may only call async-signal-safe
 /// functions. The child returns into the caller on a copy of its memory.
 pub unsafe fn clone3_with_pid(tid: i32) -> Result<i32, Errno> {
+    // SAFETY: as the caller promised.
+    unsafe { clone3_with_pid_flags(tid, 0) }
+}
+
+/// `clone3_with_pid` with clone `flags` (e.g. CLONE_PARENT: the child's parent is the
+/// caller's parent).
+///
+/// # Safety
+/// As for `clone3_with_pid`.
+pub unsafe fn clone3_with_pid_flags(tid: i32, flags: u64) -> Result<i32, Errno> {
     let mut want = [tid];
     let args = CloneArgs {
-        exit_signal: libc::SIGCHLD as u64,
+        flags,
+        exit_signal: if flags & libc::CLONE_PARENT as u64 != 0 {
+            0
+        } else {
+            libc::SIGCHLD as u64
+        },
         set_tid: want.as_mut_ptr() as u64,
         set_tid_size: 1,
         ..CloneArgs::default()
