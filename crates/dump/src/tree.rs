@@ -419,7 +419,7 @@ fn restore_order(
         if lost.contains(&(pr.pgid, pr.sid)) {
             continue; // a group a helper made for an earlier member: joined
         }
-        if !taken(pr.pgid) && pr.sid == parent.sid && index.get(&pr.pgid).is_none() {
+        if !taken(pr.pgid) && pr.sid == parent.sid && !index.contains_key(&pr.pgid) {
             helpers.insert(i, (pr.pgid, false));
             lost.push((pr.pgid, pr.sid));
             continue;
