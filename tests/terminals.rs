@@ -200,9 +200,10 @@ fn which(bin: &str) -> Option<std::path::PathBuf> {
     })
 }
 
-/// Dumps the program in `window` (pid `pid`) and restores it on a new pane; returns the
-/// pane, and the file `stasis restore` writes its exit status to.
+/// Dumps the program in `window` (pid `pid`) and restores it on a new pane; returns once it
+/// runs again there, with the pane and the file `stasis restore` writes its exit status to.
 fn move_to_new_pane(tmux: &Tmux, dir: &Path, pid: i32) -> (String, std::path::PathBuf) {
+    let name = comm(pid);
     let img = dir.join("img");
     let o = stasis(&[
         "dump",
@@ -221,8 +222,10 @@ fn move_to_new_pane(tmux: &Tmux, dir: &Path, pid: i32) -> (String, std::path::Pa
         img.display(),
         rc.display()
     ));
+    // Restored, not merely created: while the new task prepares itself it is still stasis
+    // (its name too), and untraced before it is seized.
     wait_for("the restored program", Duration::from_secs(10), || {
-        Path::new(&format!("/proc/{pid}")).exists() && tracer_of(pid) == 0
+        comm(pid) == name && tracer_of(pid) == 0
     });
     (pane, rc)
 }
@@ -376,4 +379,40 @@ fn gone_or_explain(pid: i32) {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// The terminal on fds 0-2 and again on fd 5, in raw mode: after the trip every one of them is
+/// the new pane's terminal, its modes are the raw ones (a single key arrives without Enter),
+/// and the program is in the terminal's foreground group.
+#[test]
+fn a_terminal_on_fd_5_in_raw_mode_comes_back_raw() {
+    let test = "a_terminal_on_fd_5_in_raw_mode_comes_back_raw";
+    if !needs(&["tmux"], test) {
+        return;
+    }
+    let dir = tempdir::Dir::new("tmux-raw");
+    let (pidfile, out) = (dir.path().join("pid"), dir.path().join("out"));
+    let tmux = Tmux::start("raw");
+    let (first, pid) = tmux.window(&format!(
+        "{} --pidfile {} --out {}",
+        fixture_bin("ttymodes").display(),
+        pidfile.display(),
+        out.display()
+    ));
+    wait_for("the fixture to be ready", Duration::from_secs(10), || {
+        pidfile.exists() && tmux.screen(&first).contains("ttymodes ready")
+    });
+    let (pane, rc) = move_to_new_pane(&tmux, dir.path(), pid);
+    tmux.type_keys(&pane, "x", &[]);
+    wait_for("the key, read in raw mode", Duration::from_secs(10), || {
+        tmux.screen(&pane).contains("got x")
+    });
+    // SAFETY: signalling the fixture.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    wait_for("the verdict", Duration::from_secs(10), || {
+        std::fs::read_to_string(&out).is_ok_and(|v| v.ends_with('\n'))
+    });
+    let v = assert_pass(&std::fs::read_to_string(&out).unwrap_or_default());
+    assert!(v.contains("keys=x "), "{v}");
+    assert_eq!(exit_status(&rc), "rc=0");
 }
