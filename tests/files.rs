@@ -152,7 +152,7 @@ fn an_unsupported_fd_kind_is_refused() {
             "import socket,os,select,time\n{what}\nopen('{p}.tmp','w').write(str(os.getpid())); os.rename('{p}.tmp','{p}')\ntime.sleep(60)\n",
             p = pidfile.display()
         );
-        let mut child = python(&script, &pidfile, None);
+        let mut child = python(&script, &pidfile, None, false);
         let pid = child.id().to_string();
         let o = stasis(&[
             "dump",
@@ -169,43 +169,6 @@ fn an_unsupported_fd_kind_is_refused() {
         assert!(e.contains(needle) && e.contains("not supported"), "{e}");
         assert!(matches!(alive, 'S' | 'R'), "the refused process runs on");
     }
-}
-
-/// Starts `python3 -c script` with only the standard descriptors (`stdio`: fds 0-2, or
-/// /dev/null) and waits until it wrote its pid to `pidfile`.
-fn python(
-    script: &str,
-    pidfile: &std::path::Path,
-    stdio: Option<std::os::fd::RawFd>,
-) -> std::process::Child {
-    let mut cmd = std::process::Command::new("python3");
-    cmd.args(["-c", script]);
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if let Some(fd) = stdio {
-                for n in 0..=2 {
-                    libc::dup2(fd, n);
-                }
-            }
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        });
-    }
-    if stdio.is_none() {
-        // Not the test's own pipes: a restored process takes over stasis's stdio, and would
-        // keep the test's output pipe open.
-        cmd.stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-    }
-    let child = cmd.spawn().expect("python3");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !pidfile.exists() {
-        assert!(std::time::Instant::now() < deadline, "python did not start");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    child
 }
 
 /// A file and a cwd whose names are not UTF-8 come back under the very same bytes.
@@ -229,7 +192,7 @@ fn names_that_are_not_utf8_come_back_byte_for_byte() {
          time.sleep(120)\n",
         pidfile.display()
     );
-    let mut child = python(&script, &pidfile, None);
+    let mut child = python(&script, &pidfile, None, false);
     let pid = child.id() as i32;
     let links = |pid: i32| -> (Vec<u8>, Vec<u8>) {
         let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).expect("cwd");
@@ -311,7 +274,7 @@ fn a_shell_jobs_terminal_modes_come_back() {
         pidfile.display(),
         pidfile.display()
     );
-    let mut child = python(&script, &pidfile, Some(s1.as_raw_fd()));
+    let mut child = python(&script, &pidfile, Some(s1.as_raw_fd()), false);
     let pid = child.id() as i32;
     let img = dir.path().join("img");
     let o = stasis(&[

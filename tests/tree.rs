@@ -145,32 +145,6 @@ fn a_stopped_child_comes_back_stopped() {
     assert_eq!(detail(&v, "procs"), 5, "{v}");
 }
 
-/// Starts `python3 -c script` in a session of its own, with only fds 0-2 (/dev/null), and
-/// waits for the pid it writes to `pidfile`.
-fn python(script: &str, pidfile: &std::path::Path) -> std::process::Child {
-    use std::os::unix::process::CommandExt;
-    let mut cmd = std::process::Command::new("python3");
-    cmd.args(["-c", script])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().expect("python3");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !pidfile.exists() {
-        assert!(std::time::Instant::now() < deadline, "python did not start");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    child
-}
-
 /// What a tree shares but stasis cannot restore yet is refused before anything is touched,
 /// naming the pid and the thing: a descriptor table shared by two processes (CLONE_FILES).
 #[test]
@@ -190,7 +164,7 @@ fn a_shared_fd_table_refuses_the_dump() {
             "import os, time, mmap\n{what}\nopen('{p}.tmp','w').write(str(os.getpid())); os.rename('{p}.tmp','{p}')\ntime.sleep(60)\n",
             p = pidfile.display()
         );
-        let mut child = python(&script, &pidfile);
+        let mut child = python(&script, &pidfile, None, true);
         let _reap = KillTree(child.id() as i32);
         let pid = child.id() as i32;
         let before = tree_of(pid);
@@ -247,7 +221,7 @@ open('{r}','w').write(('OK' if ok else 'FAIL') + ' %d %d %x %x' % (a, b, sa, sb)
         go = go.display(),
         r = result.display()
     );
-    let mut child = python(&script, &pidfile);
+    let mut child = python(&script, &pidfile, None, true);
     let pid = child.id() as i32;
     let _reap = KillTree(pid);
     let before = tree_of(pid);
@@ -257,30 +231,12 @@ open('{r}','w').write(('OK' if ok else 'FAIL') + ' %d %d %x %x' % (a, b, sa, sb)
         .map(|(p, _)| *p)
         .collect();
     assert_eq!(zombies.len(), 2, "{before:?}");
-    let img = dir.path().join("img");
-    let o = stasis(&["dump", "-t", &pid.to_string(), "-D", &img.to_string_lossy()]);
-    assert!(o.status.success(), "dump: {}", stderr_of(&o));
-    let _ = child.wait();
-    for p in before.keys() {
-        wait_gone(*p);
-    }
-    let o = stasis(&["restore", "-D", &img.to_string_lossy(), "-d"]);
-    assert!(o.status.success(), "restore: {}", stderr_of(&o));
-    // The root's parent was this test; it is outside the image.
-    let mut after = tree_of(pid);
-    let mut before = before;
-    for t in [&mut after, &mut before] {
-        if let Some(r) = t.get_mut(&pid) {
-            r.0 = 0;
-        }
-        // Running or sleeping is a matter of the moment; zombie or stopped is not.
-        for v in t.values_mut() {
-            if matches!(v.3, 'R' | 'S' | 'D') {
-                v.3 = 'S';
-            }
-        }
-    }
-    assert_eq!(after, before, "the same tree, zombies included");
+    dump_and_restore(&mut child, &dir.path().join("img"), || ());
+    assert_eq!(
+        comparable(pid, tree_of(pid)),
+        comparable(pid, before),
+        "the same tree, zombies included"
+    );
     std::fs::write(&go, b"").expect("go");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !result.exists() {
@@ -329,7 +285,7 @@ while True:
         t = ticks.display(),
         p = pidfile.display()
     );
-    let mut child = python(&script, &pidfile);
+    let mut child = python(&script, &pidfile, None, true);
     let pid = child.id() as i32;
     let _reap = KillTree(pid);
     let lines = || std::fs::read_to_string(&ticks).unwrap_or_default();
@@ -355,17 +311,9 @@ while True:
         );
         assert_eq!(tracer_of(pid), 0, "released after dump {n}");
     }
-    let img = dir.path().join("last");
-    let o = stasis(&["dump", "-t", &pid.to_string(), "-D", &img.to_string_lossy()]);
-    assert!(o.status.success(), "dump: {}", stderr_of(&o));
-    let _ = child.wait();
-    // Every pid the image holds (zombies too) must be free again before the restore.
-    for p in image_pids(&img) {
-        wait_gone(p);
-    }
-    let at_dump = lines().lines().count();
-    let o = stasis(&["restore", "-D", &img.to_string_lossy(), "-d"]);
-    assert!(o.status.success(), "restore: {}", stderr_of(&o));
+    let at_dump = dump_and_restore(&mut child, &dir.path().join("last"), || {
+        lines().lines().count()
+    });
     std::thread::sleep(std::time::Duration::from_millis(500));
     let text = lines();
     let after = tree_of(pid);
@@ -452,29 +400,53 @@ while True:
 "#,
         p = pidfile.display()
     );
-    let mut child = python(&script, &pidfile);
+    let mut child = python(&script, &pidfile, None, true);
     let pid = child.id() as i32;
     let _reap = KillTree(pid);
     let before = tree_of(pid);
     assert_eq!(before.len(), 3, "{before:?}");
-    let img = dir.path().join("img");
-    let o = stasis(&["dump", "-t", &pid.to_string(), "-D", &img.to_string_lossy()]);
+    dump_and_restore(&mut child, &dir.path().join("img"), || ());
+    assert_eq!(
+        comparable(pid, tree_of(pid)),
+        comparable(pid, before),
+        "pids, parents, groups and sessions"
+    );
+}
+
+/// Dumps (kills) the tree of `child`, waits until every pid of the image is free again,
+/// notes `between` while it is away, and restores it (detached). Returns what `between` saw.
+fn dump_and_restore<T>(
+    child: &mut std::process::Child,
+    img: &std::path::Path,
+    between: impl FnOnce() -> T,
+) -> T {
+    let pid = child.id().to_string();
+    let o = stasis(&["dump", "-t", &pid, "-D", &img.to_string_lossy()]);
     assert!(o.status.success(), "dump: {}", stderr_of(&o));
     let _ = child.wait();
-    for p in image_pids(&img) {
+    for p in image_pids(img) {
         wait_gone(p);
     }
+    let seen = between();
     let o = stasis(&["restore", "-D", &img.to_string_lossy(), "-d"]);
     assert!(o.status.success(), "restore: {}", stderr_of(&o));
-    let mut after = tree_of(pid);
-    let mut before = before;
-    for t in [&mut after, &mut before] {
-        if let Some(r) = t.get_mut(&pid) {
-            r.0 = 0;
-        }
-        for v in t.values_mut() {
+    seen
+}
+
+/// A tree as `tree_of` gives it, without what may differ across a restore: the root's parent
+/// (outside the image) and running versus sleeping (a matter of the moment; zombie or stopped
+/// is not).
+fn comparable(
+    root: i32,
+    mut t: std::collections::BTreeMap<i32, (i32, i32, i32, char)>,
+) -> std::collections::BTreeMap<i32, (i32, i32, i32, char)> {
+    if let Some(r) = t.get_mut(&root) {
+        r.0 = 0;
+    }
+    for v in t.values_mut() {
+        if matches!(v.3, 'R' | 'S' | 'D') {
             v.3 = 'S';
         }
     }
-    assert_eq!(after, before, "pids, parents, groups and sessions");
+    t
 }

@@ -384,3 +384,46 @@ pub fn edit_record(path: &std::path::Path, edit: impl FnOnce(&mut serde_json::Va
     header[40..48].copy_from_slice(&sum.to_le_bytes());
     std::fs::write(path, [header, payload].concat()).expect("write record");
 }
+
+/// Starts `python3 -c script` with only the standard descriptors (`stdio`: fds 0-2, or
+/// /dev/null), in a session of its own if `new_session`, and waits until it wrote its pid to
+/// `pidfile`.
+pub fn python(
+    script: &str,
+    pidfile: &std::path::Path,
+    stdio: Option<std::os::fd::RawFd>,
+    new_session: bool,
+) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new("python3");
+    cmd.args(["-c", script]);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(fd) = stdio {
+                for n in 0..=2 {
+                    libc::dup2(fd, n);
+                }
+            }
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            if new_session {
+                libc::setsid();
+            }
+            Ok(())
+        });
+    }
+    if stdio.is_none() {
+        // Not the test's own pipes: a restored process takes over stasis's stdio, and would
+        // keep the test's output pipe open.
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+    }
+    let child = cmd.spawn().expect("python3");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !pidfile.exists() {
+        assert!(std::time::Instant::now() < deadline, "python did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child
+}
