@@ -215,6 +215,17 @@ fn move_to_new_pane(tmux: &Tmux, dir: &Path, pid: i32) -> (String, std::path::Pa
     ]);
     assert!(o.status.success(), "dump: {}", stderr_of(&o));
     gone_or_explain(pid);
+    // The rest of a tree (a pipeline's members) is reaped by init: every pid must be free.
+    let shown = stasis(&["show", "--json", &img.to_string_lossy()]);
+    let v: serde_json::Value = serde_json::from_slice(&shown.stdout).expect("show --json");
+    for p in v["tree"].as_array().into_iter().flatten() {
+        if let Some(p) = p
+            .as_str()
+            .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        {
+            wait_gone(p);
+        }
+    }
     let rc = dir.join("rc");
     let (pane, _) = tmux.window(&format!(
         "{} restore --shell-job -D {}; echo rc=$? > {}; sleep 600",
@@ -415,4 +426,39 @@ fn a_terminal_on_fd_5_in_raw_mode_comes_back_raw() {
     let v = assert_pass(&std::fs::read_to_string(&out).unwrap_or_default());
     assert!(v.contains("keys=x "), "{v}");
     assert_eq!(exit_status(&rc), "rc=0");
+}
+
+/// A shell pipeline on a terminal (a tree of a shell, a counting subshell, `sleep`s and `cat`):
+/// dumped as a shell job, restored on another pane, it carries on counting there from where
+/// it was.
+#[test]
+fn a_shell_pipeline_in_tmux_carries_on_on_another_pane() {
+    let test = "a_shell_pipeline_in_tmux_carries_on_on_another_pane";
+    if !needs(&["tmux", "bash"], test) {
+        return;
+    }
+    let dir = tempdir::Dir::new("tmux-pipeline");
+    let tmux = Tmux::start("pipeline");
+    let (first, pid) =
+        tmux.window("bash -c 'i=0; while :; do echo line $i; i=$((i+1)); sleep 0.1; done | cat'");
+    let numbers = |screen: String| -> Vec<u64> {
+        screen
+            .lines()
+            .filter_map(|l| l.strip_prefix("line ")?.trim().parse().ok())
+            .collect()
+    };
+    wait_for("the pipeline to count", Duration::from_secs(10), || {
+        numbers(tmux.screen(&first)).len() >= 3
+    });
+    let seen = numbers(tmux.screen(&first)).last().copied().unwrap_or(0);
+    let (pane, _) = move_to_new_pane(&tmux, dir.path(), pid);
+    wait_for("counting on the new pane", Duration::from_secs(10), || {
+        numbers(tmux.screen(&pane)).len() >= 5
+    });
+    let after = numbers(tmux.screen(&pane));
+    assert!(
+        after[0] > seen && after[0] <= seen + 20,
+        "it carries on from {seen}, not from the start: {after:?}"
+    );
+    assert!(after.windows(2).all(|w| w[1] == w[0] + 1), "{after:?}");
 }
