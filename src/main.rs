@@ -134,9 +134,13 @@ fn main() -> ExitCode {
 }
 
 fn exit_code_for(e: &anyhow::Error) -> u8 {
+    // An invalid pid is a usage error (exit 2) whichever command met it.
     let usage = matches!(
         e.downcast_ref::<CollectError>(),
         Some(CollectError::Infect(InfectError::InvalidPid(_)))
+    ) || matches!(
+        e.downcast_ref::<InfectError>(),
+        Some(InfectError::InvalidPid(_))
     );
     if usage {
         2

@@ -318,6 +318,12 @@ fn refuses_nonexistent_pid() {
 fn refuses_non_positive_pid() {
     assert_refused(&["vdso", "--pid", "0"], 2, "invalid pid");
     assert_refused(&["vdso", "--pid", "-5"], 2, "invalid pid");
+    // dump too: a usage error, and no image directory made.
+    let dir = std::env::temp_dir().join(format!("stasis-test-dump0-{}", std::process::id()));
+    let d = dir.to_string_lossy().into_owned();
+    assert_refused(&["dump", "-t", "0", "-D", &d], 2, "invalid pid");
+    assert_refused(&["dump", "-t", "-5", "-D", &d], 2, "invalid pid");
+    assert!(!dir.exists(), "a refused dump made {d}");
 }
 
 #[test]
