@@ -146,16 +146,21 @@ fn a_stopped_child_comes_back_stopped() {
 }
 
 /// What a tree shares but stasis cannot restore yet is refused before anything is touched,
-/// naming the pid and the thing: a descriptor table shared by two processes (CLONE_FILES).
+/// naming the pid and the thing: a descriptor table shared by two processes (CLONE_FILES), a
+/// parent-death signal on the root (its parent is not in the image).
 #[test]
-fn a_shared_fd_table_refuses_the_dump() {
-    if !require_root("a_shared_fd_table_refuses_the_dump") {
+fn a_shared_fd_table_or_a_root_parent_death_signal_refuses_the_dump() {
+    if !require_root("a_shared_fd_table_or_a_root_parent_death_signal_refuses_the_dump") {
         return;
     }
     for (what, needle) in [
         (
             "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nc = libc.syscall(56, 0x400 | 17, 0, 0, 0, 0)\nif c == 0:\n    time.sleep(60); os._exit(0)",
             "descriptor table",
+        ),
+        (
+            "import ctypes\nctypes.CDLL(None).prctl(1, 15, 0, 0, 0)",
+            "parent-death signal",
         ),
     ] {
         let dir = tempdir::Dir::new("tree-refused");
