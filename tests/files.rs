@@ -101,8 +101,8 @@ fn refused(option: &str, needle: &str) {
         "{option}: {e:?} should mention {needle:?}"
     );
     assert!(
-        !img.join("inventory.img").exists(),
-        "a refused dump leaves no image"
+        !img.exists(),
+        "a refused dump leaves no image, nor the directory it made"
     );
     assert!(
         matches!(stasis_state(d.pid), 'S' | 'R'),
@@ -317,4 +317,64 @@ fn a_shell_jobs_terminal_modes_come_back() {
     // SAFETY: the restored copy is not our child; stop it.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     assert_eq!(modes, "echo=0 icanon=0", "raw mode on the new terminal");
+}
+
+/// A dump killed half-way leaves its temporary files behind (`.pages.img.tmp`): the next dump
+/// into that directory takes it, removing them, and the image restores; a refused dump into a
+/// directory the user made leaves it there, empty.
+#[test]
+fn a_killed_dumps_leftovers_do_not_block_the_next_dump() {
+    if !require_root("a_killed_dumps_leftovers_do_not_block_the_next_dump") {
+        return;
+    }
+    let d = Daemon::start("sleeper", &[]);
+    let img = d.image(1);
+    std::fs::create_dir(&img).expect("image dir");
+    std::fs::write(img.join(".pages.img.tmp"), b"left by a killed dump").expect("stale file");
+    d.dump(1);
+    assert!(
+        !img.join(".pages.img.tmp").exists(),
+        "the stale file is gone"
+    );
+    d.restore(1);
+    assert_pass(&d.finish());
+
+    let r = Daemon::start("refusals", &["--sysv-shm"]);
+    let target = r.dir.path().join("mine");
+    std::fs::create_dir(&target).expect("image dir");
+    let o = stasis(&[
+        "dump",
+        "-t",
+        &r.pid.to_string(),
+        "-D",
+        &target.to_string_lossy(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    let left: Vec<_> = std::fs::read_dir(&target).expect("still there").collect();
+    assert!(left.is_empty(), "a refused dump left {left:?}");
+    assert_pass(&r.finish());
+}
+
+/// The tree of an ancestor of stasis (the shell it runs in) would hold stasis itself: refused
+/// before anything is frozen.
+#[test]
+fn an_ancestor_of_stasis_is_refused() {
+    if !require_root("an_ancestor_of_stasis_is_refused") {
+        return;
+    }
+    // `sh -c 'stasis dump -t $$'`: the shell is stasis's parent.
+    let dir = tempdir::Dir::new("ancestor");
+    let o = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{} dump -t $$ -D {}/img; echo rc=$?",
+            stasis_bin(),
+            dir.path().display()
+        ))
+        .output()
+        .expect("sh");
+    let e = stderr_of(&o);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("rc=1"), "{e}");
+    assert!(e.contains("ancestor of this stasis"), "{e}");
+    assert!(!dir.path().join("img").exists());
 }

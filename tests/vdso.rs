@@ -531,3 +531,28 @@ fn check_fails_without_the_privileges_it_needs() {
     assert_eq!(o.status.code(), Some(1), "{text}");
     assert!(text.contains("MISSING"), "{text}");
 }
+
+/// An OS error is said once, however many layers pass it on (the image directory's, here: the
+/// dump stops there, before the process is touched).
+#[test]
+fn an_os_error_is_said_once() {
+    let mut sleeper = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .expect("sleep");
+    let pid = sleeper.id().to_string();
+    let e = assert_refused(
+        &["dump", "-t", &pid, "-D", "/nonexistent-stasis-dir/img"],
+        1,
+        "no such file or directory",
+    );
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    assert_eq!(e.matches("No such file or directory").count(), 1, "{e}");
+    let e = assert_refused(
+        &["restore", "-D", "/nonexistent-stasis-dir/img"],
+        1,
+        "no such",
+    );
+    assert_eq!(e.matches("/nonexistent-stasis-dir/img").count(), 1, "{e}");
+}

@@ -49,8 +49,15 @@ pub struct DumpSummary {
 pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpSummary> {
     let t0 = Instant::now();
     stasis_infect::check_target(pid)?;
+    tree::not_an_ancestor_of_ours(pid)?;
     let images = ImageDir::create(dir)
         .with_context(|| format!("preparing image directory {}", dir.display()))?;
+    // A dump that fails leaves no half image behind (and no directory it made).
+    dump_into(pid, &images, opts, t0).inspect_err(|_| images.discard())
+}
+
+fn dump_into(pid: i32, images: &ImageDir, opts: &DumpOptions, t0: Instant) -> Result<DumpSummary> {
+    let dir = images.path();
     let (mut tasks, zombies) = tree::seize(pid)?;
     let frozen_at = Instant::now();
     // Every process is read while the whole tree is frozen; nothing is killed or let go before
@@ -112,7 +119,7 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
             continue;
         }
         if !tree.tasks.is_empty() || !tree.zombies.is_empty() {
-            write_record(&images, TREE, KIND_TREE, &tree)?;
+            write_record(images, TREE, KIND_TREE, &tree)?;
         }
         d.write_inventory()?;
     }

@@ -14,6 +14,25 @@ use stasis_image::model::*;
 use stasis_infect::Seized;
 use std::collections::{HashMap, HashSet};
 
+/// The tree of an ancestor of this stasis (the shell it runs in, init) would hold stasis
+/// itself: refused before anything is frozen.
+pub(crate) fn not_an_ancestor_of_ours(pid: i32) -> Result<()> {
+    let mut p = std::process::id() as i32;
+    for _ in 0..4096 {
+        let Ok(st) = stasis_proc::stat(p) else {
+            return Ok(());
+        };
+        if st.ppid == pid {
+            bail!("pid {pid} is an ancestor of this stasis: its tree would hold stasis itself; dump a process stasis does not descend from");
+        }
+        if st.ppid <= 1 {
+            return Ok(());
+        }
+        p = st.ppid;
+    }
+    Ok(())
+}
+
 /// One seized process of the tree.
 pub(crate) struct Task {
     pub pid: i32,

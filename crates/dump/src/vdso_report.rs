@@ -39,11 +39,11 @@ pub enum CollectError {
     Infect(#[from] InfectError),
     #[error("pid {pid}: the parasite's vDSO report disagrees with the host's reading: {why}")]
     Mismatch { pid: i32, why: String },
-    #[error("pid {pid}: reading the vDSO from the host: {source}")]
+    // The vDSO error is in the message, not also a `source` (a chain would print it twice).
+    #[error("pid {pid}: reading the vDSO from the host: {err}")]
     Vdso {
         pid: i32,
-        #[source]
-        source: stasis_vdso::VdsoError,
+        err: stasis_vdso::VdsoError,
     },
     #[error(transparent)]
     Proc(#[from] stasis_proc::ProcError),
@@ -122,10 +122,10 @@ fn host_view(pid: i32) -> Result<HostView, CollectError> {
     let syms = match layout.vdso() {
         Some(area) => {
             let image = stasis_vdso::read_image(pid, area)
-                .map_err(|source| CollectError::Vdso { pid, source })?;
+                .map_err(|err| CollectError::Vdso { pid, err })?;
             Some(
                 stasis_vdso::symbols_from_image(&image)
-                    .map_err(|source| CollectError::Vdso { pid, source })?,
+                    .map_err(|err| CollectError::Vdso { pid, err })?,
             )
         }
         None => None,

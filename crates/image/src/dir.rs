@@ -16,37 +16,74 @@ pub(crate) const FILE_MODE: u32 = 0o600;
 #[derive(Clone, Debug)]
 pub struct ImageDir {
     path: PathBuf,
+    /// `create` made the directory (it did not exist).
+    created: bool,
 }
 
 impl ImageDir {
     /// Creates a new image directory with mode 0700, or takes an existing empty one and sets its
     /// mode to 0700. A non-empty directory is refused, so files of an old image never mix with
-    /// a new one.
+    /// a new one — but for the temporary files (`.NAME.tmp`) a dump that was killed leaves,
+    /// which are removed.
     pub fn create(path: impl AsRef<Path>) -> Result<ImageDir> {
         let path = path.as_ref().to_path_buf();
-        match DirBuilder::new().mode(DIR_MODE).create(&path) {
-            Ok(()) => {}
+        let created = match DirBuilder::new().mode(DIR_MODE).create(&path) {
+            Ok(()) => true,
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {
                 require_dir(&path)?;
-                let mut entries = std::fs::read_dir(&path).map_err(|e| ImageError::io(&path, e))?;
-                if entries.next().is_some() {
-                    return Err(ImageError::DirNotEmpty { dir: path });
+                let entries = std::fs::read_dir(&path).map_err(|e| ImageError::io(&path, e))?;
+                let mut stale = Vec::new();
+                for entry in entries {
+                    let entry = entry.map_err(|e| ImageError::io(&path, e))?;
+                    let name = entry.file_name();
+                    let name = name.to_string_lossy();
+                    let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+                    if !(is_file && name.starts_with('.') && name.ends_with(".tmp")) {
+                        return Err(ImageError::DirNotEmpty { dir: path });
+                    }
+                    stale.push(entry.path());
                 }
+                for f in stale {
+                    std::fs::remove_file(&f).map_err(|e| ImageError::io(&f, e))?;
+                }
+                false
             }
             Err(e) => return Err(ImageError::io(&path, e)),
-        }
+        };
         // Set the mode explicitly: mkdir applied the umask, and an existing directory keeps
         // whatever mode it had.
         std::fs::set_permissions(&path, Permissions::from_mode(DIR_MODE))
             .map_err(|e| ImageError::io(&path, e))?;
-        Ok(ImageDir { path })
+        Ok(ImageDir { path, created })
     }
 
     /// Opens an existing image directory for reading.
     pub fn open(path: impl AsRef<Path>) -> Result<ImageDir> {
         let path = path.as_ref().to_path_buf();
         require_dir(&path)?;
-        Ok(ImageDir { path })
+        Ok(ImageDir {
+            path,
+            created: false,
+        })
+    }
+
+    /// Undoes `create` after a failed dump: everything in the directory is this dump's (it was
+    /// empty), so it all goes; the directory too if `create` made it.
+    pub fn discard(&self) {
+        if self.created {
+            let _ = std::fs::remove_dir_all(&self.path);
+            return;
+        }
+        if let Ok(entries) = std::fs::read_dir(&self.path) {
+            for e in entries.flatten() {
+                let p = e.path();
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    let _ = std::fs::remove_dir_all(&p);
+                } else {
+                    let _ = std::fs::remove_file(&p);
+                }
+            }
+        }
     }
 
     pub fn path(&self) -> &Path {

@@ -7,12 +7,10 @@ use std::path::PathBuf;
 pub enum ImageError {
     #[error("{}: no such image file", file.display())]
     Missing { file: PathBuf },
-    #[error("{}: {source}", file.display())]
-    Io {
-        file: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    // The OS error is in the message, and so not also a `source` (an error chain printed
+    // whole would say it twice).
+    #[error("{}: {err}", file.display())]
+    Io { file: PathBuf, err: std::io::Error },
     #[error("{}: not a stasis image file (bad magic)", file.display())]
     BadMagic { file: PathBuf },
     #[error(
@@ -52,17 +50,15 @@ pub enum ImageError {
         expected: u32,
         found: u32,
     },
-    #[error("{}: cannot decode the record: {source}", file.display())]
+    #[error("{}: cannot decode the record: {err}", file.display())]
     BadPayload {
         file: PathBuf,
-        #[source]
-        source: serde_json::Error,
+        err: serde_json::Error,
     },
-    #[error("{}: cannot encode the record: {source}", file.display())]
+    #[error("{}: cannot encode the record: {err}", file.display())]
     Encode {
         file: PathBuf,
-        #[source]
-        source: serde_json::Error,
+        err: serde_json::Error,
     },
     #[error(
         "{}: image directory is not empty; refusing to mix a new image with old files",
@@ -98,10 +94,10 @@ pub enum ImageError {
 pub type Result<T> = std::result::Result<T, ImageError>;
 
 impl ImageError {
-    pub(crate) fn io(file: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(file: impl Into<PathBuf>, err: std::io::Error) -> Self {
         ImageError::Io {
             file: file.into(),
-            source,
+            err,
         }
     }
 
@@ -112,7 +108,7 @@ impl ImageError {
         if source.kind() == std::io::ErrorKind::NotFound {
             ImageError::Missing { file }
         } else {
-            ImageError::Io { file, source }
+            ImageError::Io { file, err: source }
         }
     }
 }

@@ -22,9 +22,9 @@ pub(crate) const HEADER_XXH3_AT: usize = 40;
 pub fn write_record<T: Serialize>(dir: &ImageDir, name: &str, kind: u32, value: &T) -> Result<()> {
     check_name(name)?;
     let temp = dir.create_temp(name)?;
-    let payload = serde_json::to_vec(value).map_err(|source| ImageError::Encode {
+    let payload = serde_json::to_vec(value).map_err(|err| ImageError::Encode {
         file: temp.final_path().into(),
-        source,
+        err,
     })?;
     let mut header = [0u8; HEADER_LEN];
     put_u32(&mut header, KIND_AT, kind);
@@ -48,7 +48,7 @@ pub fn read_record<T: DeserializeOwned>(dir: &ImageDir, name: &str, kind: u32) -
     check_name(name)?;
     let path = dir.join(name);
     let payload = read_payload(&path, kind)?;
-    serde_json::from_slice(&payload).map_err(|source| ImageError::BadPayload { file: path, source })
+    serde_json::from_slice(&payload).map_err(|err| ImageError::BadPayload { file: path, err })
 }
 
 /// Opens `path`, checks header, kind, length and payload checksum, and returns the payload.

@@ -54,12 +54,12 @@ pub enum InfectError {
     },
     #[error("bad parasite blob: {0}")]
     BadBlob(String),
-    #[error("{what} of pid {pid}: {source}")]
+    // The OS error is in the message, not also a `source` (a chain would print it twice).
+    #[error("{what} of pid {pid}: {err}")]
     Io {
         pid: i32,
         what: &'static str,
-        #[source]
-        source: std::io::Error,
+        err: std::io::Error,
     },
     #[error(transparent)]
     Proc(#[from] stasis_proc::ProcError),

@@ -169,10 +169,10 @@ impl<'s> Parasite<'s> {
         let site = injection_site(pid, None)?;
         let mut site_orig = [0u8; SITE_LEN];
         mem.read_exact_at(&mut site_orig, site)
-            .map_err(|source| InfectError::Io {
+            .map_err(|err| InfectError::Io {
                 pid,
                 what: "reading code at the injection site",
-                source,
+                err,
             })?;
 
         let mut p = Parasite {
@@ -245,7 +245,7 @@ impl<'s> Parasite<'s> {
             return Err(InfectError::Io {
                 pid,
                 what: "mapping the shared memfd",
-                source: std::io::Error::last_os_error(),
+                err: std::io::Error::last_os_error(),
             });
         }
         let mut host = HostMap {
@@ -323,10 +323,10 @@ impl<'s> Parasite<'s> {
         let pid = self.pid;
         self.mem
             .write_all_at(code, self.site)
-            .map_err(|source| InfectError::Io {
+            .map_err(|err| InfectError::Io {
                 pid,
                 what: "writing the injection site",
-                source,
+                err,
             })
     }
 
@@ -669,10 +669,10 @@ impl<'s> Parasite<'s> {
         let mut orig = [0u8; SITE_LEN];
         self.mem
             .read_exact_at(&mut orig, site)
-            .map_err(|source| InfectError::Io {
+            .map_err(|err| InfectError::Io {
                 pid,
                 what: "reading code at the injection site",
-                source,
+                err,
             })?;
         self.site = site;
         self.site_orig = orig;
@@ -750,7 +750,7 @@ fn open_proc_rw(pid: i32, file: &str, what: &'static str) -> Result<File> {
         .read(true)
         .write(true)
         .open(format!("/proc/{pid}/{file}"))
-        .map_err(|source| InfectError::Io { pid, what, source })
+        .map_err(|err| InfectError::Io { pid, what, err })
 }
 
 /// Where `Parasite::infect` will write its system-call instruction in `pid` (it puts the

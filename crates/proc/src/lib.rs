@@ -10,12 +10,9 @@ use std::path::PathBuf;
 pub enum ProcError {
     #[error("no process with pid {0}")]
     NoProcess(i32),
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    // The OS error is in the message, not also a `source` (a chain would print it twice).
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{path}: cannot parse {what}")]
     Parse { path: PathBuf, what: String },
 }
@@ -88,7 +85,7 @@ fn read_bytes(pid: i32, file: &str) -> Result<Vec<u8>> {
     let p = path(pid, file);
     std::fs::read(&p).map_err(|e| match e.raw_os_error() {
         Some(libc_enoent) if libc_enoent == 2 || libc_enoent == 3 => ProcError::NoProcess(pid),
-        _ => ProcError::Io { path: p, source: e },
+        _ => ProcError::Io { path: p, err: e },
     })
 }
 
@@ -234,14 +231,14 @@ pub fn tasks(pid: i32) -> Result<Vec<i32>> {
         Some(2) | Some(3) => ProcError::NoProcess(pid),
         _ => ProcError::Io {
             path: p.clone(),
-            source: e,
+            err: e,
         },
     })?;
     let mut tids = Vec::new();
     for entry in dir {
         let entry = entry.map_err(|e| ProcError::Io {
             path: p.clone(),
-            source: e,
+            err: e,
         })?;
         if let Some(tid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) {
             tids.push(tid);
