@@ -91,6 +91,15 @@ impl Tmux {
         }
     }
 
+    /// Waits until `window` shows `text`.
+    fn await_text(&self, window: &str, text: &str) {
+        wait_for(
+            &format!("{text:?} on {window}"),
+            Duration::from_secs(10),
+            || self.screen(window).contains(text),
+        );
+    }
+
     fn screen(&self, window: &str) -> String {
         self.run(&["capture-pane", "-p", "-t", window])
     }
@@ -133,9 +142,7 @@ fn top_in_tmux_comes_back_on_another_pane_and_takes_keystrokes_at_once() {
     let dir = tempdir::Dir::new("tmux-top");
     let tmux = Tmux::start("top");
     let (first, pid) = tmux.window("top -d 0.3");
-    wait_for("top to draw", Duration::from_secs(10), || {
-        tmux.screen(&first).contains("Tasks:")
-    });
+    tmux.await_text(&first, "Tasks:");
     assert_eq!(comm(pid), "top");
     let img = dir.path().join("img");
     let o = stasis(&[
@@ -279,22 +286,14 @@ fn vim_in_tmux_keeps_its_unsaved_buffer_and_saves_it_after_restore() {
     let file = dir.path().join("notes.txt");
     let tmux = Tmux::start("vim");
     let (first, pid) = tmux.window(&format!("vim -n -u NONE -i NONE {}", file.display()));
-    wait_for("vim to start", Duration::from_secs(10), || {
-        tmux.screen(&first).contains("notes.txt")
-    });
+    tmux.await_text(&first, "notes.txt");
     tmux.type_keys(&first, "ihello before", &["Escape"]);
-    wait_for("the first edit on screen", Duration::from_secs(10), || {
-        tmux.screen(&first).contains("hello before")
-    });
+    tmux.await_text(&first, "hello before");
     assert!(!file.exists(), "nothing saved yet");
     let (pane, rc) = move_to_new_pane(&tmux, dir.path(), pid);
     // A redraw (^L) shows the buffer it kept.
     tmux.run(&["send-keys", "-t", &pane, "C-l"]);
-    wait_for(
-        "the kept buffer on the new pane",
-        Duration::from_secs(10),
-        || tmux.screen(&pane).contains("hello before"),
-    );
+    tmux.await_text(&pane, "hello before");
     tmux.run(&[
         "send-keys",
         "-t",
@@ -321,9 +320,7 @@ fn sqlite3_in_tmux_keeps_its_transaction_and_commits_after_restore() {
     let db = dir.path().join("t.db");
     let tmux = Tmux::start("sqlite");
     let (first, pid) = tmux.window(&format!("sqlite3 {}", db.display()));
-    wait_for("sqlite3 to start", Duration::from_secs(10), || {
-        tmux.screen(&first).contains("sqlite>")
-    });
+    tmux.await_text(&first, "sqlite>");
     for line in [
         "create table t(x);",
         "begin immediate;",
@@ -332,9 +329,7 @@ fn sqlite3_in_tmux_keeps_its_transaction_and_commits_after_restore() {
     ] {
         tmux.type_keys(&first, line, &["Enter"]);
     }
-    wait_for("the transaction's insert", Duration::from_secs(10), || {
-        tmux.screen(&first).contains("inside|1")
-    });
+    tmux.await_text(&first, "inside|1");
     let locked_out = || {
         let o = Command::new("sqlite3")
             .arg(&db)
@@ -352,9 +347,7 @@ fn sqlite3_in_tmux_keeps_its_transaction_and_commits_after_restore() {
     for line in ["commit;", "select 'after', count(*) from t;"] {
         tmux.type_keys(&pane, line, &["Enter"]);
     }
-    wait_for("the commit's result", Duration::from_secs(10), || {
-        tmux.screen(&pane).contains("after|1")
-    });
+    tmux.await_text(&pane, "after|1");
     tmux.type_keys(&pane, ".quit", &["Enter"]);
     assert_eq!(exit_status(&rc), "rc=0");
     let o = Command::new("sqlite3")
@@ -415,9 +408,7 @@ fn a_terminal_on_fd_5_in_raw_mode_comes_back_raw() {
     });
     let (pane, rc) = move_to_new_pane(&tmux, dir.path(), pid);
     tmux.type_keys(&pane, "x", &[]);
-    wait_for("the key, read in raw mode", Duration::from_secs(10), || {
-        tmux.screen(&pane).contains("got x")
-    });
+    tmux.await_text(&pane, "got x");
     // SAFETY: signalling the fixture.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     wait_for("the verdict", Duration::from_secs(10), || {

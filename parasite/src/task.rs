@@ -53,25 +53,26 @@ pub fn report(out: &mut Reply) {
     st.brk = unsafe { sys::syscall3(SYS_BRK, 0, 0, 0) } as u64;
     // SAFETY: PR_GET_DUMPABLE takes no pointers.
     st.dumpable = unsafe { sys::syscall5(sys::SYS_PRCTL, PR_GET_DUMPABLE, 0, 0, 0, 0) } as i64;
-    let mut flag: i32 = 0;
-    // SAFETY: PR_GET_CHILD_SUBREAPER writes one int to the given address.
-    let r = unsafe {
-        sys::syscall5(
-            sys::SYS_PRCTL,
-            PR_GET_CHILD_SUBREAPER,
-            &mut flag as *mut i32 as usize,
-            0,
-            0,
-            0,
-        )
-    };
-    if r < 0 {
-        return out.finish(Status::Syscall, (-r) as u32);
+    match prctl_get_int(PR_GET_CHILD_SUBREAPER) {
+        Ok(flag) => st.child_subreaper = flag as i64,
+        Err(errno) => return out.finish(Status::Syscall, errno),
     }
-    st.child_subreaper = flag as i64;
     match out.put(0, &st) {
         Ok(()) => out.finish_len(Status::Ok, 0, core::mem::size_of::<TaskState>()),
         Err(s) => out.finish(s, 0),
+    }
+}
+
+/// A `prctl` query that writes one int to its second argument (PR_GET_PDEATHSIG,
+/// PR_GET_CHILD_SUBREAPER); Err: the errno.
+fn prctl_get_int(option: usize) -> Result<i32, u32> {
+    let mut v: i32 = 0;
+    // SAFETY: these queries write one int to the given address, a local of ours.
+    let r = unsafe { sys::syscall5(sys::SYS_PRCTL, option, &mut v as *mut i32 as usize, 0, 0, 0) };
+    if r < 0 {
+        Err((-r) as u32)
+    } else {
+        Ok(v)
     }
 }
 
@@ -97,22 +98,10 @@ pub fn thread_report(out: &mut Reply) {
     if r < 0 {
         return out.finish(Status::Syscall, (-r) as u32);
     }
-    let mut sig: i32 = 0;
-    // SAFETY: PR_GET_PDEATHSIG writes one int to the given address.
-    let r = unsafe {
-        sys::syscall5(
-            sys::SYS_PRCTL,
-            PR_GET_PDEATHSIG,
-            &mut sig as *mut i32 as usize,
-            0,
-            0,
-            0,
-        )
-    };
-    if r < 0 {
-        return out.finish(Status::Syscall, (-r) as u32);
+    match prctl_get_int(PR_GET_PDEATHSIG) {
+        Ok(sig) => st.pdeathsig = sig as i64,
+        Err(errno) => return out.finish(Status::Syscall, errno),
     }
-    st.pdeathsig = sig as i64;
     match out.put(0, &st) {
         Ok(()) => out.finish_len(Status::Ok, 0, core::mem::size_of::<ThreadState>()),
         Err(s) => out.finish(s, 0),
