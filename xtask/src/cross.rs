@@ -7,8 +7,9 @@
 //! The same two shell scripts run on the host (dash) and in the guests (busybox sh):
 //!
 //! - `dump.sh SHARE [FLAGS]`: start the fixture as a daemon, wait for its pid file, dump it
-//!   into `SHARE/img` (which kills it). A guest runs it with `--first-pid 30000`, so the pid
-//!   is free wherever the image is restored.
+//!   into `SHARE/img` (which kills it). A guest runs it with `--first-pid N`, N the start of a
+//!   window of pids free on this machine and last reached by its pid counter, so the pids are
+//!   free when the image is restored here.
 //! - `restore.sh SHARE`: wait until the dumped pid is free, `stasis show` (the vDSO strategy),
 //!   `stasis restore --detach`, let it run a second, SIGTERM it and wait for its verdict.
 //!
@@ -47,8 +48,39 @@ const MATRIX: &[(Kernel, Kernel)] = &[
 /// run-in-kernel.sh's own guest timeout, and ours around it (the harness's boot and copies).
 const GUEST_TIMEOUT: u64 = 180;
 const STEP_TIMEOUT: Duration = Duration::from_secs(GUEST_TIMEOUT + 60);
-/// Pid of the first process in a guest that dumps: high, so it is free on the restoring side.
-const GUEST_FIRST_PID: u32 = 30000;
+/// How many pids, from the first, a guest that dumps may use (its script, the fixtures and
+/// their threads and children, stasis, the harness's own commands).
+const GUEST_PID_WINDOW: u32 = 400;
+/// A guest's pid_max (the kernel's default for a few CPUs): its first pid stays below it.
+const GUEST_PID_MAX: u32 = 32768;
+/// The first pid for a guest that dumps: the start of a window of pids that no process on this
+/// machine holds and that this machine's pid counter reaches last (just behind it), so the
+/// image's pids are still free when it is restored here. (A fixed number was not: CI's own
+/// shell once held a pid of the window when the cell 6.1 → host restored.)
+fn guest_first_pid() -> u32 {
+    let read = |f: &str| {
+        std::fs::read_to_string(f)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+    };
+    let last = read("/proc/sys/kernel/ns_last_pid").unwrap_or(0);
+    let top = read("/proc/sys/kernel/pid_max")
+        .unwrap_or(GUEST_PID_MAX)
+        .min(GUEST_PID_MAX)
+        - GUEST_PID_WINDOW
+        - 1;
+    let low = 1000;
+    let span = top - low;
+    let free =
+        |s: u32| (s..s + GUEST_PID_WINDOW).all(|p| !Path::new(&format!("/proc/{p}")).exists());
+    // Walk backwards from just behind the counter, wrapping within [low, top].
+    let behind = last.saturating_sub(2 * GUEST_PID_WINDOW).clamp(low, top);
+    (0..span / 64)
+        .map(|k| low + (behind - low + span - (k * 64) % span) % span)
+        .find(|&s| free(s))
+        .unwrap_or(low)
+}
+
 /// At most this many CPUs in a guest (TCG runs one host thread per guest CPU).
 const GUEST_MAX_CPUS: usize = 4;
 /// glibc hardware capabilities that some hosts have and no guest CPU (QEMU TCG) does: glibc
@@ -622,7 +654,7 @@ fn step(
             }
             c.args(["--smp", &setup.guest_cpus.to_string()]);
             if dumping {
-                c.args(["--first-pid", &GUEST_FIRST_PID.to_string()]);
+                c.args(["--first-pid", &guest_first_pid().to_string()]);
             }
             c.args(["--", "/bin/sh"]);
             c
