@@ -2,6 +2,7 @@
 
 use anyhow::Result;
 use serde::Serialize;
+use stasis_image::model::FileKind;
 
 #[derive(Serialize)]
 struct Summary<'a> {
@@ -83,10 +84,10 @@ pub fn show(dir: &std::path::Path, json: bool) -> Result<()> {
                     f.fd,
                     if f.cloexec { " (cloexec)" } else { "" },
                     f.desc,
-                    desc.map_or("?".into(), |d| format!(
-                        "{:?} flags {:#o} pos {}",
-                        d.kind, d.flags, d.pos
-                    ))
+                    desc.map_or("?".into(), |d| match &d.kind {
+                        FileKind::Socket(s) => format!("{s} flags {:#o}", d.flags),
+                        k => format!("{k:?} flags {:#o} pos {}", d.flags, d.pos),
+                    })
                 )
             })
             .collect(),

@@ -154,6 +154,7 @@ pub(crate) fn settle(
 ) -> Result<Tree> {
     separate(dumps)?;
     settle_pipes(dumps)?;
+    settle_sockets(dumps)?;
     share_descriptions(dumps)?;
     refuse_shared(dumps)?;
     let (order, helpers) = restore_order(tasks, &zombies, dumps)?;
@@ -320,6 +321,83 @@ fn share_descriptions(dumps: &mut [TaskDump]) -> Result<()> {
                     desc.tree_id = Some(next);
                     next += 1;
                 }
+            }
+        }
+    }
+    // A unix pair between processes: both ends are made by the restoring stasis from one
+    // socketpair, so each end is a shared description.
+    let pair_key = |desc: &FileDesc| match &desc.kind {
+        FileKind::Socket(s) => s
+            .unix
+            .as_ref()
+            .and_then(|u| u.pair)
+            .map(|peer| s.inode.min(peer)),
+        _ => None,
+    };
+    let mut holders: HashMap<u64, HashSet<usize>> = HashMap::new();
+    for (i, d) in dumps.iter().enumerate() {
+        for key in d.files.descs.iter().filter_map(pair_key) {
+            holders.entry(key).or_default().insert(i);
+        }
+    }
+    for d in dumps.iter_mut() {
+        for desc in d.files.descs.iter_mut() {
+            let Some(key) = pair_key(desc) else { continue };
+            if desc.tree_id.is_none() && holders.get(&key).is_some_and(|h| h.len() > 1) {
+                desc.tree_id = Some(next);
+                next += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every unix pair must have both ends among the dumped processes (or its other end closed).
+fn settle_sockets(dumps: &[TaskDump]) -> Result<()> {
+    let inodes: HashSet<u64> = dumps
+        .iter()
+        .flat_map(|d| d.files.descs.iter())
+        .filter_map(|desc| match &desc.kind {
+            FileKind::Socket(s) => Some(s.inode),
+            _ => None,
+        })
+        .collect();
+    let listening: HashSet<&[u8]> = dumps
+        .iter()
+        .flat_map(|d| d.files.descs.iter())
+        .filter_map(|desc| match &desc.kind {
+            FileKind::Socket(s) if matches!(s.state, SockState::Listening { .. }) => {
+                Some(s.local.as_slice())
+            }
+            _ => None,
+        })
+        .collect();
+    for d in dumps {
+        for desc in &d.files.descs {
+            let FileKind::Socket(s) = &desc.kind else {
+                continue;
+            };
+            let Some(peer) = s.unix.as_ref().and_then(|u| u.pair) else {
+                continue;
+            };
+            let fd = d
+                .files
+                .fds
+                .iter()
+                .find(|f| f.desc == desc.id)
+                .map_or(-1, |f| f.fd);
+            if !s.local.is_empty() && listening.contains(s.local.as_slice()) {
+                bail!(
+                    "fd {fd} of pid {} is a connection accepted by the unix listener {}; not supported yet",
+                    d.pid,
+                    sockaddr_text(&s.local)
+                );
+            }
+            if !inodes.contains(&peer) {
+                bail!(
+                    "fd {fd} of pid {} is a unix socket connected to socket {peer}, which is outside the dumped processes; not supported yet",
+                    d.pid
+                );
             }
         }
     }

@@ -485,6 +485,172 @@ pub enum FileKind {
         #[serde(with = "hex_bytes")]
         termios: Vec<u8>,
     },
+    /// A socket: its family, type, addresses, state, options and receive queue.
+    Socket(Socket),
+}
+
+/// A socket as the dump found it. Addresses are the kernel's `struct sockaddr` bytes (empty:
+/// none). The receive queue is in pages.img: what the process had not read yet.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Socket {
+    pub inode: u64,
+    /// AF_UNIX, AF_INET or AF_INET6.
+    pub family: i32,
+    /// SOCK_STREAM, SOCK_DGRAM or SOCK_SEQPACKET.
+    #[serde(rename = "type")]
+    pub sock_type: i32,
+    pub protocol: i32,
+    pub state: SockState,
+    /// The address it is bound to; empty: not bound.
+    #[serde(with = "hex_bytes")]
+    pub local: Vec<u8>,
+    /// The address a datagram socket is connected to; empty: none.
+    #[serde(with = "hex_bytes")]
+    pub remote: Vec<u8>,
+    /// Unix sockets only.
+    pub unix: Option<UnixSock>,
+    /// `SHUT_RD` (bit 0) and `SHUT_WR` (bit 1) done on it.
+    pub shutdown: u8,
+    /// Options that differ from what a new socket has, each from [`SOCK_OPTS`].
+    pub opts: Vec<SockOpt>,
+    /// `SO_PEEK_OFF` (-1: not set).
+    pub peek_off: i32,
+    pub queue: SockQueue,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum SockState {
+    /// Neither listening nor connected (bound or not).
+    Unconnected,
+    /// `listen(backlog)`, with no connection waiting to be accepted.
+    Listening { backlog: u32 },
+    /// Connected: a unix pair (`UnixSock::pair`), or a datagram socket with a default peer.
+    Connected,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UnixSock {
+    /// The inode of the other end of a connected pair of unnamed sockets: both come back as
+    /// one `socketpair`, with what each had queued.
+    pub pair: Option<u64>,
+    /// The other end is closed: this end comes back with its queue, its peer gone.
+    pub pair_gone: bool,
+    /// The socket file a path name made (not for abstract names).
+    pub file: Option<SockFile>,
+}
+
+/// The file `bind` made for a unix socket's path, as it was at the dump.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SockFile {
+    pub dev: u64,
+    pub inode: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Unlinked since: made again by `bind` and unlinked again.
+    pub deleted: bool,
+}
+
+/// One socket option as `getsockopt` gave it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SockOpt {
+    pub level: i32,
+    pub name: i32,
+    #[serde(with = "hex_bytes")]
+    pub value: Vec<u8>,
+}
+
+/// The options a socket is dumped and restored with: (level, name, what it is called).
+/// `SO_RCVBUF`/`SO_SNDBUF` are kept as the kernel reports them (twice what was set).
+pub const SOCK_OPTS: &[(i32, i32, &str)] = &[
+    (1, 2, "SO_REUSEADDR"),
+    (1, 15, "SO_REUSEPORT"),
+    (1, 9, "SO_KEEPALIVE"),
+    (1, 6, "SO_BROADCAST"),
+    (1, 10, "SO_OOBINLINE"),
+    (1, 13, "SO_LINGER"),
+    (1, 12, "SO_PRIORITY"),
+    (1, 36, "SO_MARK"),
+    (1, 18, "SO_RCVLOWAT"),
+    (1, 20, "SO_RCVTIMEO"),
+    (1, 21, "SO_SNDTIMEO"),
+    (1, 7, "SO_SNDBUF"),
+    (1, 8, "SO_RCVBUF"),
+    (1, 16, "SO_PASSCRED"),
+    (1, 34, "SO_PASSSEC"),
+    (1, 29, "SO_TIMESTAMP"),
+    (1, 25, "SO_BINDTODEVICE"),
+    (0, 1, "IP_TOS"),
+    (0, 2, "IP_TTL"),
+    (0, 15, "IP_FREEBIND"),
+    (0, 19, "IP_TRANSPARENT"),
+    (0, 12, "IP_RECVTTL"),
+    (0, 13, "IP_RECVTOS"),
+    (0, 8, "IP_PKTINFO"),
+    (0, 33, "IP_MULTICAST_TTL"),
+    (0, 34, "IP_MULTICAST_LOOP"),
+    (41, 26, "IPV6_V6ONLY"),
+    (41, 16, "IPV6_UNICAST_HOPS"),
+    (41, 67, "IPV6_TCLASS"),
+    (41, 49, "IPV6_RECVPKTINFO"),
+    (6, 1, "TCP_NODELAY"),
+    (6, 3, "TCP_CORK"),
+    (6, 4, "TCP_KEEPIDLE"),
+    (6, 5, "TCP_KEEPINTVL"),
+    (6, 6, "TCP_KEEPCNT"),
+    (6, 9, "TCP_DEFER_ACCEPT"),
+    (6, 18, "TCP_USER_TIMEOUT"),
+    (6, 23, "TCP_FASTOPEN"),
+    (6, 13, "TCP_CONGESTION"),
+    (6, 2, "TCP_MAXSEG"),
+];
+
+/// A socket option's name, if it is one stasis dumps.
+pub fn sock_opt_name(level: i32, name: i32) -> Option<&'static str> {
+    SOCK_OPTS
+        .iter()
+        .find(|o| o.0 == level && o.1 == name)
+        .map(|o| o.2)
+}
+
+/// A socket's receive queue: `len` bytes at `data_off` in pages.img; for a datagram or
+/// seqpacket socket, `msgs` are the lengths of its messages in order (they add up to `len`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SockQueue {
+    pub data_off: u64,
+    pub len: u64,
+    pub msgs: Vec<u32>,
+}
+
+/// A `struct sockaddr` as text: a unix path (`@name` for an abstract one), `a.b.c.d:port`,
+/// `[v6]:port`; `-` for none.
+pub fn sockaddr_text(a: &[u8]) -> String {
+    if a.len() < 2 {
+        return "-".into();
+    }
+    let family = u16::from_ne_bytes([a[0], a[1]]);
+    let port = |b: &[u8]| b.get(2..4).map_or(0, |p| u16::from_be_bytes([p[0], p[1]]));
+    match family {
+        1 => {
+            let path = &a[2..];
+            match path.split_first() {
+                None => "(unnamed)".into(),
+                Some((0, rest)) => format!("@{}", String::from_utf8_lossy(rest)),
+                Some(_) => {
+                    let end = path.iter().position(|&c| c == 0).unwrap_or(path.len());
+                    String::from_utf8_lossy(&path[..end]).into_owned()
+                }
+            }
+        }
+        2 if a.len() >= 8 => format!("{}.{}.{}.{}:{}", a[4], a[5], a[6], a[7], port(a)),
+        10 if a.len() >= 24 => {
+            let mut ip = [0u8; 16];
+            ip.copy_from_slice(&a[8..24]);
+            format!("[{}]:{}", std::net::Ipv6Addr::from(ip), port(a))
+        }
+        f => format!("(family {f})"),
+    }
 }
 
 /// One registration of an epoll instance: the descriptor number it was added with (epoll keys
@@ -729,5 +895,80 @@ mod hex_bytes {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         decode(&String::deserialize(d)?).map_err(D::Error::custom)
+    }
+}
+
+impl std::fmt::Display for Socket {
+    /// `tcp 127.0.0.1:8080 listening (backlog 5); options SO_REUSEADDR`, `unix stream
+    /// (unnamed) pair of 1234; 12 bytes queued`…
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ty = match self.sock_type {
+            1 => "stream",
+            2 => "dgram",
+            5 => "seqpacket",
+            _ => "?",
+        };
+        let local = match (self.local.is_empty(), self.family) {
+            (true, 1) => "(unnamed)".to_string(),
+            (true, _) => "*".to_string(),
+            _ => sockaddr_text(&self.local),
+        };
+        match self.family {
+            1 => write!(f, "unix {ty} {local}")?,
+            _ => {
+                let proto = match self.protocol {
+                    6 => "tcp",
+                    17 => "udp",
+                    _ => "inet",
+                };
+                let v = if self.family == 10 { "6" } else { "" };
+                write!(f, "{proto}{v} {local}")?
+            }
+        }
+        match self.state {
+            SockState::Listening { backlog } => write!(f, " listening (backlog {backlog})")?,
+            SockState::Unconnected => write!(f, " unconnected")?,
+            SockState::Connected => match self.unix.as_ref() {
+                Some(UnixSock {
+                    pair_gone: true, ..
+                }) => write!(f, " connected, its peer closed")?,
+                Some(UnixSock {
+                    pair: Some(peer), ..
+                }) => write!(f, " paired with socket {peer}")?,
+                _ => write!(f, " connected to {}", sockaddr_text(&self.remote))?,
+            },
+        }
+        if let Some(file) = self.unix.as_ref().and_then(|u| u.file) {
+            if file.deleted {
+                write!(f, " (its file deleted)")?;
+            } else {
+                write!(
+                    f,
+                    " (file mode {:o}, owner {}:{})",
+                    file.mode, file.uid, file.gid
+                )?;
+            }
+        }
+        if self.shutdown & 1 != 0 {
+            write!(f, "; shut down for reading")?;
+        }
+        if self.shutdown & 2 != 0 {
+            write!(f, "; shut down for writing")?;
+        }
+        if self.queue.len > 0 || !self.queue.msgs.is_empty() {
+            write!(f, "; {} bytes queued", self.queue.len)?;
+            if self.sock_type != 1 {
+                write!(f, " in {} messages", self.queue.msgs.len())?;
+            }
+        }
+        if !self.opts.is_empty() {
+            let names: Vec<&str> = self
+                .opts
+                .iter()
+                .map(|o| sock_opt_name(o.level, o.name).unwrap_or("?"))
+                .collect();
+            write!(f, "; options {}", names.join(", "))?;
+        }
+        Ok(())
     }
 }

@@ -246,6 +246,7 @@ pub fn load_tree(dir: &std::path::Path) -> Result<TreeImage> {
                         | FileKind::CharDev { .. }
                         | FileKind::Pipe { inherit: None, .. }
                         | FileKind::EventFd { .. }
+                        | FileKind::Socket(_)
                 );
                 if !allowed || *shared.entry(id).or_insert(kind) != kind {
                     return Err(bad(format!(
@@ -256,6 +257,43 @@ pub fn load_tree(dir: &std::path::Path) -> Result<TreeImage> {
         }
     }
     Ok(all)
+}
+
+/// What a restore would do with a socket must make sense before anything is created: a family
+/// and type stasis restores, addresses no longer than a `sockaddr`, known options of
+/// plausible size, and a queue inside pages.img whose messages add up to it.
+fn check_socket(s: &Socket, data_ok: &dyn Fn(u64, u64) -> bool) -> std::result::Result<(), String> {
+    const MAX_ADDR: usize = 128;
+    const MAX_OPT: usize = 64;
+    if ![1, 2, 10].contains(&s.family) || ![1, 2, 5].contains(&s.sock_type) {
+        return Err(format!("family {} type {}", s.family, s.sock_type));
+    }
+    if (s.family == 1) != s.unix.is_some() {
+        return Err("unix details on a socket of another family, or none on a unix one".into());
+    }
+    if s.local.len() > MAX_ADDR || s.remote.len() > MAX_ADDR {
+        return Err("an address longer than a sockaddr".into());
+    }
+    for o in &s.opts {
+        if sock_opt_name(o.level, o.name).is_none() || o.value.len() > MAX_OPT {
+            return Err(format!(
+                "option {}:{} is not one stasis restores",
+                o.level, o.name
+            ));
+        }
+    }
+    let q = &s.queue;
+    if !data_ok(q.data_off, q.len) {
+        return Err("its queue lies outside pages.img".into());
+    }
+    let sum = q
+        .msgs
+        .iter()
+        .try_fold(0u64, |a, &m| a.checked_add(m as u64));
+    if s.sock_type != 1 && sum != Some(q.len) || s.sock_type == 1 && !q.msgs.is_empty() {
+        return Err("its messages do not add up to its queue".into());
+    }
+    Ok(())
 }
 
 /// Threads a restore will create at most (the kernel's own limit is far higher; an image that
@@ -397,6 +435,11 @@ fn check_consistency(img: &Image) -> Result<()> {
                 "a flock on inode {} held through a mapping the process does not have",
                 l.inode
             )));
+        }
+    }
+    for d in &f.descs {
+        if let FileKind::Socket(s) = &d.kind {
+            check_socket(s, &data_ok).map_err(|why| bad(format!("socket {}: {why}", s.inode)))?;
         }
     }
     for d in &f.descs {

@@ -8,6 +8,7 @@ pub mod process;
 pub mod ptrace;
 pub mod sched;
 pub mod signal;
+pub mod sock;
 pub mod uffd;
 
 /// A clock's reading in ns (0 if it cannot be read).

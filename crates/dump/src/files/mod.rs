@@ -13,6 +13,7 @@ mod eventfd;
 mod lock;
 mod path;
 mod pipe;
+mod socket;
 mod tty;
 mod unnamed;
 
@@ -78,6 +79,7 @@ static KINDS: &[&dyn Kind] = &[
     &pipe::PIPE,
     &eventfd::EVENTFD,
     &epoll::EPOLL,
+    &socket::SOCKET,
     &tty::TTY,
     &chardev::CHARDEV,
     &unnamed::UNNAMED,

@@ -19,6 +19,7 @@ mod eventfd;
 pub(crate) mod lock;
 mod path;
 mod pipe;
+mod socket;
 mod tty;
 mod unnamed;
 
@@ -55,6 +56,7 @@ fn ops(kind: &FileKind) -> &'static dyn Open {
         FileKind::Tty { .. } => &tty::TTY,
         FileKind::EventFd { .. } => &eventfd::EVENTFD,
         FileKind::Epoll { .. } => &epoll::EPOLL,
+        FileKind::Socket(_) => &socket::SOCKET,
     }
 }
 
@@ -65,6 +67,8 @@ fn ops(kind: &FileKind) -> &'static dyn Open {
 pub struct FileData {
     pub pipes: HashMap<u64, Vec<u8>>,
     pub unnamed: HashMap<(u64, u64), Vec<u8>>,
+    /// Sockets' receive queues, by inode.
+    pub socks: HashMap<u64, Vec<u8>>,
 }
 
 impl FileData {
@@ -85,6 +89,12 @@ impl FileData {
             out.unnamed
                 .insert((u.dev, u.inode), read(u.data_off, u.len)?);
         }
+        for d in &img.files.descs {
+            if let FileKind::Socket(s) = &d.kind {
+                out.socks
+                    .insert(s.inode, read(s.queue.data_off, s.queue.len)?);
+            }
+        }
         Ok(out)
     }
 }
@@ -101,6 +111,8 @@ pub(crate) struct OpenCx<'a> {
     pub unnamed: HashMap<(u64, u64), OwnedFd>,
     /// Pipes created so far, by inode.
     pub pipes: HashMap<u64, pipe::Pair>,
+    /// Both ends of every unix pair made so far, by each end's dumped inode.
+    pub socks: HashMap<u64, OwnedFd>,
 }
 
 impl<'a> OpenCx<'a> {
@@ -140,6 +152,7 @@ pub(crate) fn open_all<'a>(
         staged: HashMap::new(),
         unnamed: HashMap::new(),
         pipes: HashMap::new(),
+        socks: HashMap::new(),
     };
     for d in &img.files.descs {
         if let Some(n) = inherited_from(&d.kind) {
@@ -209,6 +222,7 @@ pub(crate) fn open_shared(
 ) -> Result<Vec<(u32, OwnedFd)>> {
     let mut out: Vec<(u32, OwnedFd)> = Vec::new();
     let mut pipes = HashMap::new();
+    let mut socks = HashMap::new();
     for &(img, data) in imgs {
         let mut cx = OpenCx {
             img,
@@ -217,6 +231,7 @@ pub(crate) fn open_shared(
             staged: HashMap::new(),
             unnamed: HashMap::new(),
             pipes: std::mem::take(&mut pipes),
+            socks: std::mem::take(&mut socks),
         };
         for d in &img.files.descs {
             let Some(t) = d.tree_id else { continue };
@@ -229,6 +244,7 @@ pub(crate) fn open_shared(
             out.push((t, cx.stage(fd)?));
         }
         pipes = std::mem::take(&mut cx.pipes);
+        socks = std::mem::take(&mut cx.socks);
     }
     Ok(out)
 }
@@ -301,6 +317,7 @@ fn describe(img: &Image, d: &FileDesc) -> String {
         FileKind::Pipe { inode, .. } => format!("pipe:[{inode}]"),
         FileKind::EventFd { .. } => "eventfd".into(),
         FileKind::Epoll { .. } => "epoll".into(),
+        FileKind::Socket(s) => format!("socket {}", sockaddr_text(&s.local)),
     };
     format!("fd {} ({what})", fds.join(", "))
 }

@@ -1,0 +1,284 @@
+//! Sockets: the sockets fixture (tests/fixtures/sockets.c: unix pairs of every type with data
+//! queued both ways, shutdowns, a pair whose other end is closed, unix listeners on a path and
+//! an abstract name, a bound socket whose file was deleted, TCP listeners on IPv4 and IPv6 with
+//! options, UDP bound and connected, an epoll set over five kinds of files) checks itself after
+//! two dump/restore trips; what stasis cannot save is refused, naming the pid and the thing,
+//! and leaves the process as it was.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+
+fn port(d: &Daemon, file: &str) -> u16 {
+    std::fs::read_to_string(d.dir.path().join(file))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no port in {file}"))
+}
+
+/// Whether something listens on 127.0.0.1:`port` (a connection is made and closed: only
+/// call it when the listener's backlog may hold one).
+fn listening(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+#[test]
+fn every_kind_of_socket_comes_back_with_its_state() {
+    if !require_root("every_kind_of_socket_comes_back_with_its_state") {
+        return;
+    }
+    let d = Daemon::start("sockets", &["--dir", "{dir}"]);
+    let tcp4 = port(&d, "tcp4");
+    for n in 1..=2 {
+        d.dump(n);
+        assert!(!listening(tcp4), "nobody listens while the process is away");
+        let show = stasis(&["show", &d.image(n).to_string_lossy()]);
+        let text = String::from_utf8_lossy(&show.stdout).into_owned();
+        assert!(show.status.success(), "show: {}", stderr_of(&show));
+        for needle in [
+            format!("tcp 127.0.0.1:{tcp4} listening (backlog 9)"),
+            "unix stream (unnamed) paired with socket".to_string(),
+            "options SO_REUSEADDR, SO_RCVBUF, TCP_NODELAY".to_string(),
+            "20 bytes queued".to_string(),
+            "70007 bytes queued in 4 messages".to_string(),
+            "connected, its peer closed; shut down for reading; shut down for writing; 9 bytes queued".to_string(),
+            "(its file deleted)".to_string(),
+            "(file mode 640".to_string(),
+            "options SO_REUSEADDR".to_string(),
+        ] {
+            assert!(text.contains(&needle), "show lacks {needle:?}:\n{text}");
+        }
+        d.restore(n);
+    }
+    let v = assert_pass(&d.finish());
+    assert!(detail(&v, "sockets") >= 30, "{v}");
+}
+
+/// The listener's port is taken again at once: a client that connects after the restore is
+/// accepted and answered by the restored process.
+#[test]
+fn a_restored_tcp_listener_answers_a_client() {
+    if !require_root("a_restored_tcp_listener_answers_a_client") {
+        return;
+    }
+    let dir = tempdir::Dir::new("echo");
+    let pidfile = dir.path().join("pid");
+    let script = format!(
+        "import socket,os\n\
+         s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('127.0.0.1', 0)); s.listen(4)\n\
+         open('{d}/port','w').write(str(s.getsockname()[1]))\n\
+         open('{d}/pid.tmp','w').write(str(os.getpid())); os.rename('{d}/pid.tmp','{p}')\n\
+         while True:\n\
+         \x20   c,_=s.accept(); c.sendall(b'pid %d: ' % os.getpid() + c.recv(100)); c.close()\n",
+        d = dir.path().display(),
+        p = pidfile.display()
+    );
+    let mut child = python(&script, &pidfile, None, true);
+    let pid = child.id() as i32;
+    let port: u16 = std::fs::read_to_string(dir.path().join("port"))
+        .expect("port")
+        .trim()
+        .parse()
+        .expect("a port");
+    let ask = |what: &str| -> String {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        c.write_all(what.as_bytes()).expect("send");
+        let mut out = String::new();
+        c.read_to_string(&mut out).expect("answer");
+        out
+    };
+    assert_eq!(ask("before"), format!("pid {pid}: before"));
+    let img = dir.path().join("img");
+    let o = stasis(&["dump", "-t", &pid.to_string(), "-D", &img.to_string_lossy()]);
+    assert!(o.status.success(), "dump: {}", stderr_of(&o));
+    let _ = child.wait();
+    let o = stasis(&["restore", "-D", &img.to_string_lossy(), "--detach"]);
+    assert!(o.status.success(), "restore: {}", stderr_of(&o));
+    assert_eq!(ask("after"), format!("pid {pid}: after"));
+    // SAFETY: the restored process has our child's pid.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_gone(pid);
+}
+
+/// A python process holding `what` (its setup code); the dump must fail naming `needle` and
+/// the pid, and the process must run on untraced with its sockets intact: on SIGTERM it runs
+/// `check` and writes "ok" or the exception into DIR/verdict.
+fn refused(what: &str, check: &str, needle: &str) {
+    refused_with_stdio(what, check, needle, None)
+}
+
+fn refused_with_stdio(what: &str, check: &str, needle: &str, stdio: Option<std::os::fd::RawFd>) {
+    let dir = tempdir::Dir::new("sockrefusal");
+    let pidfile = dir.path().join("pid");
+    let script = format!(
+        "import socket,os,signal,time,array\n\
+         D='{d}'\n\
+         {what}\n\
+         def term(*_):\n\
+         \x20   try:\n\
+         \x20       {check}\n\
+         \x20       open(D+'/verdict','w').write('ok')\n\
+         \x20   except Exception as e:\n\
+         \x20       open(D+'/verdict','w').write(repr(e))\n\
+         \x20   os._exit(0)\n\
+         signal.signal(signal.SIGTERM, term)\n\
+         open(D+'/pid.tmp','w').write(str(os.getpid())); os.rename(D+'/pid.tmp','{p}')\n\
+         while True: time.sleep(1)\n",
+        d = dir.path().display(),
+        p = pidfile.display()
+    );
+    let mut child = python(&script, &pidfile, stdio, false);
+    let pid = child.id() as i32;
+    let img = dir.path().join("img");
+    let o = stasis(&["dump", "-t", &pid.to_string(), "-D", &img.to_string_lossy()]);
+    let e = stderr_of(&o);
+    let state = stasis_state(pid);
+    let tracer = tracer_of(pid);
+    // SAFETY: our child.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let _ = child.wait();
+    let verdict = std::fs::read_to_string(dir.path().join("verdict")).unwrap_or_default();
+    assert_eq!(o.status.code(), Some(1), "{what}: {e}");
+    assert_eq!(e.trim().lines().count(), 1, "one-line error: {e}");
+    assert!(
+        e.contains(&pid.to_string()) && e.contains(needle),
+        "{what}: {e:?} should name the pid and {needle:?}"
+    );
+    assert!(!img.exists(), "a refused dump leaves no image");
+    assert!(
+        matches!(state, 'S' | 'R') && tracer == 0,
+        "the refused process runs on, untraced"
+    );
+    assert_eq!(verdict, "ok", "{what}: the process's sockets were harmed");
+}
+
+#[test]
+fn an_established_tcp_connection_is_refused() {
+    if !require_root("an_established_tcp_connection_is_refused") {
+        return;
+    }
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+    let port = l.local_addr().expect("addr").port();
+    refused(
+        &format!("c=socket.create_connection(('127.0.0.1', {port})); c.sendall(b'queued')"),
+        "assert c.getpeername()[1] == {port}"
+            .replace("{port}", &port.to_string())
+            .as_str(),
+        "TCP connection",
+    );
+    drop(l);
+}
+
+#[test]
+fn a_unix_socket_connected_outside_is_refused() {
+    if !require_root("a_unix_socket_connected_outside_is_refused") {
+        return;
+    }
+    let dir = tempdir::Dir::new("outside");
+    let path = dir.path().join("l.sock");
+    let l = std::os::unix::net::UnixListener::bind(&path).expect("listener");
+    refused(
+        &format!(
+            "c=socket.socket(socket.AF_UNIX); c.connect('{}')",
+            path.display()
+        ),
+        "c.send(b'x')",
+        "is connected to",
+    );
+    drop(l);
+    // A pair whose other end this test holds: the process has the first end as fds 0-2.
+    let (mine, theirs) = std::os::unix::net::UnixStream::pair().expect("pair");
+    refused_with_stdio(
+        "pass",
+        "os.write(1, b'x')",
+        "outside the dumped processes",
+        Some(std::os::fd::AsRawFd::as_raw_fd(&theirs)),
+    );
+    drop((mine, theirs));
+}
+
+#[test]
+fn a_waiting_connection_and_fds_in_flight_are_refused() {
+    if !require_root("a_waiting_connection_and_fds_in_flight_are_refused") {
+        return;
+    }
+    refused(
+        "s=socket.socket(); s.bind(('127.0.0.1',0)); s.listen(5)\nc=socket.create_connection(s.getsockname())",
+        "a,_=s.accept(); a.close()",
+        "waiting to be accepted",
+    );
+    refused(
+        "a,b=socket.socketpair()\nr,w=os.pipe()\na.sendmsg([b'fd'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array('i', [r]))])",
+        "m,anc,_,_=b.recvmsg(10, 64); assert m == b'fd' and len(anc) == 1, (m, anc)",
+        "SCM_RIGHTS",
+    );
+    refused(
+        "a,b=socket.socketpair()\nb.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)\na.send(b'creds')",
+        "assert b.recv(10) == b'creds'",
+        "SO_PASSCRED",
+    );
+}
+
+/// A process tree sharing sockets, as a pre-forking server's master and worker do: a TCP
+/// listener inherited across fork (one description in both) and a unix pair with one end in
+/// each, with data queued both ways. After the restore the worker answers on the old port
+/// with what the master had sent it, and the master reads what the worker had sent.
+#[test]
+fn sockets_shared_across_a_tree_come_back_shared() {
+    if !require_root("sockets_shared_across_a_tree_come_back_shared") {
+        return;
+    }
+    let dir = tempdir::Dir::new("socktree");
+    let pidfile = dir.path().join("pid");
+    let script = format!(
+        "import socket,os,signal,time\n\
+         D='{d}'\n\
+         l=socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         l.bind(('127.0.0.1', 0)); l.listen(8)\n\
+         a,b=socket.socketpair()\n\
+         kid=os.fork()\n\
+         if kid==0:\n\
+         \x20   a.close(); b.send(b'from the worker')\n\
+         \x20   while True:\n\
+         \x20       c,_=l.accept(); m=c.recv(100)\n\
+         \x20       c.sendall(b'worker %d: %s %s' % (os.getpid(), m, b.recv(100))); c.close()\n\
+         b.close(); a.send(b'from the master')\n\
+         def term(*_):\n\
+         \x20   got=a.recv(100, socket.MSG_DONTWAIT)\n\
+         \x20   open(D+'/verdict','w').write('ok' if got==b'from the worker' else repr(got))\n\
+         \x20   os.kill(kid, 9); os.waitpid(kid, 0); os._exit(0)\n\
+         signal.signal(signal.SIGTERM, term)\n\
+         time.sleep(0.3)\n\
+         open(D+'/port','w').write('%d %d' % (l.getsockname()[1], kid))\n\
+         open(D+'/pid.tmp','w').write(str(os.getpid())); os.rename(D+'/pid.tmp','{p}')\n\
+         while True: time.sleep(1)\n",
+        d = dir.path().display(),
+        p = pidfile.display()
+    );
+    let mut child = python(&script, &pidfile, None, true);
+    let pid = child.id() as i32;
+    let info = std::fs::read_to_string(dir.path().join("port")).expect("port");
+    let mut it = info
+        .split_whitespace()
+        .map(|v| v.parse::<i32>().expect("a number"));
+    let (port, kid) = (it.next().expect("port") as u16, it.next().expect("kid"));
+    let img = dir.path().join("img");
+    let o = stasis(&["dump", "-t", &pid.to_string(), "-D", &img.to_string_lossy()]);
+    assert!(o.status.success(), "dump: {}", stderr_of(&o));
+    let _ = child.wait();
+    wait_gone(kid);
+    let o = stasis(&["restore", "-D", &img.to_string_lossy(), "--detach"]);
+    assert!(o.status.success(), "restore: {}", stderr_of(&o));
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    c.write_all(b"hi").expect("send");
+    let mut out = String::new();
+    c.read_to_string(&mut out).expect("answer");
+    assert_eq!(out, format!("worker {kid}: hi from the master"));
+    // SAFETY: the restored master has our child's pid.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    wait_gone(pid);
+    let verdict = std::fs::read_to_string(dir.path().join("verdict")).unwrap_or_default();
+    assert_eq!(verdict, "ok", "the master's end of the pair");
+}
