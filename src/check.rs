@@ -22,6 +22,9 @@
 //! | `kcmp`             | yes  | tell descriptors that share one open file description (dup, fork)     |
 //! | `pidfd_getfd`      | yes  | a copy of a target's descriptor (terminal modes) and of the restored  |
 //! |                    |      | task's userfaultfd, through which the host fills its memory           |
+//! | `tcp_repair`       | no   | `--tcp-established`: TCP repair mode (needs CAP_NET_ADMIN)            |
+//! | `nft_netlock`      | no   | `--tcp-established`: the nftables table that holds the connections    |
+//! |                    |      | from dump to restore (the `nft` program, package nftables)           |
 //!
 //! The vDSO layout is every `[vvar*]`/`[vdso]` area of our own `/proc/self/maps`, in order: its
 //! count, order and sizes differ between kernels, so it is read, never assumed.
@@ -109,6 +112,8 @@ pub fn run_checks() -> CheckReport {
         Feature::from_probe("process_vm_readv", true, probe_process_vm_readv()),
         Feature::from_probe("kcmp", true, probe_kcmp()),
         Feature::from_probe("pidfd_getfd", true, probe_pidfd_getfd()),
+        Feature::from_probe("tcp_repair", false, probe_tcp_repair()),
+        Feature::from_probe("nft_netlock", false, probe_nft_netlock()),
     ];
     tracing::debug!(elapsed = ?started.elapsed(), "kernel checks done");
     CheckReport {
@@ -335,6 +340,25 @@ fn probe_pidfd_getfd() -> Probe {
         a.as_raw_fd(),
         copy.as_raw_fd()
     ))
+}
+
+fn probe_tcp_repair() -> Probe {
+    use stasis_sys::sock;
+    let s = sock::socket(libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_TCP)
+        .map_err(|e| format!("socket: {e}"))?;
+    sock::setsockopt_int(&s, libc::IPPROTO_TCP, sock::TCP_REPAIR, 1)
+        .map_err(|e| format!("TCP_REPAIR: {e} (needs CAP_NET_ADMIN)"))?;
+    Ok("a TCP socket entered repair mode".into())
+}
+
+/// A table of our own made and deleted, as a dump and its restore do.
+fn probe_nft_netlock() -> Probe {
+    use stasis_sys::netlock;
+    let nft = netlock::nft_path().ok_or("nft not found (install nftables)")?;
+    let table = netlock::new_name(std::process::id() as i32);
+    netlock::lock(&table, true, &[])?;
+    netlock::unlock(&table)?;
+    Ok(format!("{} made and removed a table", nft.display()))
 }
 
 fn probe_memfd() -> Probe {
@@ -1078,7 +1102,7 @@ mod tests {
     fn run_checks_finds_the_vdso() {
         let r = run_checks();
         assert!(!r.kernel.is_empty());
-        assert_eq!(r.features.len(), 13);
+        assert_eq!(r.features.len(), 15);
         for f in ["kcmp", "pidfd_getfd"] {
             let probe = r.features.iter().find(|x| x.name == f).expect(f);
             assert!(probe.ok, "{f}: {}", probe.detail);

@@ -64,6 +64,10 @@ enum Command {
         /// Accepted for CRIU's users: file locks are dumped by default.
         #[arg(long, hide = true, conflicts_with = "no_file_locks")]
         file_locks: bool,
+        /// Dump established TCP connections and keep them: their packets are dropped (an
+        /// nftables table) from the dump until the restore has them back.
+        #[arg(long)]
+        tcp_established: bool,
     },
     /// Bring a dumped process back, with its pid, memory, registers and files.
     Restore {
@@ -170,11 +174,13 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             shell_job,
             no_file_locks,
             file_locks: _,
+            tcp_established,
         } => {
             let opts = stasis_dump::DumpOptions {
                 leave_running,
                 shell_job,
                 file_locks: !no_file_locks,
+                tcp_established,
             };
             let s = stasis_dump::dump(pid, &images_dir, &opts)?;
             eprintln!(

@@ -282,3 +282,252 @@ fn sockets_shared_across_a_tree_come_back_shared() {
     let verdict = std::fs::read_to_string(dir.path().join("verdict")).unwrap_or_default();
     assert_eq!(verdict, "ok", "the master's end of the pair");
 }
+
+/// An asyncio echo server (epoll and TCP, in Python) with a client connection (this test)
+/// streaming a pattern through it both ways the whole time — also while the server is away,
+/// and with both of the server's queues full when it is dumped (the client stops reading for
+/// a while first). Dumped with `--tcp-established` and restored twice: the connection is
+/// never reset, and every byte comes back once, in order.
+#[test]
+fn a_tcp_connection_carries_on_across_restores_without_a_byte_lost() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    if !require_root("a_tcp_connection_carries_on_across_restores_without_a_byte_lost") {
+        return;
+    }
+    let (mut server, pid, port, dir) = echo_server("");
+    let conn = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .expect("timeout");
+    let pat = |i: u64| (i % 251) as u8;
+    let (stop, pause) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut w = conn.try_clone().expect("clone");
+    let writer = {
+        let (stop, sent) = (stop.clone(), sent.clone());
+        std::thread::spawn(move || -> Result<(), String> {
+            let mut block = vec![0u8; 8192];
+            while !stop.load(Ordering::SeqCst) {
+                let at = sent.load(Ordering::SeqCst);
+                for (k, b) in block.iter_mut().enumerate() {
+                    *b = pat(at + k as u64);
+                }
+                w.write_all(&block)
+                    .map_err(|e| format!("write at {at}: {e}"))?;
+                sent.fetch_add(block.len() as u64, Ordering::SeqCst);
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Ok(())
+        })
+    };
+    let got = Arc::new(AtomicU64::new(0));
+    let mut r = conn.try_clone().expect("clone");
+    let reader = {
+        let (got, pause, stop, sent) = (got.clone(), pause.clone(), stop.clone(), sent.clone());
+        std::thread::spawn(move || -> Result<(), String> {
+            let mut buf = vec![0u8; 65536];
+            loop {
+                if pause.load(Ordering::SeqCst) {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    continue;
+                }
+                let at = got.load(Ordering::SeqCst);
+                if stop.load(Ordering::SeqCst) && at == sent.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
+                let n = r.read(&mut buf).map_err(|e| format!("read at {at}: {e}"))?;
+                if n == 0 {
+                    return Err(format!("EOF at {at}"));
+                }
+                if let Some(k) = (0..n).find(|&k| buf[k] != pat(at + k as u64)) {
+                    return Err(format!("byte {} differs", at + k as u64));
+                }
+                got.fetch_add(n as u64, Ordering::SeqCst);
+            }
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    for n in 1..=2 {
+        pause.store(true, Ordering::SeqCst);
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let img = dir.path().join(format!("img{n}"));
+        let o = stasis(&[
+            "dump",
+            "-t",
+            &pid.to_string(),
+            "-D",
+            &img.to_string_lossy(),
+            "--tcp-established",
+        ]);
+        assert!(o.status.success(), "dump {n}: {}", stderr_of(&o));
+        let show = stasis(&["show", &img.to_string_lossy()]);
+        let text = String::from_utf8_lossy(&show.stdout).into_owned();
+        let line = text
+            .lines()
+            .find(|l| l.contains("established:"))
+            .unwrap_or_else(|| panic!("no established connection in the image:\n{text}"))
+            .to_string();
+        assert!(
+            !line.contains(" 0 bytes to send"),
+            "the send queue was full: {line}"
+        );
+        assert!(!line.contains("; 0 bytes queued"), "{line}");
+        if n == 1 {
+            // Ours to reap; a restored one is the restoring stasis's child, then init's.
+            let _ = server.wait();
+        }
+        wait_gone(pid);
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let o = stasis(&["restore", "-D", &img.to_string_lossy(), "--detach"]);
+        assert!(o.status.success(), "restore {n}: {}", stderr_of(&o));
+        assert!(no_lock_of(pid), "the restore released the network lock");
+        pause.store(false, Ordering::SeqCst);
+        std::thread::sleep(std::time::Duration::from_millis(700));
+    }
+    stop.store(true, Ordering::SeqCst);
+    let w = writer.join().expect("writer");
+    let r = reader.join().expect("reader");
+    // SAFETY: the restored server has our child's pid.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_gone(pid);
+    w.expect("the client wrote on");
+    r.expect("the client read every byte back, in order");
+    let total = sent.load(Ordering::SeqCst);
+    assert_eq!(got.load(Ordering::SeqCst), total);
+    assert!(total > 1 << 20, "{total} bytes went through");
+}
+
+/// Whether no network lock of a dump of `pid` is left in nftables.
+fn no_lock_of(pid: i32) -> bool {
+    let o = std::process::Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .expect("nft");
+    !String::from_utf8_lossy(&o.stdout).contains(&format!("stasis_{pid}_"))
+}
+
+/// Starts a Python asyncio echo server (`extra`: more setup code, run first); returns it, its
+/// pid, port and work directory.
+fn echo_server(extra: &str) -> (std::process::Child, i32, u16, tempdir::Dir) {
+    let dir = tempdir::Dir::new("echo");
+    let pidfile = dir.path().join("pid");
+    let script = format!(
+        "import asyncio,os,socket\n\
+         D='{d}'\n\
+         {extra}\n\
+         async def handle(r, w):\n\
+         \x20   while True:\n\
+         \x20       data = await r.read(65536)\n\
+         \x20       if not data: break\n\
+         \x20       w.write(data); await w.drain()\n\
+         async def main():\n\
+         \x20   s = await asyncio.start_server(handle, '127.0.0.1', 0)\n\
+         \x20   open(D+'/port','w').write(str(s.sockets[0].getsockname()[1]))\n\
+         \x20   open(D+'/pid.tmp','w').write(str(os.getpid())); os.rename(D+'/pid.tmp','{p}')\n\
+         \x20   async with s: await s.serve_forever()\n\
+         asyncio.run(main())\n",
+        d = dir.path().display(),
+        p = pidfile.display()
+    );
+    let child = python(&script, &pidfile, None, true);
+    let pid = child.id() as i32;
+    let port = std::fs::read_to_string(dir.path().join("port"))
+        .expect("port")
+        .trim()
+        .parse()
+        .expect("a port");
+    (child, pid, port, dir)
+}
+
+/// One round trip on an echo connection.
+fn echoes(c: &mut std::net::TcpStream, what: &[u8]) -> bool {
+    let mut back = vec![0u8; what.len()];
+    c.write_all(what).is_ok() && c.read_exact(&mut back).is_ok() && back == what
+}
+
+/// A dump that fails after the connections are locked (a child holds a netlink socket, found
+/// after the parent's connection) takes them out of repair mode and removes the lock: the
+/// connection works on.
+#[test]
+fn a_failed_dump_leaves_the_tcp_connection_working() {
+    if !require_root("a_failed_dump_leaves_the_tcp_connection_working") {
+        return;
+    }
+    let (mut server, pid, port, dir) = echo_server(
+        "if os.fork()==0:\n    n=socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)\n    import time; time.sleep(120); os._exit(0)",
+    );
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .expect("timeout");
+    assert!(echoes(&mut c, b"before"));
+    let img = dir.path().join("img");
+    let o = stasis(&[
+        "dump",
+        "-t",
+        &pid.to_string(),
+        "-D",
+        &img.to_string_lossy(),
+        "--tcp-established",
+    ]);
+    let e = stderr_of(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("netlink"), "{e}");
+    assert!(no_lock_of(pid), "the failed dump removed its lock");
+    assert!(
+        echoes(&mut c, b"after the failed dump"),
+        "the connection works on"
+    );
+    // SAFETY: our child's process group (the server and its child).
+    unsafe { libc::kill(-pid, libc::SIGKILL) };
+    let _ = server.wait();
+}
+
+/// A restore that fails once the connections are being made (a unix socket's path is taken
+/// by a live listener meanwhile) releases the lock, and leaves nothing bound.
+#[test]
+fn a_failed_restore_releases_the_network_lock() {
+    if !require_root("a_failed_restore_releases_the_network_lock") {
+        return;
+    }
+    let (mut server, pid, port, dir) =
+        echo_server("u=socket.socket(socket.AF_UNIX); u.bind(D+'/u.sock'); u.listen(1)");
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .expect("timeout");
+    assert!(echoes(&mut c, b"before"));
+    let img = dir.path().join("img");
+    let o = stasis(&[
+        "dump",
+        "-t",
+        &pid.to_string(),
+        "-D",
+        &img.to_string_lossy(),
+        "--tcp-established",
+    ]);
+    assert!(o.status.success(), "dump: {}", stderr_of(&o));
+    assert!(
+        !no_lock_of(pid),
+        "the lock holds the connection until the restore"
+    );
+    let _ = server.wait();
+    let path = dir.path().join("u.sock");
+    let _ = std::fs::remove_file(&path);
+    let taken = std::os::unix::net::UnixListener::bind(&path).expect("a listener on the path");
+    let o = stasis(&["restore", "-D", &img.to_string_lossy(), "--detach"]);
+    let e = stderr_of(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("in use"), "{e}");
+    assert!(no_lock_of(pid), "the failed restore released the lock");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "no half-made task is left"
+    );
+    assert!(
+        std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+        "nothing is left bound to the server's port"
+    );
+    drop(taken);
+}

@@ -29,6 +29,9 @@ pub struct DumpOptions {
     pub shell_job: bool,
     /// Dump file locks (CRIU needs `--file-locks`); `false` refuses a process holding one.
     pub file_locks: bool,
+    /// Dump established TCP connections, locked from the dump to the restore
+    /// (`--tcp-established`); `false` refuses a process with one.
+    pub tcp_established: bool,
 }
 
 /// What a dump did, for the user and the benchmark.
@@ -58,8 +61,14 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
 
 fn dump_into(pid: i32, images: &ImageDir, opts: &DumpOptions, t0: Instant) -> Result<DumpSummary> {
     let dir = images.path();
+    if opts.leave_running && opts.tcp_established {
+        bail!("--tcp-established cannot be used with --leave-running: the connections would carry on past the image");
+    }
     let (mut tasks, zombies) = tree::seize(pid)?;
     let frozen_at = Instant::now();
+    // Dropped on any failure: every connection goes on as before.
+    let mut net = files::NetLock::new(pid);
+    let net = &mut net;
     // Every process is read while the whole tree is frozen; nothing is killed or let go before
     // every one of them has been read and the tree as a whole checked. The memory of each is
     // copied in the background while the next ones are read.
@@ -79,6 +88,7 @@ fn dump_into(pid: i32, images: &ImageDir, opts: &DumpOptions, t0: Instant) -> Re
                 dir,
                 opts,
                 t.pid == pid,
+                net,
             )?);
         }
         pending.into_iter().map(finish_task).collect()
@@ -99,6 +109,10 @@ fn dump_into(pid: i32, images: &ImageDir, opts: &DumpOptions, t0: Instant) -> Re
             t.seized
                 .kill()
                 .with_context(|| format!("killing dumped pid {}", t.pid))?;
+        }
+        net.killed();
+        if let Some(root) = dumps.iter_mut().find(|d| d.pid == pid) {
+            root.inventory.netlock = net.table();
         }
     }
 
@@ -123,6 +137,7 @@ fn dump_into(pid: i32, images: &ImageDir, opts: &DumpOptions, t0: Instant) -> Re
         }
         d.write_inventory()?;
     }
+    net.commit();
     if !opts.leave_running {
         for t in tasks.iter_mut() {
             t.seized
@@ -205,6 +220,7 @@ fn start_task<'s>(
     images: ImageDir,
     opts: &DumpOptions,
     root: bool,
+    net: &mut files::NetLock,
 ) -> Result<PendingTask<'s>> {
     let threads = seized.threads().to_vec();
     // A thread inside a vDSO function is stepped out of it first (CRIU issue #512).
@@ -225,9 +241,11 @@ fn start_task<'s>(
         &files::Options {
             shell_job: opts.shell_job,
             file_locks: opts.file_locks,
+            tcp_established: opts.tcp_established,
         },
         files,
         &mut pages,
+        net,
     )?;
     // Memory is planned now and copied in the background while the threads are read and the
     // parasite does its work: neither changes the process's memory, but for the injection
@@ -362,6 +380,7 @@ fn finish_task(p: PendingTask<'_>) -> Result<TaskDump> {
         boottime_ns,
         page_data_len: summary_pages.data_len,
         page_data_xxh3: summary_pages.checksum,
+        netlock: None,
     };
     Ok(TaskDump {
         pid,

@@ -183,6 +183,10 @@ pub struct Inventory {
     /// Bytes of page data and their checksum (cross-checked with pages.img's own header).
     pub page_data_len: u64,
     pub page_data_xxh3: u64,
+    /// The root's only: the network lock (an nftables table) that holds the dumped TCP
+    /// connections until the restore has them back.
+    #[serde(default)]
+    pub netlock: Option<String>,
 }
 
 /// General-purpose registers as `struct user_regs_struct` orders them.
@@ -486,7 +490,7 @@ pub enum FileKind {
         termios: Vec<u8>,
     },
     /// A socket: its family, type, addresses, state, options and receive queue.
-    Socket(Socket),
+    Socket(Box<Socket>),
 }
 
 /// A socket as the dump found it. Addresses are the kernel's `struct sockaddr` bytes (empty:
@@ -516,6 +520,34 @@ pub struct Socket {
     /// `SO_PEEK_OFF` (-1: not set).
     pub peek_off: i32,
     pub queue: SockQueue,
+    /// An established TCP connection (`--tcp-established`), in the kernel's repair terms.
+    #[serde(default)]
+    pub tcp: Option<TcpConn>,
+}
+
+/// An established TCP connection as repair mode shows it. `queue` (the socket's) holds what
+/// was received and not read; `send` what was written and not yet acknowledged, its last
+/// `unsent` bytes never sent.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TcpConn {
+    /// The sequence number after the last byte written (`write_seq`).
+    pub snd_seq: u32,
+    /// The sequence number after the last byte received (`rcv_nxt`).
+    pub rcv_seq: u32,
+    pub mss: u32,
+    pub timestamps: bool,
+    pub sack: bool,
+    /// Window scaling, with the two shifts (sending, receiving).
+    pub wscale: Option<(u8, u8)>,
+    /// The connection's timestamp clock (`TCP_TIMESTAMP`).
+    pub timestamp: u32,
+    /// `TCP_REPAIR_WINDOW`: snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup.
+    pub window: [u32; 5],
+    pub send: SockQueue,
+    pub unsent: u32,
+    /// `SO_SNDBUF` and `SO_RCVBUF` as the kernel had grown them: the queues must fit again.
+    #[serde(default)]
+    pub bufs: (u32, u32),
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -548,6 +580,10 @@ pub struct SockFile {
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
+    /// Its change time (ns): with the inode, it tells the very file from a new one that
+    /// took its inode number.
+    #[serde(default)]
+    pub ctime_ns: i64,
     /// Unlinked since: made again by `bind` and unlinked again.
     pub deleted: bool,
 }
@@ -960,6 +996,13 @@ impl std::fmt::Display for Socket {
             if self.sock_type != 1 {
                 write!(f, " in {} messages", self.queue.msgs.len())?;
             }
+        }
+        if let Some(t) = &self.tcp {
+            write!(
+                f,
+                "; established: {} bytes to send ({} not sent yet), seq {}/{}, mss {}",
+                t.send.len, t.unsent, t.snd_seq, t.rcv_seq, t.mss
+            )?;
         }
         if !self.opts.is_empty() {
             let names: Vec<&str> = self

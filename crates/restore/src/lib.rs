@@ -133,6 +133,9 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
     let plumbing = Plumbing::new(&plans, &tree_shm)?;
     let loaded = t0.elapsed();
 
+    // From here on things are made: whatever happens, the dumped TCP connections' lock goes
+    // (after the restore has them back, or when it fails).
+    let mut netlock = NetUnlock(tree.root.inventory.netlock.clone());
     let shift = shift_clocks_if_behind(&tree.root.inventory)?;
     let mut guard = TreeGuard {
         pids: Vec::new(),
@@ -175,6 +178,7 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
     for s in seized.iter_mut() {
         s.release()?;
     }
+    netlock.release();
     guard.armed = false;
     drop(children);
     for img in &imgs {
@@ -186,6 +190,29 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
         return Ok(0);
     }
     wait_exit(pid)
+}
+
+/// The network lock of an image's TCP connections, removed once (when released, or dropped).
+struct NetUnlock(Option<String>);
+
+impl NetUnlock {
+    fn release(&mut self) {
+        let Some(t) = self.0.take() else { return };
+        if !stasis_sys::netlock::exists(&t) {
+            tracing::info!("the network lock {t} is not on this machine");
+            return;
+        }
+        match stasis_sys::netlock::unlock(&t) {
+            Ok(()) => tracing::info!("network lock {t} released"),
+            Err(e) => tracing::error!("releasing the network lock {t}: {e}"),
+        }
+    }
+}
+
+impl Drop for NetUnlock {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 /// Rebuilds one prepared task into its dumped process: seize it, run the restorer's plan,

@@ -4,6 +4,7 @@
 
 pub mod clone;
 pub mod fs;
+pub mod netlock;
 pub mod process;
 pub mod ptrace;
 pub mod sched;

@@ -333,6 +333,52 @@ pub fn send(fd: impl AsFd, data: &[u8]) -> Result<usize, Errno> {
     Errno::result(r).map(|n| n as usize)
 }
 
+/// Copies what waits in a TCP queue (the one repair mode selected) into `buf` without
+/// consuming it (`MSG_PEEK | MSG_DONTWAIT`); the bytes copied.
+pub fn peek_stream(fd: impl AsFd, buf: &mut [u8]) -> Result<usize, Errno> {
+    // SAFETY: the kernel writes at most buf.len() bytes into buf.
+    let r = unsafe {
+        libc::recv(
+            fd.as_fd().as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    match Errno::result(r) {
+        Ok(n) => Ok(n as usize),
+        Err(Errno::EAGAIN) => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+/// An int-sized socket ioctl (`SIOCINQ`, `SIOCOUTQ`, `SIOCOUTQNSD`).
+pub fn ioctl_int(fd: impl AsFd, request: u64) -> Result<i32, Errno> {
+    let mut v: libc::c_int = 0;
+    // SAFETY: these requests write one int.
+    let r = unsafe { libc::ioctl(fd.as_fd().as_raw_fd(), request as _, &mut v) };
+    Errno::result(r).map(|_| v)
+}
+
+pub const SIOCINQ: u64 = 0x541b;
+pub const SIOCOUTQ: u64 = 0x5411;
+pub const SIOCOUTQNSD: u64 = 0x894b;
+
+/// TCP repair mode (`linux/tcp.h`).
+pub const TCP_REPAIR: i32 = 19;
+pub const TCP_REPAIR_QUEUE: i32 = 20;
+pub const TCP_QUEUE_SEQ: i32 = 21;
+pub const TCP_REPAIR_OPTIONS: i32 = 22;
+pub const TCP_TIMESTAMP: i32 = 24;
+pub const TCP_REPAIR_WINDOW: i32 = 29;
+pub const TCP_NO_QUEUE: i32 = 0;
+pub const TCP_RECV_QUEUE: i32 = 1;
+pub const TCP_SEND_QUEUE: i32 = 2;
+pub const TCPOPT_MSS: u32 = 2;
+pub const TCPOPT_WINDOW: u32 = 3;
+pub const TCPOPT_SACK_PERM: u32 = 4;
+pub const TCPOPT_TIMESTAMP: u32 = 8;
+
 /// What one `MSG_PEEK` read found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Peeked {

@@ -14,6 +14,7 @@ mod lock;
 mod path;
 mod pipe;
 mod socket;
+mod tcp;
 mod tty;
 mod unnamed;
 
@@ -25,6 +26,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
+pub(crate) use tcp::NetLock;
 pub(crate) use unnamed::{collect_mapped, is_unnamed_mapping};
 
 /// What is known about one descriptor before its kind is chosen.
@@ -93,6 +95,12 @@ pub(crate) struct Cx<'a> {
     /// (epoll fd, watched fd, the watched file's inode) for every registration seen, checked
     /// against the whole table once it is read.
     pub epoll_watches: Vec<(i32, i32, u64)>,
+    /// Established TCP connections are dumped (`--tcp-established`), under this lock.
+    pub tcp_established: bool,
+    pub net: &'a mut NetLock,
+    /// (description id, fd, a copy of the socket) of each connection found, read once the
+    /// whole table is (`tcp::settle`).
+    pub tcp_pending: Vec<(u32, i32, std::os::fd::OwnedFd)>,
 }
 
 pub(crate) struct Options {
@@ -100,6 +108,8 @@ pub(crate) struct Options {
     pub shell_job: bool,
     /// File locks are dumped (else a lock refuses the dump: `--no-file-locks`).
     pub file_locks: bool,
+    /// Established TCP connections are dumped (`--tcp-established`).
+    pub tcp_established: bool,
 }
 
 /// A description's identity for comparing it with other processes' (`kcmp`): its id, one of
@@ -119,6 +129,7 @@ pub(crate) fn collect(
     opts: &Options,
     files: Files,
     pages: &mut PageWriter,
+    net: &mut NetLock,
 ) -> Result<(Files, Vec<DescKey>)> {
     let dir = format!("/proc/{pid}/fd");
     let mut fds: Vec<i32> = std::fs::read_dir(&dir)
@@ -135,6 +146,9 @@ pub(crate) fn collect(
         pages,
         files,
         epoll_watches: Vec::new(),
+        tcp_established: opts.tcp_established,
+        net,
+        tcp_pending: Vec::new(),
     };
     // (description id, a descriptor of it, its (dev, inode)) for the kcmp comparisons.
     let mut reps: Vec<(u32, i32, (u64, u64))> = Vec::new();
@@ -194,6 +208,7 @@ pub(crate) fn collect(
         reps.push((id, fd, key));
     }
     epoll::check_watches(pid, &cx.epoll_watches, &watched)?;
+    tcp::settle(pid, &mut cx)?;
     let maps = stasis_proc::maps(pid)?;
     let mapped_locks = lock::check_unreached(pid, &locked, &maps)?;
     if !opts.file_locks && !mapped_locks.is_empty() {

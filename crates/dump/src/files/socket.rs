@@ -71,12 +71,13 @@ impl Kind for Sock {
                 .with_context(|| format!("{}: reading its options", here()))?,
             peek_off,
             queue: SockQueue::default(),
+            tcp: None,
         };
         match family {
             libc::AF_UNIX => unix(p, &fd, &mut s, cx)?,
-            _ => inet(p, &fd, &mut s)?,
+            _ => inet(p, &fd, &mut s, cx)?,
         }
-        Ok(FileKind::Socket(s))
+        Ok(FileKind::Socket(Box::new(s)))
     }
 }
 
@@ -170,6 +171,7 @@ fn socket_file(p: &Probe, name: &[u8], vfs: Option<(u32, u32)>) -> Result<SockFi
             mode: m.mode() & 0o7777,
             uid: m.uid(),
             gid: m.gid(),
+            ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
             deleted: false,
         }),
         // Unlinked (or replaced by another file): the socket keeps its name, without a file.
@@ -179,12 +181,13 @@ fn socket_file(p: &Probe, name: &[u8], vfs: Option<(u32, u32)>) -> Result<SockFi
             mode: 0o777,
             uid: 0,
             gid: 0,
+            ctime_ns: 0,
             deleted: true,
         }),
     }
 }
 
-fn inet(p: &Probe, fd: &OwnedFd, s: &mut Socket) -> Result<()> {
+fn inet(p: &Probe, fd: &OwnedFd, s: &mut Socket, cx: &mut Cx) -> Result<()> {
     let here = || format!("fd {} of pid {}", p.fd, p.pid);
     s.local =
         sock::address(fd, false).map_err(|e| anyhow::anyhow!("{}: getsockname: {e}", here()))?;
@@ -213,10 +216,28 @@ fn inet(p: &Probe, fd: &OwnedFd, s: &mut Socket) -> Result<()> {
                     s.state = SockState::Listening { backlog };
                 }
                 7 => {}
+                1 if cx.tcp_established => {
+                    s.remote = sock::address(fd, true)
+                        .map_err(|e| anyhow::anyhow!("{}: getpeername: {e}", here()))?;
+                    s.state = SockState::Connected;
+                    let copy = fd.try_clone().with_context(|| format!("{}: dup", here()))?;
+                    // Its id once `collect` records it, right after this returns.
+                    cx.tcp_pending
+                        .push((cx.files.descs.len() as u32, p.fd, copy));
+                }
+                1 => {
+                    let peer = sock::address(fd, true).unwrap_or_default();
+                    bail!(
+                        "{}: TCP connection {} → {}; dump with --tcp-established to keep it (the network lock holds it until the restore)",
+                        here(),
+                        sockaddr_text(&s.local),
+                        sockaddr_text(&peer)
+                    );
+                }
                 st => {
                     let peer = sock::address(fd, true).unwrap_or_default();
                     bail!(
-                        "{}: TCP connection {} → {} ({}); TCP connections are not supported yet",
+                        "{}: TCP connection {} → {} ({}); only established connections are supported yet",
                         here(),
                         sockaddr_text(&s.local),
                         sockaddr_text(&peer),
@@ -293,14 +314,31 @@ fn tcp_state(st: u8) -> &'static str {
 /// Every option of [`SOCK_OPTS`] that applies to this kind of socket and differs from what a
 /// new socket of the same kind has.
 fn options(fd: &OwnedFd, family: i32, ty: i32, protocol: i32) -> Result<Vec<SockOpt>> {
+    let connected_tcp = protocol == libc::IPPROTO_TCP && {
+        let mut info = [0u8; 8];
+        sock::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info).is_ok()
+            && !matches!(info[0], 7 | 10)
+    };
     let fresh = sock::socket(family, ty, protocol).ok();
     let mut out = Vec::new();
     for &(level, name, _) in SOCK_OPTS {
-        let applies = match level {
-            libc::SOL_SOCKET => true,
-            libc::IPPROTO_IP => family == libc::AF_INET,
-            libc::IPPROTO_IPV6 => family == libc::AF_INET6,
-            libc::IPPROTO_TCP => protocol == libc::IPPROTO_TCP && ty == libc::SOCK_STREAM,
+        let applies = match (level, name) {
+            // Multicast is for datagrams only (a stream socket refuses to be set).
+            (libc::IPPROTO_IP, libc::IP_MULTICAST_TTL | libc::IP_MULTICAST_LOOP) => {
+                family == libc::AF_INET && ty == libc::SOCK_DGRAM
+            }
+            // A connection's buffers grow by themselves (autotuning) and its segment size is
+            // the one agreed with the peer (restored with it): setting them would pin them.
+            (libc::SOL_SOCKET, libc::SO_SNDBUF | libc::SO_RCVBUF)
+            | (libc::IPPROTO_TCP, libc::TCP_MAXSEG)
+                if connected_tcp =>
+            {
+                false
+            }
+            (libc::SOL_SOCKET, _) => true,
+            (libc::IPPROTO_IP, _) => family == libc::AF_INET,
+            (libc::IPPROTO_IPV6, _) => family == libc::AF_INET6,
+            (libc::IPPROTO_TCP, _) => protocol == libc::IPPROTO_TCP && ty == libc::SOCK_STREAM,
             _ => false,
         };
         if !applies {

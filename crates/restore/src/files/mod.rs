@@ -69,6 +69,8 @@ pub struct FileData {
     pub unnamed: HashMap<(u64, u64), Vec<u8>>,
     /// Sockets' receive queues, by inode.
     pub socks: HashMap<u64, Vec<u8>>,
+    /// TCP connections' send queues, by inode.
+    pub tcp_send: HashMap<u64, Vec<u8>>,
 }
 
 impl FileData {
@@ -93,6 +95,10 @@ impl FileData {
             if let FileKind::Socket(s) = &d.kind {
                 out.socks
                     .insert(s.inode, read(s.queue.data_off, s.queue.len)?);
+                if let Some(t) = &s.tcp {
+                    out.tcp_send
+                        .insert(s.inode, read(t.send.data_off, t.send.len)?);
+                }
             }
         }
         Ok(out)

@@ -29,8 +29,9 @@ impl Open for Sock {
         let FileKind::Socket(s) = &d.kind else {
             unreachable!("dispatched by kind")
         };
-        let fd = match &s.unix {
-            Some(u) if s.state == SockState::Connected => pair_end(s, u, cx)?,
+        let fd = match (&s.unix, &s.tcp) {
+            (Some(u), _) if s.state == SockState::Connected => pair_end(s, u, cx)?,
+            (_, Some(t)) => tcp_conn(s, t, cx)?,
             _ => fresh(s)?,
         };
         set_status_flags(&fd, d.flags)?;
@@ -188,6 +189,132 @@ fn fresh(s: &Socket) -> Result<OwnedFd> {
     Ok(fd)
 }
 
+/// An established TCP connection, made again in repair mode: the sequence numbers are set
+/// where each queue starts, the socket is bound and "connected" without a packet, given the
+/// options, window and timestamp clock it had, and its queues are written back (what was sent
+/// and not acknowledged as sent already). It leaves repair mode here; what had never been
+/// sent goes out then. The network lock still holds the connection's packets until the
+/// whole restore is done.
+fn tcp_conn(s: &Socket, t: &TcpConn, cx: &OpenCx) -> Result<OwnedFd> {
+    let fd = check(sock::socket(s.family, s.sock_type, s.protocol), || {
+        "socket(TCP)".into()
+    })?;
+    let tcp = |name: i32, v: i32, what: &str| {
+        check(
+            sock::setsockopt_int(&fd, libc::IPPROTO_TCP, name, v),
+            || what.to_string(),
+        )
+    };
+    // Options first: repair mode lets the socket share its port (SO_REUSEADDR would undo
+    // that), and leaving it forgets SO_REUSEADDR (set again below).
+    set_options(&fd, s)?;
+    tcp(
+        sock::TCP_REPAIR,
+        1,
+        "entering repair mode (stasis needs CAP_NET_ADMIN)",
+    )?;
+    let recvq = cx.data.socks.get(&s.inode).map_or(&[][..], Vec::as_slice);
+    let sendq = cx
+        .data
+        .tcp_send
+        .get(&s.inode)
+        .map_or(&[][..], Vec::as_slice);
+    let unsent = (t.unsent as usize).min(sendq.len());
+    tcp(
+        sock::TCP_REPAIR_QUEUE,
+        sock::TCP_SEND_QUEUE,
+        "selecting the send queue",
+    )?;
+    tcp(
+        sock::TCP_QUEUE_SEQ,
+        t.snd_seq.wrapping_sub(sendq.len() as u32) as i32,
+        "setting the send sequence",
+    )?;
+    tcp(
+        sock::TCP_REPAIR_QUEUE,
+        sock::TCP_RECV_QUEUE,
+        "selecting the receive queue",
+    )?;
+    tcp(
+        sock::TCP_QUEUE_SEQ,
+        t.rcv_seq.wrapping_sub(recvq.len() as u32) as i32,
+        "setting the receive sequence",
+    )?;
+    check(sock::bind(&fd, &s.local), || {
+        format!("binding to {}", sockaddr_text(&s.local))
+    })?;
+    check(sock::connect(&fd, &s.remote), || {
+        format!("connecting to {} in repair mode", sockaddr_text(&s.remote))
+    })?;
+    let mut opts: Vec<u8> = Vec::new();
+    let mut opt = |code: u32, val: u32| {
+        opts.extend_from_slice(&code.to_ne_bytes());
+        opts.extend_from_slice(&val.to_ne_bytes());
+    };
+    opt(sock::TCPOPT_MSS, t.mss);
+    if let Some((snd, rcv)) = t.wscale {
+        opt(sock::TCPOPT_WINDOW, snd as u32 | (rcv as u32) << 16);
+    }
+    if t.sack {
+        opt(sock::TCPOPT_SACK_PERM, 0);
+    }
+    if t.timestamps {
+        opt(sock::TCPOPT_TIMESTAMP, 0);
+    }
+    check(
+        sock::setsockopt(&fd, libc::IPPROTO_TCP, sock::TCP_REPAIR_OPTIONS, &opts),
+        || "setting the connection's options".into(),
+    )?;
+    if t.timestamps {
+        tcp(
+            sock::TCP_TIMESTAMP,
+            t.timestamp as i32,
+            "setting the timestamp clock",
+        )?;
+    }
+    // The buffers the kernel had grown for the connection, or room for its queues: a new
+    // socket's are too small to take them back (they stay at that size, as CRIU's do).
+    let room = |dumped: u32, queued: usize| {
+        i32::try_from((dumped as usize).max(queued.saturating_mul(2) + (64 << 10)) / 2)
+            .unwrap_or(i32::MAX / 2)
+    };
+    for (name, v) in [
+        (SO_SNDBUFFORCE, room(t.bufs.0, sendq.len())),
+        (SO_RCVBUFFORCE, room(t.bufs.1, recvq.len())),
+    ] {
+        check(sock::setsockopt_int(&fd, libc::SOL_SOCKET, name, v), || {
+            "sizing the socket's buffers".into()
+        })?;
+    }
+    tcp(
+        sock::TCP_REPAIR_QUEUE,
+        sock::TCP_RECV_QUEUE,
+        "selecting the receive queue",
+    )?;
+    send_all(&fd, recvq).context("writing the receive queue")?;
+    tcp(
+        sock::TCP_REPAIR_QUEUE,
+        sock::TCP_SEND_QUEUE,
+        "selecting the send queue",
+    )?;
+    send_all(&fd, &sendq[..sendq.len() - unsent]).context("writing the send queue")?;
+    // Checked against the receive sequence, which is the dumped one again only now.
+    let window: Vec<u8> = t.window.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    check(
+        sock::setsockopt(&fd, libc::IPPROTO_TCP, sock::TCP_REPAIR_WINDOW, &window),
+        || "setting the window".into(),
+    )?;
+    tcp(
+        sock::TCP_REPAIR_QUEUE,
+        sock::TCP_NO_QUEUE,
+        "leaving the queues",
+    )?;
+    tcp(sock::TCP_REPAIR, 0, "leaving repair mode")?;
+    set_options(&fd, s)?;
+    send_all(&fd, &sendq[sendq.len() - unsent..]).context("sending what was never sent")?;
+    Ok(fd)
+}
+
 /// Binds a unix socket to its path, as described in the module doc.
 fn bind_path(fd: &OwnedFd, s: &Socket, f: &SockFile) -> Result<()> {
     let raw = s.local.get(2..).unwrap_or_default();
@@ -196,8 +323,9 @@ fn bind_path(fd: &OwnedFd, s: &Socket, f: &SockFile) -> Result<()> {
     let shown = path.display();
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
-            let dumped =
-                m.ino() == f.inode && kdev(libc::major(m.dev()), libc::minor(m.dev())) == f.dev;
+            let dumped = m.ino() == f.inode
+                && kdev(libc::major(m.dev()), libc::minor(m.dev())) == f.dev
+                && m.ctime() * 1_000_000_000 + m.ctime_nsec() == f.ctime_ns;
             if !dumped && !stale(s, &s.local) {
                 bail!("{shown} is a socket someone listens on: the address is in use");
             }
