@@ -9,6 +9,7 @@ mod bench;
 mod bench_cr;
 mod cross;
 mod programs;
+mod servers;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]

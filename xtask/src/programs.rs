@@ -1,5 +1,7 @@
 //! `cargo xtask test --programs`: real programs that nobody here wrote — the Python, Node.js, Go
 //! and Java runtimes — are dumped, restored, dumped and restored again, and must carry on exactly.
+//! So are three servers driven by their real clients (redis with `redis-cli`, Python's
+//! `http.server` and nginx with `curl`), compared with CRIU on the same server: see `servers.rs`.
 //!
 //! What is proven, per workload (sources in `xtask/programs/`, each multi-threaded):
 //!
@@ -78,6 +80,8 @@ enum Kind {
     Java,
     /// A bash pipeline: a tree of processes (see `PIPELINE`).
     Shell,
+    /// A server driven by its own client (`servers.rs`).
+    Server(crate::servers::Server),
 }
 
 /// The pipeline workload, run as `bash -c PIPELINE TICKS PIDFILE VERDICT` ($0 $1 $2): the
@@ -192,6 +196,66 @@ const PROGRAMS: &[Program] = &[
         startup: Duration::from_secs(45),
         resume: Duration::from_secs(40),
         verdict: Duration::from_secs(30),
+        sqlite: None,
+    },
+    Program {
+        name: "redis",
+        kind: Kind::Server(crate::servers::Server::Redis),
+        tools: &[
+            Tool {
+                bin: "redis-server",
+                package: "redis-server",
+                min_major: None,
+            },
+            Tool {
+                bin: "redis-cli",
+                package: "redis-tools",
+                min_major: None,
+            },
+        ],
+        startup: Duration::from_secs(20),
+        resume: Duration::from_secs(20),
+        verdict: Duration::from_secs(15),
+        sqlite: None,
+    },
+    Program {
+        name: "http.server",
+        kind: Kind::Server(crate::servers::Server::HttpServer),
+        tools: &[
+            Tool {
+                bin: "python3",
+                package: "python3",
+                min_major: None,
+            },
+            Tool {
+                bin: "curl",
+                package: "curl",
+                min_major: None,
+            },
+        ],
+        startup: Duration::from_secs(20),
+        resume: Duration::from_secs(20),
+        verdict: Duration::from_secs(15),
+        sqlite: None,
+    },
+    Program {
+        name: "nginx",
+        kind: Kind::Server(crate::servers::Server::Nginx),
+        tools: &[
+            Tool {
+                bin: "nginx",
+                package: "nginx",
+                min_major: None,
+            },
+            Tool {
+                bin: "curl",
+                package: "curl",
+                min_major: None,
+            },
+        ],
+        startup: Duration::from_secs(20),
+        resume: Duration::from_secs(20),
+        verdict: Duration::from_secs(15),
         sqlite: None,
     },
 ];
@@ -480,7 +544,10 @@ fn run_program(p: &Program, ctx: &Ctx) -> Outcome {
         })
         .and_then(|()| std::fs::create_dir_all(&dir))
         .with_context(|| format!("preparing {}", dir.display()))
-        .and_then(|()| att.cycle(p, ctx));
+        .and_then(|()| match p.kind {
+            Kind::Server(which) => crate::servers::cycle(which, &ctx.stasis, &dir),
+            _ => att.cycle(p, ctx),
+        });
     let secs = t0.elapsed().as_secs_f64();
     match result {
         Ok(detail) => {
@@ -760,6 +827,7 @@ impl Attempt {
                 c.args(["-c", PIPELINE]);
                 c
             }
+            Kind::Server(_) => bail!("servers are run by servers.rs"),
             Kind::Java => {
                 let classes = self.dir.join("classes");
                 let mut b = Command::new(tool(1)?);

@@ -1,0 +1,530 @@
+//! The servers of `cargo xtask test --programs`: real servers nobody here wrote, driven by
+//! their real clients, dumped (killed) and restored twice each, then compared with CRIU on the
+//! same server in the same run.
+//!
+//! - **redis**: `redis-server` (threads, epoll, TCP) with 10 000 keys, and one `redis-cli`
+//!   kept running the whole time, fed commands on its stdin. Dumped with `--tcp-established`:
+//!   after each restore the same `redis-cli` asks again, and `CLIENT ID` proves it is still the
+//!   same connection (a reconnect gets a new id); the keys are all there (`DBSIZE`, values),
+//!   a key written after a restore is there after the next, and a new `redis-cli` connects.
+//! - **http.server**: `python3 -m http.server`, asked for a file by `curl`; while it is away
+//!   `curl` is refused; after each restore `curl` gets the file again.
+//! - **nginx**: a master and two workers (a process tree sharing the listening socket, unix
+//!   socket pairs and shared memory between master and workers), asked by `curl`; after each
+//!   restore the same pids answer.
+//!
+//! Then the same server is started afresh and `criu dump` (the peer, CRIU 4.1.1) is tried on
+//! it with `--tcp-established`: the detail says whether CRIU could dump it, and if not, its
+//! first error.
+
+use anyhow::{bail, Context, Result};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Server {
+    Redis,
+    HttpServer,
+    Nginx,
+}
+
+const CYCLES: usize = 2;
+const KEYS: usize = 10_000;
+const DEAD_TIME: Duration = Duration::from_millis(500);
+
+/// One server's whole run; Ok: a one-line summary.
+pub(crate) fn cycle(which: Server, stasis: &Path, dir: &Path) -> Result<String> {
+    let port = free_port()?;
+    let mut s = start(which, dir, port)?;
+    let r = exercise(which, stasis, dir, port, &mut s);
+    s.stop();
+    let detail = r?;
+    let criu = compare_with_criu(which, dir)?;
+    Ok(format!("{detail}; {criu}"))
+}
+
+/// A running server: its pids (the root first), and the client kept open (redis).
+struct Running {
+    root: i32,
+    client: Option<Cli>,
+}
+
+impl Running {
+    /// Kills the whole tree (and the client) and reaps what is ours.
+    fn stop(&mut self) {
+        if let Some(c) = self.client.as_mut() {
+            let _ = c.child.kill();
+            let _ = c.child.wait();
+        }
+        for p in tree(self.root).into_iter().rev() {
+            // SAFETY: kill with a pid and a signal.
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
+        let _ = reap_gone(&[self.root], Duration::from_secs(5));
+    }
+}
+
+/// A `redis-cli` fed one command per line on its stdin, answering one line each.
+struct Cli {
+    child: Child,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+impl Cli {
+    fn start(port: u16) -> Result<Cli> {
+        let mut child = own_fds_only(&mut Command::new("redis-cli"))
+            .args(["-p", &port.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting redis-cli")?;
+        let out = BufReader::new(child.stdout.take().context("redis-cli's stdout")?);
+        Ok(Cli { child, out })
+    }
+
+    fn ask(&mut self, cmd: &str) -> Result<String> {
+        let stdin = self.child.stdin.as_mut().context("redis-cli's stdin")?;
+        writeln!(stdin, "{cmd}").context("writing to redis-cli")?;
+        stdin.flush()?;
+        let mut line = String::new();
+        self.out
+            .read_line(&mut line)
+            .context("reading redis-cli's answer")?;
+        if line.is_empty() {
+            bail!("redis-cli exited (asked {cmd:?})");
+        }
+        Ok(line.trim().to_string())
+    }
+}
+
+/// Closes every descriptor above stderr in `cmd` before it runs: a server must not inherit
+/// ours (a dump would find a pipe to the outside).
+fn own_fds_only(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only close_range (a system call) between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        })
+    }
+}
+
+fn start(which: Server, dir: &Path, port: u16) -> Result<Running> {
+    let pidfile = dir.join("server.pid");
+    let _ = std::fs::remove_file(&pidfile);
+    match which {
+        Server::Redis => {
+            let st = own_fds_only(&mut Command::new("redis-server"))
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no", "--daemonize", "yes"])
+                .arg("--dir")
+                .arg(dir)
+                .arg("--logfile")
+                .arg(dir.join("redis.log"))
+                .arg("--pidfile")
+                .arg(&pidfile)
+                .stdin(Stdio::null())
+                .status()
+                .context("starting redis-server")?;
+            if !st.success() {
+                bail!("redis-server did not start ({st})");
+            }
+        }
+        Server::HttpServer => {
+            let www = dir.join("www");
+            std::fs::create_dir_all(&www)?;
+            std::fs::write(www.join("index.html"), PAGE)?;
+            let log = std::fs::File::create(dir.join("http.log"))?;
+            let child = daemon(
+                Command::new("python3")
+                    .args([
+                        "-m",
+                        "http.server",
+                        &port.to_string(),
+                        "--bind",
+                        "127.0.0.1",
+                    ])
+                    .current_dir(&www)
+                    .stdout(log.try_clone()?)
+                    .stderr(log),
+            )?;
+            std::fs::write(&pidfile, child.to_string())?;
+        }
+        Server::Nginx => {
+            let www = dir.join("www");
+            std::fs::create_dir_all(&www)?;
+            std::fs::write(www.join("index.html"), PAGE)?;
+            let conf = dir.join("nginx.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "worker_processes 2;\npid {pid};\nerror_log {d}/error.log;\n\
+                     events {{ worker_connections 64; }}\n\
+                     http {{ access_log {d}/access.log; client_body_temp_path {d}/body;\n\
+                     proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
+                     server {{ listen 127.0.0.1:{port}; root {www}; }} }}\n",
+                    pid = pidfile.display(),
+                    d = dir.display(),
+                    www = www.display()
+                ),
+            )?;
+            let st = own_fds_only(&mut Command::new("nginx"))
+                .arg("-c")
+                .arg(&conf)
+                .args(["-g", "user root;"])
+                .stdin(Stdio::null())
+                .status()
+                .context("starting nginx")?;
+            if !st.success() {
+                bail!(
+                    "nginx did not start ({st}); see {}",
+                    dir.join("error.log").display()
+                );
+            }
+        }
+    }
+    let root = wait_pidfile(&pidfile, Duration::from_secs(15))?;
+    wait_listening(port, Duration::from_secs(15))?;
+    if which == Server::Nginx {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tree(root).len() < 3 {
+            if Instant::now() > deadline {
+                bail!(
+                    "nginx has {} processes, not a master and 2 workers",
+                    tree(root).len()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let mut run = Running { root, client: None };
+    if which == Server::Redis {
+        load_keys(port)?;
+        run.client = Some(Cli::start(port)?);
+    }
+    Ok(run)
+}
+
+const PAGE: &str = "<html><body>stasis was here</body></html>\n";
+
+/// Starts a command in a session of its own, detached from us but our child (we are the
+/// subreaper); its pid.
+fn daemon(cmd: &mut Command) -> Result<i32> {
+    use std::os::unix::process::CommandExt;
+    cmd.stdin(Stdio::null());
+    // SAFETY: only setsid and close_range (system calls) between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().context("starting the server")?;
+    i32::try_from(child.id()).context("pid out of range")
+}
+
+fn load_keys(port: u16) -> Result<()> {
+    let mut cli = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("redis-cli for loading")?;
+    {
+        let stdin = cli.stdin.as_mut().context("stdin")?;
+        let mut text = String::new();
+        for i in 0..KEYS {
+            text.push_str(&format!("SET key{i} value-{i}\n"));
+        }
+        stdin.write_all(text.as_bytes())?;
+    }
+    drop(cli.stdin.take());
+    let st = cli.wait()?;
+    if !st.success() {
+        bail!("loading the keys: redis-cli {st}");
+    }
+    Ok(())
+}
+
+/// Whatever the server is, proves it serves as it did (before the first dump and after each
+/// restore); returns what was seen.
+fn check(which: Server, port: u16, run: &mut Running, round: usize) -> Result<String> {
+    match which {
+        Server::Redis => {
+            let cli = run.client.as_mut().context("no redis-cli")?;
+            let size = cli.ask("DBSIZE")?;
+            let want = (KEYS + round).to_string();
+            if size != want {
+                bail!("DBSIZE is {size}, want {want}");
+            }
+            for i in [0, 4321, KEYS - 1] {
+                let v = cli.ask(&format!("GET key{i}"))?;
+                if v != format!("value-{i}") {
+                    bail!("GET key{i} = {v:?}");
+                }
+            }
+            for r in 0..round {
+                let v = cli.ask(&format!("GET after{r}"))?;
+                if v != format!("restore-{r}") {
+                    bail!("GET after{r} = {v:?}: a write made after restore {r} was lost");
+                }
+            }
+            if cli.ask(&format!("SET after{round} restore-{round}"))? != "OK" {
+                bail!("SET after a restore failed");
+            }
+            let id = cli.ask("CLIENT ID")?;
+            let fresh = Command::new("redis-cli")
+                .args(["-p", &port.to_string(), "GET", "key77"])
+                .output()
+                .context("a new redis-cli")?;
+            if String::from_utf8_lossy(&fresh.stdout).trim() != "value-77" {
+                bail!("a new redis-cli connection did not get key77");
+            }
+            Ok(id)
+        }
+        Server::HttpServer | Server::Nginx => {
+            let got = curl(port)?;
+            if got != PAGE {
+                bail!("curl got {got:?}");
+            }
+            let mut pids = tree(run.root);
+            pids.sort_unstable();
+            Ok(format!("{pids:?}"))
+        }
+    }
+}
+
+fn curl(port: u16) -> Result<String> {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-m",
+            "5",
+            &format!("http://127.0.0.1:{port}/index.html"),
+        ])
+        .output()
+        .context("running curl")?;
+    if !out.status.success() {
+        bail!("curl failed ({})", out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn exercise(
+    which: Server,
+    stasis: &Path,
+    dir: &Path,
+    port: u16,
+    run: &mut Running,
+) -> Result<String> {
+    let first = check(which, port, run, 0).context("before the first dump")?;
+    let mut times = Vec::new();
+    for n in 1..=CYCLES {
+        let img = dir.join(format!("img{n}"));
+        let pids = tree(run.root);
+        let t = Instant::now();
+        let mut args: Vec<String> = vec!["dump".into(), "-t".into(), run.root.to_string()];
+        args.extend(["-D".into(), img.to_string_lossy().into_owned()]);
+        if which == Server::Redis {
+            args.push("--tcp-established".into());
+        }
+        stasis_cmd(stasis, &args, &dir.join(format!("dump{n}.err")))?;
+        let dumped = t.elapsed();
+        reap_gone(&pids, Duration::from_secs(15))?;
+        if which != Server::Redis && curl(port).is_ok() {
+            bail!("something still answers on port {port} after dump {n}");
+        }
+        std::thread::sleep(DEAD_TIME);
+        let t = Instant::now();
+        stasis_cmd(
+            stasis,
+            &[
+                "restore".into(),
+                "-D".into(),
+                img.to_string_lossy().into_owned(),
+                "--detach".into(),
+            ],
+            &dir.join(format!("restore{n}.err")),
+        )?;
+        let restored = t.elapsed();
+        times.push(format!(
+            "dump {:.0} ms, restore {:.0} ms",
+            dumped.as_secs_f64() * 1e3,
+            restored.as_secs_f64() * 1e3
+        ));
+        let seen = check(which, port, run, n).with_context(|| format!("after restore {n}"))?;
+        if seen != first {
+            bail!(
+                "after restore {n}: {} {seen}, before the dumps {first}",
+                if which == Server::Redis {
+                    "CLIENT ID (the same connection?)"
+                } else {
+                    "pids"
+                }
+            );
+        }
+    }
+    let what = match which {
+        Server::Redis => {
+            format!("{KEYS} keys, the same redis-cli connection (id {first}) throughout")
+        }
+        Server::HttpServer => "curl answered".to_string(),
+        Server::Nginx => format!("curl answered by the same master and workers {first}"),
+    };
+    Ok(format!("{what}; {}", times.join("; ")))
+}
+
+fn stasis_cmd(stasis: &Path, args: &[String], err: &Path) -> Result<()> {
+    let out = Command::new(stasis)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running stasis {}", args.join(" ")))?;
+    std::fs::write(err, &out.stderr)?;
+    if !out.status.success() {
+        bail!(
+            "stasis {} failed ({}): {}",
+            args[0],
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// CRIU (the peer) on a fresh copy of the same server: whether it dumps it.
+fn compare_with_criu(which: Server, dir: &Path) -> Result<String> {
+    let Some(criu) = find_criu() else {
+        return Ok("CRIU not available to compare".into());
+    };
+    let dir = dir.join("criu");
+    std::fs::create_dir_all(&dir)?;
+    let port = free_port()?;
+    let mut run = start(which, &dir, port)?;
+    let img = dir.join("img");
+    std::fs::create_dir_all(&img)?;
+    let out = Command::new(&criu)
+        .args([
+            "dump",
+            "-t",
+            &run.root.to_string(),
+            "--tcp-established",
+            "-o",
+            "dump.log",
+            "-v2",
+        ])
+        .arg("-D")
+        .arg(&img)
+        .stdin(Stdio::null())
+        .output()
+        .context("running criu")?;
+    let log = std::fs::read_to_string(img.join("dump.log")).unwrap_or_default();
+    run.stop();
+    if out.status.success() {
+        return Ok("CRIU 4.1.1 dumped it too".into());
+    }
+    // CRIU carries on after failing to raise its own descriptor limit here: that line is
+    // not why it failed.
+    let first = log
+        .lines()
+        .find(|l| l.contains("Error") && !l.contains("RLIMIT_NOFILE for self"))
+        .unwrap_or("no error line in its log")
+        .trim()
+        .to_string();
+    Ok(format!("CRIU 4.1.1 cannot dump it: {first}"))
+}
+
+fn find_criu() -> Option<PathBuf> {
+    let script = crate::repo_root().join("../shared/tools/peer-criu.sh");
+    if script.exists() {
+        let out = Command::new("bash")
+            .arg(&script)
+            .arg("--print-path")
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if out.status.success() && path.exists() {
+            return Some(path);
+        }
+    }
+    crate::bench_cr::find_criu(None)
+}
+
+/// A TCP port nobody uses now.
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn wait_pidfile(path: &Path, timeout: Duration) -> Result<i32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(pid) = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            return Ok(pid);
+        }
+        if Instant::now() > deadline {
+            bail!("no pid in {} after {timeout:?}", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_listening(port: u16, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("nothing listens on port {port} after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// `pid` and its descendants, parents first.
+fn tree(pid: i32) -> Vec<i32> {
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        let kids =
+            std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default();
+        out.extend(
+            kids.split_whitespace()
+                .filter_map(|k| k.parse::<i32>().ok()),
+        );
+        i += 1;
+    }
+    out.retain(|p| Path::new(&format!("/proc/{p}")).exists());
+    out
+}
+
+/// Waits until every pid is gone, reaping those that are our children (we are the subreaper).
+fn reap_gone(pids: &[i32], timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        for &p in pids {
+            let mut st = 0;
+            // SAFETY: waitpid on a pid with WNOHANG.
+            unsafe { libc::waitpid(p, &mut st, libc::WNOHANG) };
+        }
+        if pids
+            .iter()
+            .all(|p| !Path::new(&format!("/proc/{p}")).exists())
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("pids {pids:?} are still there after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
