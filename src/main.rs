@@ -68,6 +68,10 @@ enum Command {
         /// nftables table) from the dump until the restore has them back.
         #[arg(long)]
         tcp_established: bool,
+        /// Let established TCP connections come back closed instead (the program sees them
+        /// gone; the peers see them closed at the dump).
+        #[arg(long, conflicts_with = "tcp_established")]
+        tcp_close: bool,
     },
     /// Bring a dumped process back, with its pid, memory, registers and files.
     Restore {
@@ -175,12 +179,14 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             no_file_locks,
             file_locks: _,
             tcp_established,
+            tcp_close,
         } => {
             let opts = stasis_dump::DumpOptions {
                 leave_running,
                 shell_job,
                 file_locks: !no_file_locks,
                 tcp_established,
+                tcp_close,
             };
             let s = stasis_dump::dump(pid, &images_dir, &opts)?;
             eprintln!(

@@ -137,7 +137,7 @@ fn an_unsupported_fd_kind_is_refused() {
     }
     for (what, needle) in [
         (
-            "s=socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)",
+            "s=socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 15)",
             "netlink socket",
         ),
         (

@@ -457,7 +457,7 @@ fn a_failed_dump_leaves_the_tcp_connection_working() {
         return;
     }
     let (mut server, pid, port, dir) = echo_server(
-        "if os.fork()==0:\n    n=socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)\n    import time; time.sleep(120); os._exit(0)",
+        "if os.fork()==0:\n    n=socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 15)\n    import time; time.sleep(120); os._exit(0)",
     );
     let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
     c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
@@ -530,4 +530,83 @@ fn a_failed_restore_releases_the_network_lock() {
         "nothing is left bound to the server's port"
     );
     drop(taken);
+}
+
+/// The events fixture (tests/fixtures/events.c): relative, absolute and expired timers, a
+/// signalfd with a signal pending, a route netlink socket with its groups, and an epoll set
+/// over them, after two trips.
+#[test]
+fn timers_signalfds_and_netlink_sockets_come_back() {
+    if !require_root("timers_signalfds_and_netlink_sockets_come_back") {
+        return;
+    }
+    let d = Daemon::start("events", &[]);
+    for n in 1..=2 {
+        d.dump(n);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        d.restore(n);
+    }
+    let v = assert_pass(&d.finish());
+    assert!(detail(&v, "events") >= 10, "{v}");
+}
+
+/// `--tcp-close`: the connection comes back as a socket that is not connected (the program
+/// gets an error on it, as after a reset) and the peer sees it closed at the dump.
+#[test]
+fn tcp_close_brings_a_connection_back_closed() {
+    if !require_root("tcp_close_brings_a_connection_back_closed") {
+        return;
+    }
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+    let port = l.local_addr().expect("addr").port();
+    let dir = tempdir::Dir::new("tcpclose");
+    let pidfile = dir.path().join("pid");
+    let script = format!(
+        "import socket,os,signal,time\n\
+         D='{d}'\n\
+         c=socket.create_connection(('127.0.0.1', {port}))\n\
+         def term(*_):\n\
+         \x20   try:\n\
+         \x20       c.send(b'x'); r='the socket still sends'\n\
+         \x20   except OSError as e:\n\
+         \x20       r='ok' if c.fileno() >= 0 else 'no fd'\n\
+         \x20   open(D+'/verdict','w').write(r); os._exit(0)\n\
+         signal.signal(signal.SIGTERM, term)\n\
+         open(D+'/pid.tmp','w').write(str(os.getpid())); os.rename(D+'/pid.tmp','{p}')\n\
+         while True: time.sleep(1)\n",
+        d = dir.path().display(),
+        p = pidfile.display()
+    );
+    let mut child = python(&script, &pidfile, None, true);
+    let pid = child.id() as i32;
+    let (mut peer, _) = l.accept().expect("accept");
+    let img = dir.path().join("img");
+    let o = stasis(&[
+        "dump",
+        "-t",
+        &pid.to_string(),
+        "-D",
+        &img.to_string_lossy(),
+        "--tcp-close",
+    ]);
+    assert!(o.status.success(), "dump: {}", stderr_of(&o));
+    let _ = child.wait();
+    let mut buf = [0u8; 8];
+    assert!(
+        matches!(peer.read(&mut buf), Ok(0) | Err(_)),
+        "the peer sees the connection closed"
+    );
+    let show = stasis(&["show", &img.to_string_lossy()]);
+    assert!(
+        String::from_utf8_lossy(&show.stdout).contains("comes back closed (--tcp-close)"),
+        "{}",
+        String::from_utf8_lossy(&show.stdout)
+    );
+    let o = stasis(&["restore", "-D", &img.to_string_lossy(), "--detach"]);
+    assert!(o.status.success(), "restore: {}", stderr_of(&o));
+    // SAFETY: the restored process has our child's pid.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    wait_gone(pid);
+    let verdict = std::fs::read_to_string(dir.path().join("verdict")).unwrap_or_default();
+    assert_eq!(verdict, "ok");
 }

@@ -32,6 +32,8 @@ pub struct DumpOptions {
     /// Dump established TCP connections, locked from the dump to the restore
     /// (`--tcp-established`); `false` refuses a process with one.
     pub tcp_established: bool,
+    /// Let established TCP connections come back closed (`--tcp-close`).
+    pub tcp_close: bool,
 }
 
 /// What a dump did, for the user and the benchmark.
@@ -242,6 +244,7 @@ fn start_task<'s>(
             shell_job: opts.shell_job,
             file_locks: opts.file_locks,
             tcp_established: opts.tcp_established,
+            tcp_close: opts.tcp_close,
         },
         files,
         &mut pages,

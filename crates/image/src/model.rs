@@ -491,6 +491,18 @@ pub enum FileKind {
     },
     /// A socket: its family, type, addresses, state, options and receive queue.
     Socket(Box<Socket>),
+    /// `timerfd_create(clockid)`: `value` is what was left to run at the dump (an absolute
+    /// deadline on `clockid` for a `TFD_TIMER_ABSTIME` timer), `interval` its period, `ticks`
+    /// the expirations not read yet. Zero `value`: disarmed.
+    TimerFd {
+        clockid: i32,
+        abstime: bool,
+        value: (i64, i64),
+        interval: (i64, i64),
+        ticks: u64,
+    },
+    /// `signalfd` with its signal mask (bit n-1 for signal n).
+    SignalFd { mask: u64 },
 }
 
 /// A socket as the dump found it. Addresses are the kernel's `struct sockaddr` bytes (empty:
@@ -519,10 +531,17 @@ pub struct Socket {
     pub opts: Vec<SockOpt>,
     /// `SO_PEEK_OFF` (-1: not set).
     pub peek_off: i32,
+    /// A netlink socket's multicast groups (`NETLINK_LIST_MEMBERSHIPS`).
+    #[serde(default)]
+    pub groups: Vec<u32>,
     pub queue: SockQueue,
     /// An established TCP connection (`--tcp-established`), in the kernel's repair terms.
     #[serde(default)]
     pub tcp: Option<TcpConn>,
+    /// A TCP connection dumped with `--tcp-close`: it comes back as a new socket that is
+    /// neither bound nor connected (the program sees its connection gone).
+    #[serde(default)]
+    pub closed: bool,
 }
 
 /// An established TCP connection as repair mode shows it. `queue` (the socket's) holds what
@@ -684,6 +703,11 @@ pub fn sockaddr_text(a: &[u8]) -> String {
             let mut ip = [0u8; 16];
             ip.copy_from_slice(&a[8..24]);
             format!("[{}]:{}", std::net::Ipv6Addr::from(ip), port(a))
+        }
+        16 if a.len() >= 12 => {
+            let pid = u32::from_ne_bytes([a[4], a[5], a[6], a[7]]);
+            let groups = u32::from_ne_bytes([a[8], a[9], a[10], a[11]]);
+            format!("port id {pid}, groups {groups:#x}")
         }
         f => format!("(family {f})"),
     }
@@ -951,6 +975,7 @@ impl std::fmt::Display for Socket {
         };
         match self.family {
             1 => write!(f, "unix {ty} {local}")?,
+            16 => write!(f, "netlink protocol {} {local}", self.protocol)?,
             _ => {
                 let proto = match self.protocol {
                     6 => "tcp",
@@ -963,6 +988,11 @@ impl std::fmt::Display for Socket {
         }
         match self.state {
             SockState::Listening { backlog } => write!(f, " listening (backlog {backlog})")?,
+            SockState::Unconnected if self.closed => write!(
+                f,
+                " was connected to {}, comes back closed (--tcp-close)",
+                sockaddr_text(&self.remote)
+            )?,
             SockState::Unconnected => write!(f, " unconnected")?,
             SockState::Connected => match self.unix.as_ref() {
                 Some(UnixSock {

@@ -247,6 +247,8 @@ pub fn load_tree(dir: &std::path::Path) -> Result<TreeImage> {
                         | FileKind::Pipe { inherit: None, .. }
                         | FileKind::EventFd { .. }
                         | FileKind::Socket(_)
+                        | FileKind::TimerFd { .. }
+                        | FileKind::SignalFd { .. }
                 );
                 if !allowed || *shared.entry(id).or_insert(kind) != kind {
                     return Err(bad(format!(
@@ -265,7 +267,8 @@ pub fn load_tree(dir: &std::path::Path) -> Result<TreeImage> {
 fn check_socket(s: &Socket, data_ok: &dyn Fn(u64, u64) -> bool) -> std::result::Result<(), String> {
     const MAX_ADDR: usize = 128;
     const MAX_OPT: usize = 64;
-    if ![1, 2, 10].contains(&s.family) || ![1, 2, 5].contains(&s.sock_type) {
+    let netlink = s.family == 16 && s.protocol == 0 && [2, 3].contains(&s.sock_type);
+    if !netlink && (![1, 2, 10].contains(&s.family) || ![1, 2, 5].contains(&s.sock_type)) {
         return Err(format!("family {} type {}", s.family, s.sock_type));
     }
     if (s.family == 1) != s.unix.is_some() {
@@ -281,6 +284,9 @@ fn check_socket(s: &Socket, data_ok: &dyn Fn(u64, u64) -> bool) -> std::result::
                 o.level, o.name
             ));
         }
+    }
+    if s.groups.len() > 1024 || (!s.groups.is_empty() && !netlink) {
+        return Err("multicast groups on a socket that is no netlink socket".into());
     }
     let q = &s.queue;
     if !data_ok(q.data_off, q.len) {
@@ -438,6 +444,21 @@ fn check_consistency(img: &Image) -> Result<()> {
         }
     }
     for d in &f.descs {
+        if let FileKind::TimerFd {
+            clockid,
+            value,
+            interval,
+            ..
+        } = d.kind
+        {
+            let ns_ok = |(s, ns): (i64, i64)| s >= 0 && (0..1_000_000_000).contains(&ns);
+            if ![0, 1, 7, 8, 9].contains(&clockid) || !ns_ok(value) || !ns_ok(interval) {
+                return Err(bad(format!(
+                    "timerfd {}: a clock or time out of range",
+                    d.id
+                )));
+            }
+        }
         if let FileKind::Socket(s) = &d.kind {
             check_socket(s, &data_ok).map_err(|why| bad(format!("socket {}: {why}", s.inode)))?;
         }

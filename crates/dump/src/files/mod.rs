@@ -15,6 +15,7 @@ mod path;
 mod pipe;
 mod socket;
 mod tcp;
+mod timers;
 mod tty;
 mod unnamed;
 
@@ -81,6 +82,8 @@ static KINDS: &[&dyn Kind] = &[
     &pipe::PIPE,
     &eventfd::EVENTFD,
     &epoll::EPOLL,
+    &timers::TIMERFD,
+    &timers::SIGNALFD,
     &socket::SOCKET,
     &tty::TTY,
     &chardev::CHARDEV,
@@ -97,6 +100,8 @@ pub(crate) struct Cx<'a> {
     pub epoll_watches: Vec<(i32, i32, u64)>,
     /// Established TCP connections are dumped (`--tcp-established`), under this lock.
     pub tcp_established: bool,
+    /// Established TCP connections come back closed (`--tcp-close`).
+    pub tcp_close: bool,
     pub net: &'a mut NetLock,
     /// (description id, fd, a copy of the socket) of each connection found, read once the
     /// whole table is (`tcp::settle`).
@@ -110,6 +115,8 @@ pub(crate) struct Options {
     pub file_locks: bool,
     /// Established TCP connections are dumped (`--tcp-established`).
     pub tcp_established: bool,
+    /// Established TCP connections come back closed (`--tcp-close`).
+    pub tcp_close: bool,
 }
 
 /// A description's identity for comparing it with other processes' (`kcmp`): its id, one of
@@ -147,6 +154,7 @@ pub(crate) fn collect(
         files,
         epoll_watches: Vec::new(),
         tcp_established: opts.tcp_established,
+        tcp_close: opts.tcp_close,
         net,
         tcp_pending: Vec::new(),
     };

@@ -53,7 +53,11 @@ impl Kind for Sock {
         };
         match family {
             libc::AF_UNIX | libc::AF_INET | libc::AF_INET6 => {}
-            libc::AF_NETLINK => bail!("{} is a netlink socket; not supported yet", here()),
+            libc::AF_NETLINK if protocol == libc::NETLINK_ROUTE => {}
+            libc::AF_NETLINK => bail!(
+                "{} is a netlink socket of protocol {protocol}; not supported yet (route sockets are)",
+                here()
+            ),
             libc::AF_PACKET => bail!("{} is a packet socket; not supported", here()),
             f => bail!("{} is a socket of family {f}; not supported", here()),
         }
@@ -72,9 +76,12 @@ impl Kind for Sock {
             peek_off,
             queue: SockQueue::default(),
             tcp: None,
+            closed: false,
+            groups: Vec::new(),
         };
         match family {
             libc::AF_UNIX => unix(p, &fd, &mut s, cx)?,
+            libc::AF_NETLINK => netlink(p, &fd, &mut s)?,
             _ => inet(p, &fd, &mut s, cx)?,
         }
         Ok(FileKind::Socket(Box::new(s)))
@@ -225,10 +232,14 @@ fn inet(p: &Probe, fd: &OwnedFd, s: &mut Socket, cx: &mut Cx) -> Result<()> {
                     cx.tcp_pending
                         .push((cx.files.descs.len() as u32, p.fd, copy));
                 }
+                1 if cx.tcp_close => {
+                    s.remote = sock::address(fd, true).unwrap_or_default();
+                    s.closed = true;
+                }
                 1 => {
                     let peer = sock::address(fd, true).unwrap_or_default();
                     bail!(
-                        "{}: TCP connection {} → {}; dump with --tcp-established to keep it (the network lock holds it until the restore)",
+                        "{}: TCP connection {} → {}; dump with --tcp-established to keep it (the network lock holds it until the restore), or --tcp-close to have it come back closed",
                         here(),
                         sockaddr_text(&s.local),
                         sockaddr_text(&peer)
@@ -269,6 +280,38 @@ fn inet(p: &Probe, fd: &OwnedFd, s: &mut Socket, cx: &mut Cx) -> Result<()> {
             "{}: an inet socket of type {t}, protocol {pr}; not supported yet",
             here()
         ),
+    }
+    Ok(())
+}
+
+/// A route netlink socket: its port id and groups; nothing may wait in its queue (the
+/// kernel's messages could not be sent again).
+fn netlink(p: &Probe, fd: &OwnedFd, s: &mut Socket) -> Result<()> {
+    let here = || format!("fd {} of pid {}", p.fd, p.pid);
+    s.local =
+        sock::address(fd, false).map_err(|e| anyhow::anyhow!("{}: getsockname: {e}", here()))?;
+    if s.local.get(4..8).is_some_and(|pid| pid == [0; 4]) {
+        // Not bound yet (a port id is given at the first bind or send).
+        s.local.clear();
+    }
+    let mut groups = [0u8; 128];
+    const NETLINK_LIST_MEMBERSHIPS: i32 = 9;
+    let n = sock::getsockopt(fd, libc::SOL_NETLINK, NETLINK_LIST_MEMBERSHIPS, &mut groups)
+        .map_err(|e| anyhow::anyhow!("{}: NETLINK_LIST_MEMBERSHIPS: {e}", here()))?;
+    for (w, word) in groups[..n].chunks_exact(4).enumerate() {
+        let bits = u32::from_ne_bytes([word[0], word[1], word[2], word[3]]);
+        s.groups.extend(
+            (0..32)
+                .filter(|b| bits & (1 << b) != 0)
+                .map(|b| w as u32 * 32 + b + 1),
+        );
+    }
+    let queued = pending_bytes(fd);
+    if queued > 0 {
+        bail!(
+            "{}: the netlink socket has {queued} bytes of the kernel's messages waiting to be read; they could not come back",
+            here()
+        );
     }
     Ok(())
 }

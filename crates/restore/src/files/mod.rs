@@ -20,6 +20,7 @@ pub(crate) mod lock;
 mod path;
 mod pipe;
 mod socket;
+mod timers;
 mod tty;
 mod unnamed;
 
@@ -57,6 +58,8 @@ fn ops(kind: &FileKind) -> &'static dyn Open {
         FileKind::EventFd { .. } => &eventfd::EVENTFD,
         FileKind::Epoll { .. } => &epoll::EPOLL,
         FileKind::Socket(_) => &socket::SOCKET,
+        FileKind::TimerFd { .. } => &timers::TIMERFD,
+        FileKind::SignalFd { .. } => &timers::SIGNALFD,
     }
 }
 
@@ -324,6 +327,8 @@ fn describe(img: &Image, d: &FileDesc) -> String {
         FileKind::EventFd { .. } => "eventfd".into(),
         FileKind::Epoll { .. } => "epoll".into(),
         FileKind::Socket(s) => format!("socket {}", sockaddr_text(&s.local)),
+        FileKind::TimerFd { clockid, .. } => format!("timerfd on clock {clockid}"),
+        FileKind::SignalFd { .. } => "signalfd".into(),
     };
     format!("fd {} ({what})", fds.join(", "))
 }

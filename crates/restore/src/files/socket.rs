@@ -166,6 +166,16 @@ fn fresh(s: &Socket) -> Result<OwnedFd> {
         format!("socket({}, {}, {})", s.family, s.sock_type, s.protocol)
     })?;
     set_options(&fd, s)?;
+    if s.closed {
+        return Ok(fd);
+    }
+    for &g in &s.groups {
+        const NETLINK_ADD_MEMBERSHIP: i32 = 1;
+        check(
+            sock::setsockopt_int(&fd, libc::SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, g as i32),
+            || format!("joining netlink group {g}"),
+        )?;
+    }
     if !s.local.is_empty() {
         match s.unix.as_ref().and_then(|u| u.file) {
             Some(f) => bind_path(&fd, s, &f)?,
