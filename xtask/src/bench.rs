@@ -32,6 +32,17 @@ pub enum Which {
         #[arg(long)]
         criu: Option<std::path::PathBuf>,
     },
+    /// redis-server with N MiB of values and C open client connections: dump with
+    /// `--tcp-established` and restore, and how long the connections are held; CRIU tried on
+    /// the same server.
+    Redis {
+        #[arg(long, default_value_t = 256)]
+        mib: u64,
+        #[arg(long, default_value_t = 100)]
+        conns: usize,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// How long a `--leave-running` dump keeps the process frozen, by thread count: the cost
     /// of each further thread.
     Freeze {
@@ -60,6 +71,7 @@ pub fn run(which: Which) -> Result<()> {
             crate::bench_cr::find_criu(criu),
         ),
         Which::Freeze { threads, runs } => crate::bench_cr::freeze(&threads, runs),
+        Which::Redis { mib, conns, runs } => crate::bench_redis::run(mib, conns, runs),
     }
 }
 

@@ -7,6 +7,7 @@ use std::process::Command;
 
 mod bench;
 mod bench_cr;
+mod bench_redis;
 mod cross;
 mod programs;
 mod servers;

@@ -102,7 +102,7 @@ impl Cli {
 
 /// Closes every descriptor above stderr in `cmd` before it runs: a server must not inherit
 /// ours (a dump would find a pipe to the outside).
-fn own_fds_only(cmd: &mut Command) -> &mut Command {
+pub(crate) fn own_fds_only(cmd: &mut Command) -> &mut Command {
     use std::os::unix::process::CommandExt;
     // SAFETY: only close_range (a system call) between fork and exec.
     unsafe {
@@ -439,7 +439,7 @@ fn compare_with_criu(which: Server, dir: &Path) -> Result<String> {
     Ok(format!("CRIU 4.1.1 cannot dump it: {first}"))
 }
 
-fn find_criu() -> Option<PathBuf> {
+pub(crate) fn find_criu() -> Option<PathBuf> {
     let script = crate::repo_root().join("../shared/tools/peer-criu.sh");
     if script.exists() {
         let out = Command::new("bash")
@@ -457,12 +457,12 @@ fn find_criu() -> Option<PathBuf> {
 }
 
 /// A TCP port nobody uses now.
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     Ok(l.local_addr()?.port())
 }
 
-fn wait_pidfile(path: &Path, timeout: Duration) -> Result<i32> {
+pub(crate) fn wait_pidfile(path: &Path, timeout: Duration) -> Result<i32> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(pid) = std::fs::read_to_string(path)
@@ -478,7 +478,7 @@ fn wait_pidfile(path: &Path, timeout: Duration) -> Result<i32> {
     }
 }
 
-fn wait_listening(port: u16, timeout: Duration) -> Result<()> {
+pub(crate) fn wait_listening(port: u16, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         if Instant::now() > deadline {
@@ -508,7 +508,7 @@ fn tree(pid: i32) -> Vec<i32> {
 }
 
 /// Waits until every pid is gone, reaping those that are our children (we are the subreaper).
-fn reap_gone(pids: &[i32], timeout: Duration) -> Result<()> {
+pub(crate) fn reap_gone(pids: &[i32], timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         for &p in pids {
