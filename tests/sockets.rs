@@ -412,6 +412,10 @@ fn no_lock_of(pid: i32) -> bool {
 /// Starts a Python asyncio echo server (`extra`: more setup code, run first); returns it, its
 /// pid, port and work directory.
 fn echo_server(extra: &str) -> (std::process::Child, i32, u16, tempdir::Dir) {
+    echo_server_on("127.0.0.1", extra)
+}
+
+fn echo_server_on(host: &str, extra: &str) -> (std::process::Child, i32, u16, tempdir::Dir) {
     let dir = tempdir::Dir::new("echo");
     let pidfile = dir.path().join("pid");
     let script = format!(
@@ -424,7 +428,7 @@ fn echo_server(extra: &str) -> (std::process::Child, i32, u16, tempdir::Dir) {
          \x20       if not data: break\n\
          \x20       w.write(data); await w.drain()\n\
          async def main():\n\
-         \x20   s = await asyncio.start_server(handle, '127.0.0.1', 0)\n\
+         \x20   s = await asyncio.start_server(handle, '{host}', 0)\n\
          \x20   open(D+'/port','w').write(str(s.sockets[0].getsockname()[1]))\n\
          \x20   open(D+'/pid.tmp','w').write(str(os.getpid())); os.rename(D+'/pid.tmp','{p}')\n\
          \x20   async with s: await s.serve_forever()\n\
@@ -609,4 +613,50 @@ fn tcp_close_brings_a_connection_back_closed() {
     wait_gone(pid);
     let verdict = std::fs::read_to_string(dir.path().join("verdict")).unwrap_or_default();
     assert_eq!(verdict, "ok");
+}
+
+/// The same over IPv6: a connection to ::1 comes back whole (the network lock's rules are
+/// IPv6 ones).
+#[test]
+fn an_ipv6_tcp_connection_carries_on() {
+    if !require_root("an_ipv6_tcp_connection_carries_on") {
+        return;
+    }
+    let (mut server, pid, port, dir) = echo_server_on("::1", "");
+    let mut c = std::net::TcpStream::connect(("::1", port)).expect("connect");
+    c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    assert!(echoes(&mut c, b"before"));
+    let img = dir.path().join("img");
+    let o = stasis(&[
+        "dump",
+        "-t",
+        &pid.to_string(),
+        "-D",
+        &img.to_string_lossy(),
+        "--tcp-established",
+    ]);
+    assert!(o.status.success(), "dump: {}", stderr_of(&o));
+    let _ = server.wait();
+    // Sent while the server is away: held by the lock, sent again once it is back.
+    c.write_all(b"while away").expect("send");
+    let show = stasis(&["show", &img.to_string_lossy()]);
+    let text = String::from_utf8_lossy(&show.stdout).into_owned();
+    assert!(
+        text.contains(&format!("tcp6 [::1]:{port} connected to [::1]:")),
+        "{text}"
+    );
+    let o = stasis(&["restore", "-D", &img.to_string_lossy(), "--detach"]);
+    assert!(o.status.success(), "restore: {}", stderr_of(&o));
+    let mut back = [0u8; 10];
+    c.read_exact(&mut back)
+        .expect("the echo of what was sent while away");
+    assert_eq!(&back, b"while away");
+    assert!(
+        echoes(&mut c, b"after"),
+        "the same connection after the restore"
+    );
+    // SAFETY: the restored server has our child's pid.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_gone(pid);
 }

@@ -1,7 +1,8 @@
 //! `cargo xtask test --programs`: real programs that nobody here wrote — the Python, Node.js, Go
 //! and Java runtimes — are dumped, restored, dumped and restored again, and must carry on exactly.
-//! So are three servers driven by their real clients (redis with `redis-cli`, Python's
-//! `http.server` and nginx with `curl`), compared with CRIU on the same server: see `servers.rs`.
+//! So are four servers driven by their real clients (redis with `redis-cli`, Python's
+//! `http.server` and nginx with `curl`, a Python asyncio echo server with a connection kept
+//! open), compared with CRIU on the same server: see `servers.rs`.
 //!
 //! What is proven, per workload (sources in `xtask/programs/`, each multi-threaded):
 //!
@@ -220,7 +221,7 @@ const PROGRAMS: &[Program] = &[
     },
     Program {
         name: "http.server",
-        kind: Kind::Server(crate::servers::Server::HttpServer),
+        kind: Kind::Server(crate::servers::Server::PythonHttp),
         tools: &[
             Tool {
                 bin: "python3",
@@ -233,6 +234,15 @@ const PROGRAMS: &[Program] = &[
                 min_major: None,
             },
         ],
+        startup: Duration::from_secs(20),
+        resume: Duration::from_secs(20),
+        verdict: Duration::from_secs(15),
+        sqlite: None,
+    },
+    Program {
+        name: "asyncio",
+        kind: Kind::Server(crate::servers::Server::AsyncioEcho),
+        tools: PYTHON,
         startup: Duration::from_secs(20),
         resume: Duration::from_secs(20),
         verdict: Duration::from_secs(15),

@@ -13,6 +13,12 @@
 //!   socket pairs and shared memory between master and workers), asked by `curl`; after each
 //!   restore the same pids answer.
 //!
+//! - **asyncio echo**: a Python asyncio echo server (epoll, TCP) with one client connection
+//!   (this harness) kept open throughout: before each dump a line is sent and left unread, so
+//!   it is in flight or queued when the server is dumped with `--tcp-established`; after the
+//!   restore its echo comes back first, then a fresh round trip, on the same connection (the
+//!   client's port never changes, and it never reconnects).
+//!
 //! Then the same server is started afresh and `criu dump` (the peer, CRIU 4.1.1) is tried on
 //! it with `--tcp-established`: the detail says whether CRIU could dump it, and if not, its
 //! first error.
@@ -26,8 +32,9 @@ use std::time::{Duration, Instant};
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum Server {
     Redis,
-    HttpServer,
+    PythonHttp,
     Nginx,
+    AsyncioEcho,
 }
 
 const CYCLES: usize = 2;
@@ -49,6 +56,7 @@ pub(crate) fn cycle(which: Server, stasis: &Path, dir: &Path) -> Result<String> 
 struct Running {
     root: i32,
     client: Option<Cli>,
+    conn: Option<BufReader<std::net::TcpStream>>,
 }
 
 impl Running {
@@ -134,7 +142,7 @@ fn start(which: Server, dir: &Path, port: u16) -> Result<Running> {
                 bail!("redis-server did not start ({st})");
             }
         }
-        Server::HttpServer => {
+        Server::PythonHttp => {
             let www = dir.join("www");
             std::fs::create_dir_all(&www)?;
             std::fs::write(www.join("index.html"), PAGE)?;
@@ -149,6 +157,16 @@ fn start(which: Server, dir: &Path, port: u16) -> Result<Running> {
                         "127.0.0.1",
                     ])
                     .current_dir(&www)
+                    .stdout(log.try_clone()?)
+                    .stderr(log),
+            )?;
+            std::fs::write(&pidfile, child.to_string())?;
+        }
+        Server::AsyncioEcho => {
+            let log = std::fs::File::create(dir.join("echo.log"))?;
+            let child = daemon(
+                Command::new("python3")
+                    .args(["-c", ECHO, &port.to_string()])
                     .stdout(log.try_clone()?)
                     .stderr(log),
             )?;
@@ -201,7 +219,16 @@ fn start(which: Server, dir: &Path, port: u16) -> Result<Running> {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-    let mut run = Running { root, client: None };
+    let mut run = Running {
+        root,
+        client: None,
+        conn: None,
+    };
+    if which == Server::AsyncioEcho {
+        let c = std::net::TcpStream::connect(("127.0.0.1", port)).context("connecting")?;
+        c.set_read_timeout(Some(Duration::from_secs(20)))?;
+        run.conn = Some(BufReader::new(c));
+    }
     if which == Server::Redis {
         load_keys(port)?;
         run.client = Some(Cli::start(port)?);
@@ -210,6 +237,23 @@ fn start(which: Server, dir: &Path, port: u16) -> Result<Running> {
 }
 
 const PAGE: &str = "<html><body>stasis was here</body></html>\n";
+
+/// An asyncio echo server on 127.0.0.1:argv[1].
+const ECHO: &str = "import asyncio, sys
+async def handle(r, w):
+    while True:
+        data = await r.read(65536)
+        if not data:
+            break
+        w.write(data)
+        await w.drain()
+    w.close()
+async def main():
+    s = await asyncio.start_server(handle, '127.0.0.1', int(sys.argv[1]))
+    async with s:
+        await s.serve_forever()
+asyncio.run(main())
+";
 
 /// Starts a command in a session of its own, detached from us but our child (we are the
 /// subreaper); its pid.
@@ -287,7 +331,26 @@ fn check(which: Server, port: u16, run: &mut Running, round: usize) -> Result<St
             }
             Ok(id)
         }
-        Server::HttpServer | Server::Nginx => {
+        Server::AsyncioEcho => {
+            let c = run.conn.as_mut().context("no connection")?;
+            let mut line = String::new();
+            if round > 0 {
+                c.read_line(&mut line)
+                    .context("reading the echo of the line in flight")?;
+                if line != format!("in flight {round}\n") {
+                    bail!("the line in flight came back as {line:?}");
+                }
+                line.clear();
+            }
+            c.get_mut()
+                .write_all(format!("ping {round}\n").as_bytes())?;
+            c.read_line(&mut line).context("reading an echo")?;
+            if line != format!("ping {round}\n") {
+                bail!("echo {line:?}");
+            }
+            Ok(format!("client port {}", c.get_ref().local_addr()?.port()))
+        }
+        Server::PythonHttp | Server::Nginx => {
             let got = curl(port)?;
             if got != PAGE {
                 bail!("curl got {got:?}");
@@ -327,16 +390,21 @@ fn exercise(
     for n in 1..=CYCLES {
         let img = dir.join(format!("img{n}"));
         let pids = tree(run.root);
+        if let Some(c) = run.conn.as_mut() {
+            c.get_mut()
+                .write_all(format!("in flight {n}\n").as_bytes())
+                .context("sending the line in flight")?;
+        }
         let t = Instant::now();
         let mut args: Vec<String> = vec!["dump".into(), "-t".into(), run.root.to_string()];
         args.extend(["-D".into(), img.to_string_lossy().into_owned()]);
-        if which == Server::Redis {
+        if matches!(which, Server::Redis | Server::AsyncioEcho) {
             args.push("--tcp-established".into());
         }
         stasis_cmd(stasis, &args, &dir.join(format!("dump{n}.err")))?;
         let dumped = t.elapsed();
         reap_gone(&pids, Duration::from_secs(15))?;
-        if which != Server::Redis && curl(port).is_ok() {
+        if matches!(which, Server::PythonHttp | Server::Nginx) && curl(port).is_ok() {
             bail!("something still answers on port {port} after dump {n}");
         }
         std::thread::sleep(DEAD_TIME);
@@ -361,10 +429,10 @@ fn exercise(
         if seen != first {
             bail!(
                 "after restore {n}: {} {seen}, before the dumps {first}",
-                if which == Server::Redis {
-                    "CLIENT ID (the same connection?)"
-                } else {
-                    "pids"
+                match which {
+                    Server::Redis => "CLIENT ID (the same connection?)",
+                    Server::AsyncioEcho => "the connection's",
+                    _ => "pids",
                 }
             );
         }
@@ -373,8 +441,11 @@ fn exercise(
         Server::Redis => {
             format!("{KEYS} keys, the same redis-cli connection (id {first}) throughout")
         }
-        Server::HttpServer => "curl answered".to_string(),
+        Server::PythonHttp => "curl answered".to_string(),
         Server::Nginx => format!("curl answered by the same master and workers {first}"),
+        Server::AsyncioEcho => {
+            format!("one connection ({first}) throughout, a line in flight at each dump echoed")
+        }
     };
     Ok(format!("{what}; {}", times.join("; ")))
 }

@@ -320,7 +320,17 @@ fn tcp_conn(s: &Socket, t: &TcpConn, cx: &OpenCx) -> Result<OwnedFd> {
         "leaving the queues",
     )?;
     tcp(sock::TCP_REPAIR, 0, "leaving repair mode")?;
-    set_options(&fd, s)?;
+    // Leaving repair mode cleared SO_REUSEADDR: set again (the others stay, and some, such as
+    // IPV6_V6ONLY, cannot be set on a bound socket).
+    if let Some(o) = s
+        .opts
+        .iter()
+        .find(|o| (o.level, o.name) == (libc::SOL_SOCKET, libc::SO_REUSEADDR))
+    {
+        check(sock::setsockopt(&fd, o.level, o.name, &o.value), || {
+            "setting SO_REUSEADDR again".into()
+        })?;
+    }
     send_all(&fd, &sendq[sendq.len() - unsent..]).context("sending what was never sent")?;
     Ok(fd)
 }
