@@ -381,3 +381,146 @@ fn an_ancestor_of_stasis_is_refused() {
     assert!(e.contains("ancestor of this stasis"), "{e}");
     assert!(!dir.path().join("img").exists());
 }
+
+/// `tail -f` (coreutils, following its file with inotify) is dumped and restored: it still
+/// follows the file, and prints what was appended while it was away and after.
+#[test]
+fn tail_f_follows_its_file_across_a_restore() {
+    if !require_root("tail_f_follows_its_file_across_a_restore") {
+        return;
+    }
+    let dir = tempdir::Dir::new("tailf");
+    let log = dir.path().join("log");
+    let out = dir.path().join("out");
+    std::fs::write(&log, "first\n").expect("log");
+    let out_f = std::fs::File::create(&out).expect("out");
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new("tail");
+    cmd.arg("-f").arg(&log).stdin(std::process::Stdio::null());
+    cmd.stdout(out_f.try_clone().expect("dup")).stderr(out_f);
+    // SAFETY: only close_range and setsid between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("tail");
+    let pid = child.id() as i32;
+    let wait_for = |what: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .contains(what)
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "tail did not print {what:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    wait_for("first");
+    // tail has its inotify watch once it waits.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !(3..8).any(|fd| {
+        std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+            .is_ok_and(|l| l.to_string_lossy() == "anon_inode:inotify")
+    }) {
+        assert!(std::time::Instant::now() < deadline, "tail uses no inotify");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let img = dir.path().join("img");
+    let o = stasis(&["dump", "-t", &pid.to_string(), "-D", &img.to_string_lossy()]);
+    assert!(o.status.success(), "dump: {}", stderr_of(&o));
+    let _ = child.wait();
+    let append = |s: &str| {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&log)
+            .expect("log");
+        f.write_all(s.as_bytes()).expect("append");
+    };
+    append("while away\n");
+    let o = stasis(&["restore", "-D", &img.to_string_lossy(), "--detach"]);
+    assert!(o.status.success(), "restore: {}", stderr_of(&o));
+    append("after\n");
+    wait_for("after");
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap_or_default(),
+        "first\nwhile away\nafter\n"
+    );
+    // SAFETY: the restored tail has our child's pid.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_gone(pid);
+}
+
+/// inotify watches keep their numbers, masks and files, gaps between the numbers included,
+/// and events come with the old number after the restore.
+#[test]
+fn inotify_watches_keep_their_numbers() {
+    if !require_root("inotify_watches_keep_their_numbers") {
+        return;
+    }
+    let dir = tempdir::Dir::new("inotify");
+    let d = dir.path().display().to_string();
+    std::fs::create_dir_all(dir.path().join("a")).expect("a");
+    std::fs::create_dir_all(dir.path().join("b")).expect("b");
+    let pidfile = dir.path().join("pid");
+    let script = format!(
+        "import ctypes,os,signal,time,struct\n\
+         libc=ctypes.CDLL(None, use_errno=True)\n\
+         fd=libc.inotify_init1(os.O_NONBLOCK)\n\
+         w1=libc.inotify_add_watch(fd, b'{d}', 0x100)\n\
+         w2=libc.inotify_add_watch(fd, b'{d}/a', 0x100|0x200)\n\
+         libc.inotify_rm_watch(fd, w1)\n\
+         for i in range(5):\n\
+         \x20   x=libc.inotify_add_watch(fd, b'/', 1); libc.inotify_rm_watch(fd, x)\n\
+         w3=libc.inotify_add_watch(fd, b'{d}/b', 0x100)\n\
+         os.read(fd, 65536)\n\
+         def term(*_):\n\
+         \x20   ev=os.read(fd, 65536); wds=set()\n\
+         \x20   while ev:\n\
+         \x20       wd,mask,c,n=struct.unpack('iIII', ev[:16]); wds.add(wd); ev=ev[16+n:]\n\
+         \x20   open('{d}/verdict','w').write('ok' if (w2, w3) == (2, 8) and wds == {{2, 8}} else repr((w2, w3, wds)))\n\
+         \x20   os._exit(0)\n\
+         signal.signal(signal.SIGTERM, term)\n\
+         open('{d}/pid.tmp','w').write(str(os.getpid())); os.rename('{d}/pid.tmp','{p}')\n\
+         while True: time.sleep(1)\n",
+        p = pidfile.display()
+    );
+    let mut child = python(&script, &pidfile, None, false);
+    let pid = child.id() as i32;
+    let watches = |pid: i32| -> Vec<String> {
+        let mut out = Vec::new();
+        for fd in 3..16 {
+            let info =
+                std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap_or_default();
+            out.extend(info.lines().filter(|l| l.starts_with("inotify")).map(|l| {
+                // wd, inode and mask (the handle is the same file's).
+                l.split_whitespace().take(5).collect::<Vec<_>>().join(" ")
+            }));
+        }
+        out.sort();
+        out
+    };
+    let before = watches(pid);
+    assert_eq!(before.len(), 2, "{before:?}");
+    let img = dir.path().join("img");
+    let o = stasis(&["dump", "-t", &pid.to_string(), "-D", &img.to_string_lossy()]);
+    assert!(o.status.success(), "dump: {}", stderr_of(&o));
+    let _ = child.wait();
+    let o = stasis(&["restore", "-D", &img.to_string_lossy(), "--detach"]);
+    assert!(o.status.success(), "restore: {}", stderr_of(&o));
+    assert_eq!(watches(pid), before, "the same watches");
+    std::fs::write(dir.path().join("a/new"), "x").expect("create in a");
+    std::fs::write(dir.path().join("b/new"), "x").expect("create in b");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    // SAFETY: the restored process has our child's pid.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    wait_gone(pid);
+    let verdict = std::fs::read_to_string(dir.path().join("verdict")).unwrap_or_default();
+    assert_eq!(verdict, "ok");
+}

@@ -503,6 +503,19 @@ pub enum FileKind {
     },
     /// `signalfd` with its signal mask (bit n-1 for signal n).
     SignalFd { mask: u64 },
+    /// An inotify instance and its watches, each with its number (programs keep them).
+    Inotify { watches: Vec<InotifyWatch> },
+}
+
+/// One inotify watch: its number, its mask as `inotify_add_watch` takes it, and the file
+/// watched (found from the kernel's file handle when dumped).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InotifyWatch {
+    pub wd: i32,
+    pub mask: u32,
+    pub path: Bytes,
+    pub dev: u64,
+    pub inode: u64,
 }
 
 /// A socket as the dump found it. Addresses are the kernel's `struct sockaddr` bytes (empty:

@@ -302,6 +302,11 @@ fn check_socket(s: &Socket, data_ok: &dyn Fn(u64, u64) -> bool) -> std::result::
     Ok(())
 }
 
+/// Watches of one inotify instance, and the highest watch number, a restore takes on (making
+/// a number costs one add and one remove of a watch).
+pub const MAX_INOTIFY_WATCHES: usize = 65536;
+pub const MAX_INOTIFY_WD: usize = 1 << 20;
+
 /// Threads a restore will create at most (the kernel's own limit is far higher; an image that
 /// names more is implausible and would make us allocate per thread before anything fails).
 pub const MAX_THREADS: usize = 16384;
@@ -455,6 +460,21 @@ fn check_consistency(img: &Image) -> Result<()> {
             if ![0, 1, 7, 8, 9].contains(&clockid) || !ns_ok(value) || !ns_ok(interval) {
                 return Err(bad(format!(
                     "timerfd {}: a clock or time out of range",
+                    d.id
+                )));
+            }
+        }
+        if let FileKind::Inotify { watches } = &d.kind {
+            let ok = watches.len() <= MAX_INOTIFY_WATCHES
+                && watches.iter().all(|w| {
+                    w.wd > 0
+                        && w.wd as usize <= MAX_INOTIFY_WD
+                        && w.path.as_bytes().first() == Some(&b'/')
+                })
+                && watches.windows(2).all(|p| p[0].wd < p[1].wd);
+            if !ok {
+                return Err(bad(format!(
+                    "inotify instance {}: implausible watches",
                     d.id
                 )));
             }

@@ -113,6 +113,36 @@ pub fn tty_set_attr(fd: RawFd, t: &[u8; KERNEL_TERMIOS_LEN]) -> Result<(), Errno
     Errno::result(r).map(drop)
 }
 
+/// `open_by_handle_at(mount_fd, handle, O_PATH)`: the file a file handle (as fdinfo shows an
+/// inotify watch's) names, on the filesystem `mount_fd` is on. Needs CAP_DAC_READ_SEARCH.
+pub fn open_by_handle(
+    mount_fd: impl AsFd,
+    handle_type: i32,
+    handle: &[u8],
+) -> Result<OwnedFd, Errno> {
+    if handle.len() > 128 {
+        return Err(Errno::EINVAL);
+    }
+    // struct file_handle { u32 handle_bytes; i32 handle_type; u8 f_handle[]; }
+    let mut buf = [0u64; (8 + 128) / 8];
+    // SAFETY: buf is 136 bytes, enough for the header and up to 128 handle bytes.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), 136) };
+    bytes[0..4].copy_from_slice(&(handle.len() as u32).to_ne_bytes());
+    bytes[4..8].copy_from_slice(&handle_type.to_ne_bytes());
+    bytes[8..8 + handle.len()].copy_from_slice(handle);
+    // SAFETY: the kernel reads the handle from buf; on success the descriptor is ours.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            mount_fd.as_fd().as_raw_fd(),
+            buf.as_ptr(),
+            libc::O_PATH | libc::O_CLOEXEC,
+        )
+    };
+    // SAFETY: on success r is a fresh descriptor.
+    Errno::result(r).map(|fd| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,6 +10,7 @@
 mod chardev;
 mod epoll;
 mod eventfd;
+mod inotify;
 mod lock;
 mod path;
 mod pipe;
@@ -84,6 +85,7 @@ static KINDS: &[&dyn Kind] = &[
     &epoll::EPOLL,
     &timers::TIMERFD,
     &timers::SIGNALFD,
+    &inotify::INOTIFY,
     &socket::SOCKET,
     &tty::TTY,
     &chardev::CHARDEV,

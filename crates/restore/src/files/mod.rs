@@ -16,6 +16,7 @@
 mod chardev;
 mod epoll;
 mod eventfd;
+mod inotify;
 pub(crate) mod lock;
 mod path;
 mod pipe;
@@ -60,6 +61,7 @@ fn ops(kind: &FileKind) -> &'static dyn Open {
         FileKind::Socket(_) => &socket::SOCKET,
         FileKind::TimerFd { .. } => &timers::TIMERFD,
         FileKind::SignalFd { .. } => &timers::SIGNALFD,
+        FileKind::Inotify { .. } => &inotify::INOTIFY,
     }
 }
 
@@ -329,6 +331,7 @@ fn describe(img: &Image, d: &FileDesc) -> String {
         FileKind::Socket(s) => format!("socket {}", sockaddr_text(&s.local)),
         FileKind::TimerFd { clockid, .. } => format!("timerfd on clock {clockid}"),
         FileKind::SignalFd { .. } => "signalfd".into(),
+        FileKind::Inotify { .. } => "inotify".into(),
     };
     format!("fd {} ({what})", fds.join(", "))
 }
