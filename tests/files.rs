@@ -524,3 +524,65 @@ fn inotify_watches_keep_their_numbers() {
     let verdict = std::fs::read_to_string(dir.path().join("verdict")).unwrap_or_default();
     assert_eq!(verdict, "ok");
 }
+
+/// Named pipes: a FIFO held at both ends (a reader, non-blocking, and a writer) with data in
+/// it, and one opened for reading and writing at once, come back with their data and flags; a
+/// FIFO another process also holds is refused.
+#[test]
+fn named_pipes_come_back_with_their_data() {
+    if !require_root("named_pipes_come_back_with_their_data") {
+        return;
+    }
+    let dir = tempdir::Dir::new("fifo");
+    let d = dir.path().display().to_string();
+    let pidfile = dir.path().join("pid");
+    let script = format!(
+        "import os,signal,time,fcntl\n\
+         os.mkfifo('{d}/f1'); os.mkfifo('{d}/f2')\n\
+         r=os.open('{d}/f1', os.O_RDONLY|os.O_NONBLOCK); w=os.open('{d}/f1', os.O_WRONLY)\n\
+         os.write(w, b'queued in f1')\n\
+         rw=os.open('{d}/f2', os.O_RDWR); os.write(rw, b'f2 data')\n\
+         def term(*_):\n\
+         \x20   ok = os.read(r, 100) == b'queued in f1' and fcntl.fcntl(r, fcntl.F_GETFL) & os.O_NONBLOCK\n\
+         \x20   os.write(w, b'more'); ok = ok and os.read(r, 100) == b'more'\n\
+         \x20   ok = ok and os.read(rw, 100) == b'f2 data'\n\
+         \x20   open('{d}/verdict','w').write('ok' if ok else 'bad'); os._exit(0)\n\
+         signal.signal(signal.SIGTERM, term)\n\
+         open('{d}/pid.tmp','w').write(str(os.getpid())); os.rename('{d}/pid.tmp','{p}')\n\
+         while True: time.sleep(1)\n",
+        p = pidfile.display()
+    );
+    let mut child = python(&script, &pidfile, None, false);
+    let pid = child.id() as i32;
+    let img = dir.path().join("img");
+    let o = stasis(&["dump", "-t", &pid.to_string(), "-D", &img.to_string_lossy()]);
+    assert!(o.status.success(), "dump: {}", stderr_of(&o));
+    let _ = child.wait();
+    let o = stasis(&["restore", "-D", &img.to_string_lossy(), "--detach"]);
+    assert!(o.status.success(), "restore: {}", stderr_of(&o));
+    // Someone else opens f2 now: the next dump must refuse.
+    let other = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.path().join("f2"))
+        .expect("f2");
+    let o = stasis(&[
+        "dump",
+        "-t",
+        &pid.to_string(),
+        "-D",
+        &dir.path().join("img2").to_string_lossy(),
+    ]);
+    let e = stderr_of(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("also has open") && e.contains(&std::process::id().to_string()),
+        "{e}"
+    );
+    drop(other);
+    // SAFETY: the restored process has our child's pid.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    wait_gone(pid);
+    let verdict = std::fs::read_to_string(dir.path().join("verdict")).unwrap_or_default();
+    assert_eq!(verdict, "ok");
+}

@@ -505,6 +505,20 @@ pub enum FileKind {
     SignalFd { mask: u64 },
     /// An inotify instance and its watches, each with its number (programs keep them).
     Inotify { watches: Vec<InotifyWatch> },
+    /// A named pipe (FIFO), either end or both, opened again by its path; the data it held is
+    /// in `Files::fifos` under the same `(dev, inode)`.
+    Fifo { path: Bytes, dev: u64, inode: u64 },
+}
+
+/// The data buffered in a named pipe, once per FIFO, read without consuming it.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FifoBuf {
+    pub dev: u64,
+    pub inode: u64,
+    pub data_off: u64,
+    pub len: u64,
+    /// `F_GETPIPE_SZ`.
+    pub size: u32,
 }
 
 /// One inotify watch: its number, its mask as `inotify_add_watch` takes it, and the file
@@ -893,6 +907,8 @@ pub struct Files {
     /// a JVM's hsperfdata file), taken again through the descriptor the file is mapped from.
     #[serde(default)]
     pub mapped_locks: Vec<MappedLock>,
+    #[serde(default)]
+    pub fifos: Vec<FifoBuf>,
 }
 
 /// A flock on a mapped file (`dev` as `Backing::File` has it), held by the mapping's
@@ -913,6 +929,10 @@ impl Files {
         self.unnamed
             .iter()
             .find(|u| u.dev == dev && u.inode == inode)
+    }
+
+    pub fn fifo(&self, dev: u64, inode: u64) -> Option<&FifoBuf> {
+        self.fifos.iter().find(|f| f.dev == dev && f.inode == inode)
     }
 
     pub fn pipe(&self, inode: u64) -> Option<&PipeBuf> {

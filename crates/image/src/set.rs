@@ -409,6 +409,14 @@ fn check_consistency(img: &Image) -> Result<()> {
             )));
         }
     }
+    for p in &f.fifos {
+        if !data_ok(p.data_off, p.len) || p.len > p.size as u64 {
+            return Err(bad(format!(
+                "the data of FIFO {} lies outside pages.img or exceeds its size",
+                p.inode
+            )));
+        }
+    }
     for u in &f.unnamed {
         if !data_ok(u.data_off, u.len) {
             return Err(bad(format!(

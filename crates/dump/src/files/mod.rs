@@ -10,6 +10,7 @@
 mod chardev;
 mod epoll;
 mod eventfd;
+mod fifo;
 mod inotify;
 mod lock;
 mod path;
@@ -81,6 +82,7 @@ pub(crate) trait Kind: Sync {
 /// Every kind, in the order they are asked; the first that claims a descriptor owns it.
 static KINDS: &[&dyn Kind] = &[
     &pipe::PIPE,
+    &fifo::FIFO,
     &eventfd::EVENTFD,
     &epoll::EPOLL,
     &timers::TIMERFD,

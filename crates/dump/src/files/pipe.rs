@@ -110,7 +110,10 @@ pub(crate) fn settle_outside_ends(
 
 /// The bytes buffered in a pipe, read without consuming them: open another reader on the same
 /// pipe through /proc, and `tee` its contents into a pipe of our own.
-fn contents(proc_fd: &std::path::Path, pages: &mut PageWriter) -> Result<(u64, u64, u32)> {
+pub(crate) fn contents(
+    proc_fd: &std::path::Path,
+    pages: &mut PageWriter,
+) -> Result<(u64, u64, u32)> {
     let src = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)

@@ -16,6 +16,7 @@
 mod chardev;
 mod epoll;
 mod eventfd;
+mod fifo;
 mod inotify;
 pub(crate) mod lock;
 mod path;
@@ -62,6 +63,7 @@ fn ops(kind: &FileKind) -> &'static dyn Open {
         FileKind::TimerFd { .. } => &timers::TIMERFD,
         FileKind::SignalFd { .. } => &timers::SIGNALFD,
         FileKind::Inotify { .. } => &inotify::INOTIFY,
+        FileKind::Fifo { .. } => &fifo::FIFO,
     }
 }
 
@@ -74,6 +76,8 @@ pub struct FileData {
     pub unnamed: HashMap<(u64, u64), Vec<u8>>,
     /// Sockets' receive queues, by inode.
     pub socks: HashMap<u64, Vec<u8>>,
+    /// Named pipes' data, by (dev, inode).
+    pub fifos: HashMap<(u64, u64), Vec<u8>>,
     /// TCP connections' send queues, by inode.
     pub tcp_send: HashMap<u64, Vec<u8>>,
 }
@@ -95,6 +99,9 @@ impl FileData {
         for u in &img.files.unnamed {
             out.unnamed
                 .insert((u.dev, u.inode), read(u.data_off, u.len)?);
+        }
+        for f in &img.files.fifos {
+            out.fifos.insert((f.dev, f.inode), read(f.data_off, f.len)?);
         }
         for d in &img.files.descs {
             if let FileKind::Socket(s) = &d.kind {
@@ -124,6 +131,8 @@ pub(crate) struct OpenCx<'a> {
     pub pipes: HashMap<u64, pipe::Pair>,
     /// Both ends of every unix pair made so far, by each end's dumped inode.
     pub socks: HashMap<u64, OwnedFd>,
+    /// Each named pipe's anchor (open for reading and writing), by (dev, inode).
+    pub fifos: HashMap<(u64, u64), OwnedFd>,
 }
 
 impl<'a> OpenCx<'a> {
@@ -164,6 +173,7 @@ pub(crate) fn open_all<'a>(
         unnamed: HashMap::new(),
         pipes: HashMap::new(),
         socks: HashMap::new(),
+        fifos: HashMap::new(),
     };
     for d in &img.files.descs {
         if let Some(n) = inherited_from(&d.kind) {
@@ -243,6 +253,7 @@ pub(crate) fn open_shared(
             unnamed: HashMap::new(),
             pipes: std::mem::take(&mut pipes),
             socks: std::mem::take(&mut socks),
+            fifos: HashMap::new(),
         };
         for d in &img.files.descs {
             let Some(t) = d.tree_id else { continue };
@@ -332,6 +343,7 @@ fn describe(img: &Image, d: &FileDesc) -> String {
         FileKind::TimerFd { clockid, .. } => format!("timerfd on clock {clockid}"),
         FileKind::SignalFd { .. } => "signalfd".into(),
         FileKind::Inotify { .. } => "inotify".into(),
+        FileKind::Fifo { path, .. } => format!("FIFO {path}"),
     };
     format!("fd {} ({what})", fds.join(", "))
 }
