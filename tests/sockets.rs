@@ -660,3 +660,73 @@ fn an_ipv6_tcp_connection_carries_on() {
     unsafe { libc::kill(pid, libc::SIGKILL) };
     wait_gone(pid);
 }
+
+/// A python process set up by `what` is dumped and restored; on SIGTERM it runs `check`
+/// (Python statements that raise on a difference) and writes "ok" or the exception.
+fn round_trip(what: &str, check: &str) {
+    let dir = tempdir::Dir::new("trip");
+    let pidfile = dir.path().join("pid");
+    let script = format!(
+        "import socket,os,signal,time,select\n\
+         D='{d}'\n\
+         {what}\n\
+         def term(*_):\n\
+         \x20   try:\n\
+         \x20       {check}\n\
+         \x20       open(D+'/verdict','w').write('ok')\n\
+         \x20   except Exception as ex:\n\
+         \x20       open(D+'/verdict','w').write(repr(ex))\n\
+         \x20   os._exit(0)\n\
+         signal.signal(signal.SIGTERM, term)\n\
+         open(D+'/pid.tmp','w').write(str(os.getpid())); os.rename(D+'/pid.tmp','{p}')\n\
+         while True: time.sleep(1)\n",
+        d = dir.path().display(),
+        p = pidfile.display()
+    );
+    let mut child = python(&script, &pidfile, None, true);
+    let pid = child.id() as i32;
+    let img = dir.path().join("img");
+    let o = stasis(&["dump", "-t", &pid.to_string(), "-D", &img.to_string_lossy()]);
+    assert!(o.status.success(), "dump: {}", stderr_of(&o));
+    let _ = child.wait();
+    let o = stasis(&["restore", "-D", &img.to_string_lossy(), "--detach"]);
+    assert!(o.status.success(), "restore: {}", stderr_of(&o));
+    // SAFETY: the restored process has our child's pid.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    wait_gone(pid);
+    let verdict = std::fs::read_to_string(dir.path().join("verdict")).unwrap_or_default();
+    assert_eq!(verdict, "ok", "{what}");
+}
+
+/// An epoll instance registered in another (with a pipe and a socket in the inner one).
+#[test]
+fn an_epoll_inside_an_epoll_comes_back() {
+    if !require_root("an_epoll_inside_an_epoll_comes_back") {
+        return;
+    }
+    round_trip(
+        "inner=select.epoll(); outer=select.epoll()\n\
+         r,w=os.pipe(); os.write(w, b'x')\n\
+         a,b=socket.socketpair(); b.send(b'y')\n\
+         inner.register(r, select.EPOLLIN); inner.register(a.fileno(), select.EPOLLIN)\n\
+         outer.register(inner.fileno(), select.EPOLLIN)",
+        "assert [fd for fd, _ in outer.poll(0)] == [inner.fileno()]; assert sorted(fd for fd, _ in inner.poll(0)) == sorted([r, a.fileno()])",
+    );
+}
+
+/// epoll registrations of a file closed at the registered number (it lives on at another),
+/// and of one whose number now holds another file: both still report under their old
+/// numbers, and the file now at that number is untouched.
+#[test]
+fn epoll_registrations_of_files_closed_since_come_back() {
+    if !require_root("epoll_registrations_of_files_closed_since_come_back") {
+        return;
+    }
+    round_trip(
+        "e=select.epoll(); r,w=os.pipe(); os.write(w, b'x')\n\
+         d=os.dup(r); d2=os.dup(r)\n\
+         e.register(d, select.EPOLLIN); e.register(d2, select.EPOLLIN | select.EPOLLET); os.close(d)\n\
+         a,b=socket.socketpair(); os.dup2(a.fileno(), d2); b.send(b'at d2')",
+        "got=sorted(e.poll(0)); assert got == sorted([(d, select.EPOLLIN), (d2, select.EPOLLIN)]), got; assert os.read(d2, 10) == b'at d2'; assert os.read(r, 1) == b'x'",
+    );
+}

@@ -748,6 +748,11 @@ pub struct EpollWatch {
     pub fd: i32,
     pub events: u32,
     pub data: u64,
+    /// The registered file, when the descriptor `fd` no longer refers to it (closed, or
+    /// replaced, while the file lives on at another number): this description. The restore
+    /// puts it at `fd` for as long as it takes to register it.
+    #[serde(default)]
+    pub file: Option<u32>,
 }
 
 /// One open file description, recorded once however many descriptors refer to it.

@@ -472,6 +472,17 @@ fn check_consistency(img: &Image) -> Result<()> {
                 )));
             }
         }
+        if let FileKind::Epoll { watches } = &d.kind {
+            if watches
+                .iter()
+                .any(|w| w.file.is_some_and(|id| !ids.contains(&id)))
+            {
+                return Err(bad(format!(
+                    "epoll instance {}: a watch names a description that does not exist",
+                    d.id
+                )));
+            }
+        }
         if let FileKind::Inotify { watches } = &d.kind {
             let ok = watches.len() <= MAX_INOTIFY_WATCHES
                 && watches.iter().all(|w| {

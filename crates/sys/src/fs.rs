@@ -17,6 +17,33 @@ pub fn same_description(pid_a: i32, a: RawFd, pid_b: i32, b: RawFd) -> Result<bo
     Errno::result(r).map(|v| v == 0)
 }
 
+/// Whether fd `fd` of `pid` is the file registered with epoll instance `epfd` of `epoll_pid`
+/// under the number `tfd` (the `toff`-th registration with that number):
+/// `kcmp(KCMP_EPOLL_TFD)`, which needs CONFIG_CHECKPOINT_RESTORE.
+pub fn is_epoll_target(
+    pid: i32,
+    fd: RawFd,
+    epoll_pid: i32,
+    epfd: RawFd,
+    tfd: RawFd,
+    toff: u32,
+) -> Result<bool, Errno> {
+    const KCMP_EPOLL_TFD: libc::c_int = 7;
+    let slot: [u32; 3] = [epfd as u32, tfd as u32, toff];
+    // SAFETY: kcmp reads the slot (efd, tfd, toff) through the pointer.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid,
+            epoll_pid,
+            KCMP_EPOLL_TFD,
+            fd,
+            slot.as_ptr(),
+        )
+    };
+    Errno::result(r).map(|v| v == 0)
+}
+
 /// What two processes may share without being threads of one another (`kcmp` types).
 #[derive(Clone, Copy, Debug)]
 pub enum Shared {

@@ -1,11 +1,11 @@
 //! epoll instances: every registration (descriptor number, events with their flags, data),
-//! from fdinfo. A registration of a file the process no longer has at that number (closed, or
-//! replaced by another file) cannot be added again: refused.
+//! from fdinfo. Which file each registration is of is asked of the kernel (`kcmp`): a file the
+//! process closed at that number (or replaced there) but still has open at another is named by
+//! its description; one it has open nowhere is refused.
 
 use super::{Cx, Kind, Probe};
 use anyhow::{bail, Result};
 use stasis_image::model::*;
-use std::collections::HashMap;
 
 pub(crate) struct Epoll;
 pub(crate) static EPOLL: Epoll = Epoll;
@@ -26,7 +26,17 @@ impl Kind for Epoll {
                 );
             };
             let (w, ino) = w;
-            cx.epoll_watches.push((p.fd, w.fd, ino));
+            let toff = watches
+                .iter()
+                .filter(|x: &&EpollWatch| x.fd == w.fd)
+                .count() as u32;
+            cx.epoll_watches.push(Registration {
+                epfd: p.fd,
+                tfd: w.fd,
+                toff,
+                ino,
+                index: watches.len(),
+            });
             watches.push(w);
         }
         Ok(FileKind::Epoll { watches })
@@ -48,20 +58,71 @@ fn parse_watch(line: &str) -> Option<(EpollWatch, u64)> {
     let events = u32::from_str_radix(field("events:")?, 16).ok()?;
     let data = u64::from_str_radix(field("data:")?, 16).ok()?;
     let ino = u64::from_str_radix(field("ino:")?, 16).ok()?;
-    Some((EpollWatch { fd, events, data }, ino))
+    Some((
+        EpollWatch {
+            fd,
+            events,
+            data,
+            file: None,
+        },
+        ino,
+    ))
 }
 
-/// Every watched file must still be open at the number it was registered with.
-pub(crate) fn check_watches(
-    pid: i32,
-    watches: &[(i32, i32, u64)],
-    inodes: &HashMap<i32, u64>,
-) -> Result<()> {
-    for &(epfd, fd, ino) in watches {
-        if inodes.get(&fd) != Some(&ino) {
+/// One registration seen in an epoll instance's fdinfo.
+pub(crate) struct Registration {
+    epfd: i32,
+    tfd: i32,
+    /// Registrations before it under the same number.
+    toff: u32,
+    ino: u64,
+    /// Its place in the instance's `watches`.
+    index: usize,
+}
+
+/// Every registered file must be one the process has open: at the number it was registered
+/// with, or (closed or replaced there since) at another, which the watch then names.
+pub(crate) fn check_watches(pid: i32, regs: &[Registration], files: &mut Files) -> Result<()> {
+    let same = |fd: i32, r: &Registration| {
+        stasis_sys::fs::is_epoll_target(pid, fd, pid, r.epfd, r.tfd, r.toff).map_err(|e| {
+            anyhow::anyhow!(
+                "epoll fd {} of pid {pid}: cannot tell which file it watches at fd {} (kcmp: {e}; the kernel needs CONFIG_CHECKPOINT_RESTORE)",
+                r.epfd,
+                r.tfd
+            )
+        })
+    };
+    for r in regs {
+        if files.fds.iter().any(|f| f.fd == r.tfd) && same(r.tfd, r)? {
+            continue;
+        }
+        let mut found = None;
+        for f in &files.fds {
+            if same(f.fd, r)? {
+                found = Some(f.desc);
+                break;
+            }
+        }
+        let Some(desc) = found else {
             bail!(
-                "epoll fd {epfd} of pid {pid} watches a file that is no longer open at fd {fd}; not supported yet"
+                "epoll fd {} of pid {pid} watches a file (inode {}) that is no longer open at fd {} nor at any other; not supported yet",
+                r.epfd,
+                r.ino,
+                r.tfd
             );
+        };
+        let ep = files.fds.iter().find(|f| f.fd == r.epfd).map(|f| f.desc);
+        let Some(FileKind::Epoll { watches }) = ep
+            .and_then(|id| files.descs.iter_mut().find(|d| d.id == id))
+            .map(|d| &mut d.kind)
+        else {
+            bail!(
+                "epoll fd {} of pid {pid}: its description is missing",
+                r.epfd
+            );
+        };
+        if let Some(w) = watches.get_mut(r.index) {
+            w.file = Some(desc);
         }
     }
     Ok(())
@@ -82,7 +143,8 @@ mod tests {
             EpollWatch {
                 fd: 4,
                 events: 0x8000_0019,
-                data: 4
+                data: 4,
+                file: None,
             }
         );
         assert_eq!(ino, 0x19efe);

@@ -99,9 +99,9 @@ static KINDS: &[&dyn Kind] = &[
 pub(crate) struct Cx<'a> {
     pub pages: &'a mut PageWriter,
     pub files: Files,
-    /// (epoll fd, watched fd, the watched file's inode) for every registration seen, checked
+    /// Every epoll registration seen, checked
     /// against the whole table once it is read.
-    pub epoll_watches: Vec<(i32, i32, u64)>,
+    pub epoll_watches: Vec<epoll::Registration>,
     /// Established TCP connections are dumped (`--tcp-established`), under this lock.
     pub tcp_established: bool,
     /// Established TCP connections come back closed (`--tcp-close`).
@@ -164,14 +164,11 @@ pub(crate) fn collect(
     };
     // (description id, a descriptor of it, its (dev, inode)) for the kcmp comparisons.
     let mut reps: Vec<(u32, i32, (u64, u64))> = Vec::new();
-    // fd → inode, for checking what epoll instances watch.
-    let mut watched = std::collections::HashMap::new();
     // (major, minor, inode) of every file a lock was found on.
     let mut locked = Vec::new();
     for fd in fds {
         let (probe, info) = probe(pid, fd)?;
         let key = (probe.meta.dev(), probe.meta.ino());
-        watched.insert(fd, probe.meta.ino());
         let cloexec = info.cloexec;
         if let Some(id) = same_as_earlier(pid, fd, key, &reps)? {
             cx.files.fds.push(Fd {
@@ -219,7 +216,7 @@ pub(crate) fn collect(
         });
         reps.push((id, fd, key));
     }
-    epoll::check_watches(pid, &cx.epoll_watches, &watched)?;
+    epoll::check_watches(pid, &cx.epoll_watches, &mut cx.files)?;
     tcp::settle(pid, &mut cx)?;
     let maps = stasis_proc::maps(pid)?;
     let mapped_locks = lock::check_unreached(pid, &locked, &maps)?;

@@ -44,7 +44,7 @@ pub(crate) trait Open: Sync {
     /// Opens the description (anywhere: the engine moves it to the staging range).
     fn open(&self, d: &FileDesc, cx: &mut OpenCx) -> Result<OwnedFd>;
     /// Runs once every descriptor is at its number (`fd` is this description, staged).
-    fn after_place(&self, _d: &FileDesc, _fd: BorrowedFd<'_>) -> Result<()> {
+    fn after_place(&self, _d: &FileDesc, _fd: BorrowedFd<'_>, _cx: &OpenCx) -> Result<()> {
         Ok(())
     }
 }
@@ -294,7 +294,7 @@ pub(crate) fn place(cx: &OpenCx) -> Result<()> {
     for d in &cx.img.files.descs {
         if let Some(fd) = cx.staged.get(&d.id) {
             ops(&d.kind)
-                .after_place(d, fd.as_fd())
+                .after_place(d, fd.as_fd(), cx)
                 .with_context(|| format!("completing {}", describe(cx.img, d)))?;
         }
     }

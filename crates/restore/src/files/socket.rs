@@ -38,7 +38,7 @@ impl Open for Sock {
         Ok(fd)
     }
 
-    fn after_place(&self, d: &FileDesc, fd: BorrowedFd<'_>) -> Result<()> {
+    fn after_place(&self, d: &FileDesc, fd: BorrowedFd<'_>, _: &OpenCx) -> Result<()> {
         let FileKind::Socket(s) = &d.kind else {
             unreachable!("dispatched by kind")
         };
