@@ -730,3 +730,18 @@ fn epoll_registrations_of_files_closed_since_come_back() {
         "got=sorted(e.poll(0)); assert got == sorted([(d, select.EPOLLIN), (d2, select.EPOLLIN)]), got; assert os.read(d2, 10) == b'at d2'; assert os.read(r, 1) == b'x'",
     );
 }
+
+/// A client connected to a listener bound to a name the kernel chose (autobind) that has not
+/// accepted it yet (the listener is in a child): refused, not taken for a pair whose other
+/// end is gone.
+#[test]
+fn a_connection_not_yet_accepted_is_refused() {
+    if !require_root("a_connection_not_yet_accepted_is_refused") {
+        return;
+    }
+    refused(
+        "l=socket.socket(socket.AF_UNIX); l.bind(''); l.listen(1); name=l.getsockname()\nif os.fork()==0:\n    time.sleep(60); os._exit(0)\nl.close(); c=socket.socket(socket.AF_UNIX); c.connect(name)",
+        "c.send(b'x')",
+        "not accepted it yet",
+    );
+}

@@ -2,7 +2,8 @@
 //! and Java runtimes — are dumped, restored, dumped and restored again, and must carry on exactly.
 //! So are four servers driven by their real clients (redis with `redis-cli`, Python's
 //! `http.server` and nginx with `curl`, a Python asyncio echo server with a connection kept
-//! open), compared with CRIU on the same server: see `servers.rs`.
+//! open) and a Python program holding socket pairs with data queued, compared with CRIU on
+//! the same program: see `servers.rs`.
 //!
 //! What is proven, per workload (sources in `xtask/programs/`, each multi-threaded):
 //!
@@ -242,6 +243,15 @@ const PROGRAMS: &[Program] = &[
     Program {
         name: "asyncio",
         kind: Kind::Server(crate::servers::Server::AsyncioEcho),
+        tools: PYTHON,
+        startup: Duration::from_secs(20),
+        resume: Duration::from_secs(20),
+        verdict: Duration::from_secs(15),
+        sqlite: None,
+    },
+    Program {
+        name: "socketpair",
+        kind: Kind::Server(crate::servers::Server::SocketPair),
         tools: PYTHON,
         startup: Duration::from_secs(20),
         resume: Duration::from_secs(20),

@@ -19,6 +19,10 @@
 //!   restore its echo comes back first, then a fresh round trip, on the same connection (the
 //!   client's port never changes, and it never reconnects).
 //!
+//! - **socketpair**: a Python program holding a stream socketpair with data queued both ways
+//!   and a datagram pair with messages queued; after two trips it reads everything back on
+//!   SIGTERM (byte for byte, message boundaries kept) and writes its verdict.
+//!
 //! Then the same server is started afresh and `criu dump` (the peer, CRIU 4.1.1) is tried on
 //! it with `--tcp-established`: the detail says whether CRIU could dump it, and if not, its
 //! first error.
@@ -35,6 +39,7 @@ pub(crate) enum Server {
     PythonHttp,
     Nginx,
     AsyncioEcho,
+    SocketPair,
 }
 
 const CYCLES: usize = 2;
@@ -162,6 +167,17 @@ fn start(which: Server, dir: &Path, port: u16) -> Result<Running> {
             )?;
             std::fs::write(&pidfile, child.to_string())?;
         }
+        Server::SocketPair => {
+            let log = std::fs::File::create(dir.join("pair.log"))?;
+            let child = daemon(
+                Command::new("python3")
+                    .args(["-c", PAIR])
+                    .arg(dir.join("verdict"))
+                    .stdout(log.try_clone()?)
+                    .stderr(log),
+            )?;
+            std::fs::write(&pidfile, child.to_string())?;
+        }
         Server::AsyncioEcho => {
             let log = std::fs::File::create(dir.join("echo.log"))?;
             let child = daemon(
@@ -206,7 +222,12 @@ fn start(which: Server, dir: &Path, port: u16) -> Result<Running> {
         }
     }
     let root = wait_pidfile(&pidfile, Duration::from_secs(15))?;
-    wait_listening(port, Duration::from_secs(15))?;
+    if which == Server::SocketPair {
+        // Set up once its signal handler is there (it listens on nothing).
+        std::thread::sleep(Duration::from_millis(500));
+    } else {
+        wait_listening(port, Duration::from_secs(15))?;
+    }
     if which == Server::Nginx {
         let deadline = Instant::now() + Duration::from_secs(10);
         while tree(root).len() < 3 {
@@ -237,6 +258,43 @@ fn start(which: Server, dir: &Path, port: u16) -> Result<Running> {
 }
 
 const PAGE: &str = "<html><body>stasis was here</body></html>\n";
+
+/// Socket pairs with data queued both ways; on SIGTERM, the verdict into argv[1].
+const PAIR: &str = "import socket, os, signal, sys, time
+a, b = socket.socketpair()
+a.send(b'to b ' * 1000)
+b.send(b'to a ' * 2000)
+c, d = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+for i in range(5):
+    d.send(b'datagram %d' % i)
+def exactly(s, n):
+    got = b''
+    while len(got) < n:
+        part = s.recv(n - len(got), socket.MSG_DONTWAIT)
+        if not part:
+            break
+        got += part
+    return got
+def term(*_):
+    why = []
+    if exactly(b, 5000) != b'to b ' * 1000:
+        why.append('b lost what a sent')
+    if exactly(a, 10000) != b'to a ' * 2000:
+        why.append('a lost what b sent')
+    for i in range(5):
+        if c.recv(100, socket.MSG_DONTWAIT) != b'datagram %d' % i:
+            why.append('datagram %d' % i)
+    try:
+        c.recv(100, socket.MSG_DONTWAIT)
+        why.append('a datagram too many')
+    except BlockingIOError:
+        pass
+    open(sys.argv[1], 'w').write('FAIL: ' + ', '.join(why) if why else 'PASS')
+    os._exit(0)
+signal.signal(signal.SIGTERM, term)
+while True:
+    time.sleep(1)
+";
 
 /// An asyncio echo server on 127.0.0.1:argv[1].
 const ECHO: &str = "import asyncio, sys
@@ -331,6 +389,7 @@ fn check(which: Server, port: u16, run: &mut Running, round: usize) -> Result<St
             }
             Ok(id)
         }
+        Server::SocketPair => Ok(format!("{:?}", tree(run.root))),
         Server::AsyncioEcho => {
             let c = run.conn.as_mut().context("no connection")?;
             let mut line = String::new();
@@ -437,6 +496,15 @@ fn exercise(
             );
         }
     }
+    if which == Server::SocketPair {
+        // SAFETY: kill with a pid and a signal.
+        unsafe { libc::kill(run.root, libc::SIGTERM) };
+        reap_gone(&[run.root], Duration::from_secs(15))?;
+        let verdict = std::fs::read_to_string(dir.join("verdict")).unwrap_or_default();
+        if verdict != "PASS" {
+            bail!("its verdict: {verdict:?}");
+        }
+    }
     let what = match which {
         Server::Redis => {
             format!("{KEYS} keys, the same redis-cli connection (id {first}) throughout")
@@ -446,6 +514,7 @@ fn exercise(
         Server::AsyncioEcho => {
             format!("one connection ({first}) throughout, a line in flight at each dump echoed")
         }
+        Server::SocketPair => "both pairs' queues read back whole: PASS".to_string(),
     };
     Ok(format!("{what}; {}", times.join("; ")))
 }

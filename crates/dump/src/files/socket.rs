@@ -135,7 +135,15 @@ fn unix(p: &Probe, fd: &OwnedFd, s: &mut Socket, cx: &mut Cx) -> Result<()> {
             );
         }
         s.state = SockState::Connected;
-        if d.peer == 0 {
+        if d.peer == 0 && peer_name.len() > 2 {
+            // Its peer has no inode: a connection not yet accepted by a listener (named, or
+            // named by the kernel when it listened unbound).
+            bail!(
+                "{}: the unix socket is connected to the listener {}, which has not accepted it yet; not supported yet",
+                here(),
+                sockaddr_text(&peer_name)
+            );
+        } else if d.peer == 0 {
             u.pair_gone = true;
         } else {
             u.pair = Some(d.peer as u64);
