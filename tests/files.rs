@@ -581,3 +581,128 @@ fn named_pipes_come_back_with_their_data() {
     let verdict = std::fs::read_to_string(dir.path().join("verdict")).unwrap_or_default();
     assert_eq!(verdict, "ok");
 }
+
+/// A 32-bit i386 program, made here byte by byte (an ELF header, one loadable segment, and a
+/// loop of `nanosleep` through `int 0x80`): stasis must refuse it before injecting anything
+/// (it would run the 64-bit parasite as garbage), for `dump` and for `vdso`, and leave it
+/// running untraced.
+fn i386_sleeper(path: &std::path::Path) {
+    const BASE: u32 = 0x0804_8000;
+    const CODE: u32 = 84;
+    let ts = BASE + CODE + 16;
+    let mut f: Vec<u8> = Vec::new();
+    f.extend_from_slice(&[0x7f, b'E', b'L', b'F', 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    for v in [2u16, 3] {
+        f.extend_from_slice(&v.to_le_bytes()); // ET_EXEC, EM_386
+    }
+    for v in [1u32, BASE + CODE, 52, 0, 0] {
+        f.extend_from_slice(&v.to_le_bytes()); // version, entry, phoff, shoff, flags
+    }
+    for v in [52u16, 32, 1, 0, 0, 0] {
+        f.extend_from_slice(&v.to_le_bytes()); // ehsize, phentsize, phnum, sh*
+    }
+    let size = CODE + 16 + 8;
+    for v in [1u32, 0, BASE, BASE, size, size, 5, 0x1000] {
+        f.extend_from_slice(&v.to_le_bytes()); // PT_LOAD r-x of the whole file
+    }
+    assert_eq!(f.len(), CODE as usize);
+    f.extend_from_slice(&[0xb8, 162, 0, 0, 0]); // mov eax, __NR_nanosleep
+    f.push(0xbb);
+    f.extend_from_slice(&ts.to_le_bytes()); // mov ebx, &ts
+    f.extend_from_slice(&[0x31, 0xc9, 0xcd, 0x80, 0xeb, 0xf0]); // xor ecx,ecx; int 0x80; jmp
+    f.extend_from_slice(&1u32.to_le_bytes());
+    f.extend_from_slice(&0u32.to_le_bytes()); // ts = { 1 s, 0 }
+    std::fs::write(path, &f).expect("writing the i386 program");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+}
+
+#[test]
+fn a_32_bit_process_is_refused_before_anything_is_injected() {
+    if !require_root("a_32_bit_process_is_refused_before_anything_is_injected") {
+        return;
+    }
+    let dir = tempdir::Dir::new("i386");
+    let bin = dir.path().join("sleeper32");
+    i386_sleeper(&bin);
+    let mut child = std::process::Command::new(&bin)
+        .spawn()
+        .expect("running the i386 program (does the kernel have IA32 emulation?)");
+    let pid = child.id() as i32;
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(stasis_state(pid), 'S', "the i386 program sleeps");
+    for args in [
+        vec![
+            "dump",
+            "-t",
+            &pid.to_string(),
+            "-D",
+            &dir.path().join("img").to_string_lossy(),
+        ],
+        vec!["vdso", "--pid", &pid.to_string()],
+    ] {
+        let args: Vec<&str> = args.iter().map(|s| &**s).collect();
+        let o = stasis(&args);
+        let e = stderr_of(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {e}");
+        assert!(e.contains("32-bit") && e.contains(&pid.to_string()), "{e}");
+        assert_eq!(tracer_of(pid), 0, "left untraced");
+        assert_eq!(stasis_state(pid), 'S', "and running its loop");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A directory another user controls is refused as a place for an image, before anything is
+/// frozen: an empty directory that user owns, a symbolic link to one of ours, a directory in
+/// a directory that user owns. The process runs on untouched.
+#[test]
+fn an_image_directory_another_user_controls_is_refused() {
+    if !require_root("an_image_directory_another_user_controls_is_refused") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let d = Daemon::start("sleeper", &[]);
+    let base = d.dir.path();
+    let theirs = base.join("theirs");
+    std::fs::create_dir(&theirs).expect("mkdir");
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).expect("chown");
+    let ours = base.join("ours");
+    std::fs::create_dir(&ours).expect("mkdir");
+    let link = base.join("link");
+    std::os::unix::fs::symlink(&ours, &link).expect("symlink");
+    let their_parent = base.join("their-parent");
+    std::fs::create_dir(&their_parent).expect("mkdir");
+    std::fs::set_permissions(&their_parent, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::os::unix::fs::chown(&their_parent, Some(65534), Some(65534)).expect("chown");
+    for (dir, needle) in [
+        (theirs.clone(), "belongs to uid 65534"),
+        (link.clone(), "symbolic link"),
+        (their_parent.join("img"), "owned by uid 65534"),
+    ] {
+        let o = stasis(&[
+            "dump",
+            "-t",
+            &d.pid.to_string(),
+            "-D",
+            &dir.to_string_lossy(),
+        ]);
+        let e = stderr_of(&o);
+        assert_eq!(o.status.code(), Some(1), "{}: {e}", dir.display());
+        assert!(
+            e.contains(needle) && e.contains("another user could swap"),
+            "{e}"
+        );
+        assert!(
+            matches!(stasis_state(d.pid), 'S' | 'R'),
+            "the process runs on"
+        );
+        assert_eq!(tracer_of(d.pid), 0, "untraced");
+    }
+    assert!(
+        std::fs::read_dir(&theirs).expect("theirs").next().is_none(),
+        "nothing written"
+    );
+    assert!(!their_parent.join("img").exists());
+    assert_pass(&d.finish());
+}

@@ -523,3 +523,34 @@ fn the_injection_site_reaches_the_image_unchanged() {
     );
     assert_pass(&d.finish());
 }
+
+/// Registers no 64-bit user process can run with (a 32-bit code segment, I/O privilege in
+/// the flags, interrupts off, an instruction pointer in kernel space), written into an image
+/// and re-sealed, are refused before anything is created.
+#[test]
+fn registers_a_user_process_cannot_have_are_refused() {
+    if !require_root("registers_a_user_process_cannot_have_are_refused") {
+        return;
+    }
+    for (field, value) in [
+        ("cs", 0x23u64),
+        ("eflags", 0x3202),
+        ("eflags", 0x2),
+        ("rip", 0xffff_ffff_8100_0000),
+    ] {
+        refused_after("thread", |img| {
+            let core = std::fs::read_dir(img)
+                .expect("image")
+                .flatten()
+                .map(|e| e.path())
+                .find(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("core-"))
+                })
+                .expect("a core record");
+            edit_record(&core, |c| c["gpr"][field] = serde_json::json!(value));
+        });
+    }
+    // And a reserved header field that is not zero, with the header re-sealed.
+    refused_after("reserved", |img| set_header_u32(&img.join("mm.img"), 20, 1));
+}

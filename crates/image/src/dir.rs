@@ -27,10 +27,12 @@ impl ImageDir {
     /// which are removed.
     pub fn create(path: impl AsRef<Path>) -> Result<ImageDir> {
         let path = path.as_ref().to_path_buf();
+        parent_is_safe(&path)?;
         let created = match DirBuilder::new().mode(DIR_MODE).create(&path) {
             Ok(()) => true,
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {
                 require_dir(&path)?;
+                require_ours(&path)?;
                 let entries = std::fs::read_dir(&path).map_err(|e| ImageError::io(&path, e))?;
                 let mut stale = Vec::new();
                 for entry in entries {
@@ -123,6 +125,63 @@ impl ImageDir {
             .map_err(|e| ImageError::io(&temp.temp_path, e))?;
         Ok(temp)
     }
+}
+
+/// An existing directory to dump into must be a directory (not a symlink to one) that the
+/// dumping user owns: whoever owns it can swap the image's files.
+fn require_ours(path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(path).map_err(|e| ImageError::open(path, e))?;
+    let not_ours = |why: String| ImageError::NotOurs {
+        dir: path.into(),
+        why,
+    };
+    if meta.file_type().is_symlink() {
+        return Err(not_ours("it is a symbolic link".into()));
+    }
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(not_ours(format!(
+            "it belongs to uid {}, not to uid {me}",
+            meta.uid()
+        )));
+    }
+    Ok(())
+}
+
+/// The directory the image directory is in must not let another user rename or replace it:
+/// owned by the dumping user or root, or sticky (as /tmp), and not writable by others
+/// otherwise.
+fn parent_is_safe(path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let Ok(meta) = std::fs::metadata(&parent) else {
+        // Creating the directory will say what is wrong.
+        return Ok(());
+    };
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let sticky = meta.mode() & 0o1000 != 0;
+    let others_write = meta.mode() & 0o022 != 0;
+    if !sticky && ((meta.uid() != me && meta.uid() != 0) || others_write) {
+        return Err(ImageError::NotOurs {
+            dir: path.into(),
+            why: format!(
+                "the directory it is in ({}) is {}",
+                parent.display(),
+                if meta.uid() != me && meta.uid() != 0 {
+                    format!("owned by uid {}", meta.uid())
+                } else {
+                    "writable by other users and not sticky".to_string()
+                }
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn require_dir(path: &Path) -> Result<()> {

@@ -69,6 +69,10 @@ pub enum ImageError {
     Inconsistent { dir: PathBuf, why: String },
     #[error("{}: not a directory", path.display())]
     NotADirectory { path: PathBuf },
+    #[error("{}: a reserved header field is not zero (not an image stasis wrote)", file.display())]
+    ReservedNotZero { file: PathBuf },
+    #[error("{}: {why}; another user could swap the image's files (give a directory of your own, or one stasis can make)", dir.display())]
+    NotOurs { dir: PathBuf, why: String },
     #[error("{name:?}: not a valid image file name (a plain name, not hidden, not {pages:?})",
         pages = crate::PAGES_FILE)]
     InvalidName { name: String },

@@ -94,7 +94,24 @@ pub(crate) fn read_and_check(
             found: arch,
         });
     }
+    // Reserved fields and padding are zero in every header stasis writes: an image with any
+    // other value there was made by something else, and is refused.
+    if reserved_of(magic)
+        .iter()
+        .any(|&(a, b)| header.get(a..b).is_none_or(|r| r.iter().any(|&x| x != 0)))
+    {
+        return Err(ImageError::ReservedNotZero { file: path.into() });
+    }
     Ok(())
+}
+
+/// The byte ranges of a header that must be zero (after the fields), by its magic.
+fn reserved_of(magic: &[u8; MAGIC_LEN]) -> &'static [(usize, usize)] {
+    if magic == crate::record::RECORD_MAGIC {
+        &[(20, 24), (48, 64)]
+    } else {
+        &[(40, 4096)]
+    }
 }
 
 /// Checks that a file whose header promises `expected` bytes has exactly that many.

@@ -224,6 +224,19 @@ mod tests {
     }
 
     #[test]
+    fn a_reserved_field_that_is_not_zero_is_refused() {
+        for at in [20, 50, 63] {
+            let (_t, dir, file) = image_with_record("record-reserved");
+            edit_header(&file, HEADER_LEN, HEADER_XXH3_AT, |h| h[at] = 1);
+            let err = read_err(&dir);
+            assert!(
+                matches!(err, ImageError::ReservedNotZero { .. }),
+                "byte {at}: {err}"
+            );
+        }
+    }
+
+    #[test]
     fn other_architecture_is_refused() {
         let (_t, dir, file) = image_with_record("record-arch");
         edit_header(&file, HEADER_LEN, HEADER_XXH3_AT, |h| {

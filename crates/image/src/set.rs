@@ -261,6 +261,53 @@ pub fn load_tree(dir: &std::path::Path) -> Result<TreeImage> {
     Ok(all)
 }
 
+/// Registers a 64-bit user process can run with: its own code and stack segments, flags a
+/// user may hold (interrupts on, no I/O privilege, no virtual-8086 mode), canonical user
+/// addresses. Anything else would be refused by the kernel after the process is made, or
+/// kill it at its first instruction.
+fn check_gpr(g: &Gpr) -> std::result::Result<(), String> {
+    const USER_CS: u64 = 0x33;
+    const USER_DS: u64 = 0x2b;
+    // CF PF AF ZF SF TF IF DF OF NT RF AC ID, and bit 1, which is always set.
+    const USER_FLAGS: u64 = 0x1
+        | 0x2
+        | 0x4
+        | 0x10
+        | 0x40
+        | 0x80
+        | 0x100
+        | 0x200
+        | 0x400
+        | 0x800
+        | 0x4000
+        | 0x1_0000
+        | 0x4_0000
+        | 0x20_0000;
+    const USER_TOP: u64 = 0x0000_8000_0000_0000;
+    if g.cs != USER_CS || g.ss != USER_DS {
+        return Err(format!(
+            "code/stack segments {:#x}/{:#x} are not 64-bit user ones",
+            g.cs, g.ss
+        ));
+    }
+    if [g.ds, g.es, g.fs, g.gs]
+        .iter()
+        .any(|&s| s != 0 && s != USER_DS)
+    {
+        return Err("a data segment that is not a user one".into());
+    }
+    if g.eflags & !USER_FLAGS != 0 || g.eflags & 0x202 != 0x202 {
+        return Err(format!(
+            "flags {:#x} a user process cannot run with",
+            g.eflags
+        ));
+    }
+    if g.rip >= USER_TOP || g.fs_base >= USER_TOP || g.gs_base >= USER_TOP {
+        return Err("an instruction pointer or TLS base outside user space".into());
+    }
+    Ok(())
+}
+
 /// What a restore would do with a socket must make sense before anything is created: a family
 /// and type stasis restores, addresses no longer than a `sockaddr`, known options of
 /// plausible size, and a queue inside pages.img whose messages add up to it.
@@ -330,6 +377,9 @@ fn check_consistency(img: &Image) -> Result<()> {
                 "core record of thread {tid} belongs to thread {} or repeats one",
                 core.tid
             )));
+        }
+        if let Err(why) = check_gpr(&core.gpr) {
+            return Err(bad(format!("thread {tid}: {why}")));
         }
     }
     let page = PAGE_SIZE as u64;

@@ -20,6 +20,8 @@ pub enum InfectError {
     PermissionDenied(i32),
     #[error("pid {0} is not a thread-group leader; give the process id")]
     NotLeader(i32),
+    #[error("pid {pid} {what}; stasis handles only 64-bit x86 processes")]
+    NotX86_64 { pid: i32, what: String },
     #[error("pid {pid} exited while stasis was working on it ({how})")]
     TargetGone { pid: i32, how: String },
     #[error("ptrace {op} on thread {tid}: {errno}")]

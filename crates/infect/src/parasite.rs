@@ -165,6 +165,13 @@ impl<'s> Parasite<'s> {
             xstate: sys::get_xstate(tid).map_err(ptrace_err("GETREGSET(XSTATE)"))?,
             sigmask: sys::get_sigmask(tid).map_err(ptrace_err("GETSIGMASK"))?,
         };
+        if saved.regs.cs != crate::seize::USER_CS_64 {
+            // Nothing is changed yet: the process is let go as it was.
+            return Err(InfectError::NotX86_64 {
+                pid,
+                what: format!("runs 32-bit code (code segment {:#x})", saved.regs.cs),
+            });
+        }
         let mem = open_proc_rw(pid, "mem", "opening memory")?;
         let site = injection_site(pid, None)?;
         let mut site_orig = [0u8; SITE_LEN];

@@ -63,8 +63,25 @@ pub fn check_target(pid: i32) -> Result<()> {
     if tracer != 0 {
         return Err(InfectError::AlreadyTraced { pid, tracer });
     }
+    // A 32-bit program (its ELF class) would run our 64-bit parasite as garbage.
+    let mut ident = [0u8; 5];
+    if std::fs::File::open(format!("/proc/{pid}/exe"))
+        .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut ident, 0))
+        .is_ok()
+        && &ident[..4] == b"\x7fELF"
+        && ident[4] != 2
+    {
+        return Err(InfectError::NotX86_64 {
+            pid,
+            what: "runs a 32-bit program".into(),
+        });
+    }
     Ok(())
 }
+
+/// The code segment of 64-bit user mode on x86_64 Linux (`__USER_CS`); 32-bit code runs
+/// with `__USER32_CS` (0x23).
+pub const USER_CS_64: u64 = 0x33;
 
 impl Seized {
     /// Freezes every thread of `pid`.
