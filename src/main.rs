@@ -88,6 +88,11 @@ enum Command {
         /// dumped one into it, or choose (auto).
         #[arg(long, value_enum, default_value = "auto")]
         vdso: VdsoArg,
+        /// Restore an image that carries no valid MAC of this machine's image key (made by
+        /// another user, on another machine, or altered since): as root, its credentials,
+        /// files and program are then taken as they are.
+        #[arg(long)]
+        trust_image: bool,
     },
     /// Describe an image.
     Show {
@@ -213,9 +218,11 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             detach,
             shell_job,
             vdso,
+            trust_image,
         } => {
             let opts = stasis_restore::RestoreOptions {
                 detach,
+                trust_image,
                 shell_job,
                 vdso: vdso.into(),
             };

@@ -367,7 +367,15 @@ fn clocks_behind_are_shifted_with_a_time_namespace() {
             inv[k] = serde_json::json!(v + ahead);
         }
     });
-    d.restore(1);
+    // Edited on purpose (its MAC no longer holds): restored as trusted.
+    let o = stasis(&[
+        "restore",
+        "-D",
+        &d.image(1).to_string_lossy(),
+        "--detach",
+        "--trust-image",
+    ]);
+    assert!(o.status.success(), "restore: {}", stderr_of(&o));
     let offsets =
         std::fs::read_to_string(format!("/proc/{}/timens_offsets", d.pid)).expect("timens_offsets");
     let secs = |clock: &str| -> u64 {
@@ -553,4 +561,65 @@ fn registers_a_user_process_cannot_have_are_refused() {
     }
     // And a reserved header field that is not zero, with the header re-sealed.
     refused_after("reserved", |img| set_header_u32(&img.join("mm.img"), 20, 1));
+}
+
+/// Image authentication: an image this host's root dumped carries a MAC (mac.img) and
+/// restores; the same image with its credentials edited (to another uid: the fixture runs as
+/// root; a user's own image edited to uid 0 is the attack) — every checksum re-sealed,
+/// as anyone who reads the documented format can — is refused before anything is created, as
+/// is one without its MAC; `--trust-image` takes them as they are.
+#[test]
+fn an_altered_or_unauthenticated_image_is_refused() {
+    if !require_root("an_altered_or_unauthenticated_image_is_refused") {
+        return;
+    }
+    let d = Daemon::start("sleeper", &[]);
+    d.dump(1);
+    let img = d.image(1);
+    assert!(img.join("mac.img").exists(), "the dump sealed the image");
+    let core = std::fs::read_dir(&img)
+        .expect("image")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("core-"))
+        })
+        .expect("a core record");
+    let original = std::fs::read(&core).expect("core");
+    edit_record(&core, |c| {
+        c["creds"]["uids"] = serde_json::json!([4242, 4242, 4242, 4242])
+    });
+    let o = stasis(&["restore", "-D", &img.to_string_lossy(), "--detach"]);
+    let e = stderr_of(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("not authenticated") && e.contains("altered"),
+        "{e}"
+    );
+    assert!(
+        !std::path::Path::new(&format!("/proc/{}", d.pid)).exists(),
+        "nothing was created"
+    );
+    std::fs::write(&core, &original).expect("core");
+    let mac = std::fs::read(img.join("mac.img")).expect("mac");
+    std::fs::remove_file(img.join("mac.img")).expect("rm mac");
+    let o = stasis(&["restore", "-D", &img.to_string_lossy(), "--detach"]);
+    let e = stderr_of(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("carries no MAC"), "{e}");
+    let o = stasis(&[
+        "restore",
+        "-D",
+        &img.to_string_lossy(),
+        "--detach",
+        "--trust-image",
+    ]);
+    assert!(o.status.success(), "--trust-image: {}", stderr_of(&o));
+    // SAFETY: the restored sleeper has the fixture's pid.
+    unsafe { libc::kill(d.pid, libc::SIGKILL) };
+    wait_gone(d.pid);
+    std::fs::write(img.join("mac.img"), mac).expect("mac back");
+    d.restore(1);
+    assert_pass(&d.finish());
 }

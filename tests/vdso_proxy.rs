@@ -156,6 +156,8 @@ fn remap_refused_when_impossible_and_show_explains() {
         "--detach",
         "--vdso",
         "remap",
+        // The record was edited here on purpose: its MAC no longer holds.
+        "--trust-image",
     ]);
     let e = stderr_of(&o);
     assert_eq!(o.status.code(), Some(1), "{e}");

@@ -112,6 +112,9 @@ const DUMP_SH: &str = r#"# dump.sh SHARE [FIXTURE FLAGS]: start vdso_calls (in S
 # (which kills it).
 S=$1; shift
 cd "$S" || exit 1
+# One image key for the cell, made by the harness: the images are sealed with it in one
+# kernel and checked with it in the other, as two machines sharing a key would.
+export STASIS_KEY_FILE="$S/image.key"
 fail() { echo "== FAIL: $*"; exit 1; }
 echo "== dump under kernel $(uname -r); uptime $(cut -d' ' -f1 /proc/uptime) s"
 # tree_pids PID: PID and every descendant, one per line
@@ -146,6 +149,7 @@ dump_one "$S/pt" tree --dir "$S/pt"
 const RESTORE_SH: &str = r#"# restore.sh SHARE: restore both images, let them run, SIGTERM them, print the verdicts.
 S=$1
 cd "$S" || exit 1
+export STASIS_KEY_FILE="$S/image.key"
 fail() { echo "== FAIL: $*"; exit 1; }
 echo "== restore under kernel $(uname -r); uptime $(cut -d' ' -f1 /proc/uptime) s"
 # restore_one DIR FIXTURE: restore DIR/img; leaves PID set
@@ -506,6 +510,22 @@ fn is_dynamic(path: &Path) -> Result<bool> {
     Ok(false)
 }
 
+/// The cell's image key: 32 random bytes, root's alone (stasis refuses any other).
+fn write_key(path: &Path) -> Result<()> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut key = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    std::io::Write::write_all(&mut f, &key)?;
+    Ok(())
+}
+
 fn run_cell(setup: &Setup, from: Kernel, to: Kernel) -> Result<Cell> {
     let dir = setup.work.join(cell_name(from, to));
     let _ = std::fs::remove_dir_all(&dir);
@@ -518,6 +538,7 @@ fn run_cell(setup: &Setup, from: Kernel, to: Kernel) -> Result<Cell> {
     std::fs::create_dir_all(dir.join("pt"))?;
     std::fs::write(dir.join("dump.sh"), DUMP_SH)?;
     std::fs::write(dir.join("restore.sh"), RESTORE_SH)?;
+    write_key(&dir.join("image.key"))?;
     let same = setup.release(from) == setup.release(to);
     let mut cell = Cell {
         from,

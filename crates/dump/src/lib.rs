@@ -139,6 +139,15 @@ fn dump_into(pid: i32, images: &ImageDir, opts: &DumpOptions, t0: Instant) -> Re
         }
         d.write_inventory()?;
     }
+    // The image is complete: seal it with the host key, so a root restore can tell it was
+    // made here, by root, and not altered since.
+    match stasis_image::auth::host_key(true)? {
+        Some(key) => stasis_image::auth::seal(dir, &key)?,
+        None => tracing::warn!(
+            "the image key {} cannot be read by this user: the image carries no MAC, and a restore as root will refuse it unless told --trust-image",
+            stasis_image::auth::key_path().display()
+        ),
+    }
     net.commit();
     if !opts.leave_running {
         for t in tasks.iter_mut() {

@@ -69,6 +69,8 @@ pub enum ImageError {
     Inconsistent { dir: PathBuf, why: String },
     #[error("{}: not a directory", path.display())]
     NotADirectory { path: PathBuf },
+    #[error("image not authenticated: {why}")]
+    Auth { why: String },
     #[error("{}: a reserved header field is not zero (not an image stasis wrote)", file.display())]
     ReservedNotZero { file: PathBuf },
     #[error("{}: {why}; another user could swap the image's files (give a directory of your own, or one stasis can make)", dir.display())]

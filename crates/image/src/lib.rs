@@ -60,6 +60,7 @@
 //! [`PageReader::open`] checks the header and the file length; [`PageReader::verify`] reads the
 //! whole data once to check its checksum, which restore must do before creating anything.
 
+pub mod auth;
 mod dir;
 mod error;
 mod header;

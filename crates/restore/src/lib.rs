@@ -39,6 +39,8 @@ use std::time::{Duration, Instant};
 
 pub struct RestoreOptions {
     pub detach: bool,
+    /// Restore an image that carries no valid MAC of this host's key (`--trust-image`).
+    pub trust_image: bool,
     /// Give terminals in the image this stasis's own (CRIU's `--shell-job`).
     pub shell_job: bool,
     pub vdso: VdsoMode,
@@ -47,6 +49,7 @@ pub struct RestoreOptions {
 pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
     let t0 = Instant::now();
     let tree = load_tree(dir)?;
+    authenticate(dir, opts.trust_image)?;
     tracing::info!(elapsed = ?t0.elapsed(), processes = tree.tasks.len() + 1, "image loaded and verified");
     let imgs: Vec<&Image> = tree.images().collect();
     for img in &imgs {
@@ -190,6 +193,33 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
         return Ok(0);
     }
     wait_exit(pid)
+}
+
+/// A restore as root makes processes with whatever credentials, files and program the image
+/// names: it must be an image this host's root made and nobody altered (its MAC), unless the
+/// user says to trust it. A restore by another user can give the processes nothing that user
+/// does not have (the kernel sees to that), and cannot read the key: it is not checked.
+fn authenticate(dir: &std::path::Path, trust: bool) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    if trust {
+        tracing::warn!(
+            "restoring {} without checking its MAC (--trust-image)",
+            dir.display()
+        );
+        return Ok(());
+    }
+    let Some(key) = stasis_image::auth::host_key(false)? else {
+        bail!(
+            "image not authenticated: there is no image key on this machine ({}), so {} cannot have been dumped here; restore it with --trust-image if you trust it",
+            stasis_image::auth::key_path().display(),
+            dir.display()
+        );
+    };
+    stasis_image::auth::verify(dir, &key)
+        .map_err(|e| anyhow::anyhow!("{e}; restore it with --trust-image if you trust it"))
 }
 
 /// The network lock of an image's TCP connections, removed once (when released, or dropped).
