@@ -168,7 +168,6 @@ pub fn seal(root: &Path, key: &[u8; KEY_LEN]) -> Result<()> {
         .map_err(|e| ImageError::io(&temp, e))?;
     f.write_all(MAGIC)
         .and_then(|()| f.write_all(&mac))
-        .and_then(|()| f.sync_data())
         .map_err(|e| ImageError::io(&temp, e))?;
     std::fs::rename(&temp, &path).map_err(|e| ImageError::io(&path, e))
 }
