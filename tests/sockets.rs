@@ -745,3 +745,33 @@ fn a_connection_not_yet_accepted_is_refused() {
         "not accepted it yet",
     );
 }
+
+/// A unix listener with two connections it has not accepted yet, from clients of the same
+/// process (one bound to an abstract name): they connect again after the restore, in the same
+/// order, and are accepted then, each with its client's address.
+#[test]
+fn connections_waiting_in_a_unix_backlog_come_back_in_order() {
+    if !require_root("connections_waiting_in_a_unix_backlog_come_back_in_order") {
+        return;
+    }
+    round_trip(
+        "l=socket.socket(socket.AF_UNIX); l.bind(D+'/l.sock'); l.listen(4)\n\
+         c1=socket.socket(socket.AF_UNIX); c1.bind('\\0stasis-cli1-%d' % os.getpid()); c1.connect(D+'/l.sock')\n\
+         c2=socket.socket(socket.AF_UNIX); c2.connect(D+'/l.sock')",
+        "a1,p1=l.accept(); a2,p2=l.accept(); assert p1 == b'\\0stasis-cli1-%d' % os.getpid(), (p1, p2); assert not p2, p2; c1.send(b'one'); c2.send(b'two'); assert (a1.recv(3), a2.recv(3)) == (b'one', b'two'); a2.send(b'back'); assert c2.recv(4) == b'back'",
+    );
+}
+
+/// A client that already sent data to a listener that has not accepted it: the data sits in
+/// a socket nobody can read without accepting it, so the dump refuses.
+#[test]
+fn a_waiting_connection_with_data_is_refused() {
+    if !require_root("a_waiting_connection_with_data_is_refused") {
+        return;
+    }
+    refused(
+        "l=socket.socket(socket.AF_UNIX); l.bind(D+'/l.sock'); l.listen(1)\nc=socket.socket(socket.AF_UNIX); c.connect(D+'/l.sock'); c.send(b'early')",
+        "a,_=l.accept(); assert a.recv(5) == b'early'",
+        "has sent data",
+    );
+}

@@ -372,6 +372,57 @@ fn settle_sockets(dumps: &[TaskDump]) -> Result<()> {
             _ => None,
         })
         .collect();
+    // Connections a listener has not accepted yet come back by connecting again: listener
+    // and client in one process.
+    for d in dumps {
+        let fd_of = |id: u32| {
+            d.files
+                .fds
+                .iter()
+                .find(|f| f.desc == id)
+                .map_or(-1, |f| f.fd)
+        };
+        let socks: Vec<(u32, &Socket)> = d
+            .files
+            .descs
+            .iter()
+            .filter_map(|desc| match &desc.kind {
+                FileKind::Socket(s) => Some((desc.id, &**s)),
+                _ => None,
+            })
+            .collect();
+        let waiting: HashSet<u64> = socks
+            .iter()
+            .flat_map(|(_, s)| s.unix.iter().flat_map(|u| u.backlog.iter().copied()))
+            .collect();
+        for &(id, s) in &socks {
+            if s.unix.as_ref().is_some_and(|u| u.pending) && !waiting.contains(&s.inode) {
+                bail!(
+                    "fd {} of pid {} is connected to the listener {}, which has not accepted it yet and is not in this process; not supported yet",
+                    fd_of(id),
+                    d.pid,
+                    sockaddr_text(&s.remote)
+                );
+            }
+        }
+        for &(id, s) in &socks {
+            for client in s.unix.iter().flat_map(|u| u.backlog.iter()) {
+                let ours = socks.iter().any(|(_, c)| {
+                    c.inode == *client
+                        && c.unix.as_ref().is_some_and(|u| u.pending)
+                        && c.remote == s.local
+                });
+                if !ours {
+                    bail!(
+                        "fd {} of pid {} is the unix listener {}, with a connection waiting to be accepted from a socket outside this process; not supported yet",
+                        fd_of(id),
+                        d.pid,
+                        sockaddr_text(&s.local)
+                    );
+                }
+            }
+        }
+    }
     for d in dumps {
         for desc in &d.files.descs {
             let FileKind::Socket(s) = &desc.kind else {
@@ -414,7 +465,14 @@ fn set_tree_id(d: &mut TaskDump, desc: u32, id: u32) {
 fn refuse_shared(dumps: &[TaskDump]) -> Result<()> {
     for d in dumps {
         for desc in d.files.descs.iter().filter(|x| x.tree_id.is_some()) {
-            let what = match desc.kind {
+            let what = match &desc.kind {
+                FileKind::Socket(s)
+                    if s.unix
+                        .as_ref()
+                        .is_some_and(|u| u.pending || !u.backlog.is_empty()) =>
+                {
+                    "a unix listener with connections waiting, or a client waiting on one,"
+                }
                 FileKind::Epoll { .. } => "an epoll instance",
                 FileKind::Unnamed { .. } => "a deleted file or memfd",
                 FileKind::Tty { .. } => "a terminal opened again",

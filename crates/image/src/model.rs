@@ -616,6 +616,13 @@ pub struct UnixSock {
     pub pair_gone: bool,
     /// The socket file a path name made (not for abstract names).
     pub file: Option<SockFile>,
+    /// A client connected to a listener (`remote`) that has not accepted it yet: it connects
+    /// again once the listener is back, in the listener's `backlog` order.
+    #[serde(default)]
+    pub pending: bool,
+    /// A listener's connections waiting to be accepted: their clients' inodes, in order.
+    #[serde(default)]
+    pub backlog: Vec<u64>,
 }
 
 /// The file `bind` made for a unix socket's path, as it was at the dump.
@@ -1025,7 +1032,13 @@ impl std::fmt::Display for Socket {
             }
         }
         match self.state {
-            SockState::Listening { backlog } => write!(f, " listening (backlog {backlog})")?,
+            SockState::Listening { backlog } => {
+                write!(f, " listening (backlog {backlog})")?;
+                let waiting = self.unix.as_ref().map_or(0, |u| u.backlog.len());
+                if waiting > 0 {
+                    write!(f, ", {waiting} connection(s) waiting to be accepted")?;
+                }
+            }
             SockState::Unconnected if self.closed => write!(
                 f,
                 " was connected to {}, comes back closed (--tcp-close)",
@@ -1039,6 +1052,11 @@ impl std::fmt::Display for Socket {
                 Some(UnixSock {
                     pair: Some(peer), ..
                 }) => write!(f, " paired with socket {peer}")?,
+                Some(UnixSock { pending: true, .. }) => write!(
+                    f,
+                    " connected to {}, not accepted yet",
+                    sockaddr_text(&self.remote)
+                )?,
                 _ => write!(f, " connected to {}", sockaddr_text(&self.remote))?,
             },
         }

@@ -332,6 +332,11 @@ fn check_socket(s: &Socket, data_ok: &dyn Fn(u64, u64) -> bool) -> std::result::
             ));
         }
     }
+    if s.unix.as_ref().is_some_and(|u| {
+        u.backlog.len() > 65536 || (u.pending && (s.remote.is_empty() || u.pair.is_some()))
+    }) {
+        return Err("an implausible backlog or pending connection".into());
+    }
     if s.groups.len() > 1024 || (!s.groups.is_empty() && !netlink) {
         return Err("multicast groups on a socket that is no netlink socket".into());
     }

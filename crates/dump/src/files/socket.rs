@@ -102,6 +102,8 @@ fn unix(p: &Probe, fd: &OwnedFd, s: &mut Socket, cx: &mut Cx) -> Result<()> {
         pair: None,
         pair_gone: false,
         file: None,
+        pending: false,
+        backlog: Vec::new(),
     };
     if let Some(name) = d.name.as_ref().filter(|n| !n.is_empty()) {
         s.local = sock::address(fd, false)
@@ -111,15 +113,35 @@ fn unix(p: &Probe, fd: &OwnedFd, s: &mut Socket, cx: &mut Cx) -> Result<()> {
         }
     }
     if d.state == sock::TCP_LISTEN {
-        if d.rqlen.0 > 0 {
+        if d.icons.len() != d.rqlen.0 as usize {
             bail!(
-                "{}: the unix socket {} has {} connection(s) waiting to be accepted; not supported yet",
+                "{}: the unix listener {} has {} connection(s) waiting, the kernel names {}",
                 here(),
                 sockaddr_text(&s.local),
-                d.rqlen.0
+                d.rqlen.0,
+                d.icons.len()
             );
         }
+        // Their clients connect again once it is back (`tree::settle_sockets` checks they
+        // are this process's).
+        u.backlog = d.icons.iter().map(|&i| i as u64).collect();
         s.state = SockState::Listening { backlog: d.rqlen.1 };
+    } else if d.state == sock::TCP_ESTABLISHED
+        && d.peer == 0
+        && sock::address(fd, true).is_ok_and(|a| a.len() > 2)
+    {
+        // Its peer has no inode: a connection a listener has not accepted yet.
+        s.remote = sock::address(fd, true).unwrap_or_default();
+        if d.rqlen.1 > 0 {
+            bail!(
+                "{}: the unix socket has sent data ({} bytes of buffer) to the listener {}, which has not accepted it yet; not supported yet",
+                here(),
+                d.rqlen.1,
+                sockaddr_text(&s.remote)
+            );
+        }
+        s.state = SockState::Connected;
+        u.pending = true;
     } else if d.state == sock::TCP_ESTABLISHED {
         let peer_name = sock::address(fd, true).unwrap_or_default();
         // A pair whose ends have names of their own: only the ones the kernel gives a socket
@@ -135,15 +157,7 @@ fn unix(p: &Probe, fd: &OwnedFd, s: &mut Socket, cx: &mut Cx) -> Result<()> {
             );
         }
         s.state = SockState::Connected;
-        if d.peer == 0 && peer_name.len() > 2 {
-            // Its peer has no inode: a connection not yet accepted by a listener (named, or
-            // named by the kernel when it listened unbound).
-            bail!(
-                "{}: the unix socket is connected to the listener {}, which has not accepted it yet; not supported yet",
-                here(),
-                sockaddr_text(&peer_name)
-            );
-        } else if d.peer == 0 {
+        if d.peer == 0 {
             u.pair_gone = true;
         } else {
             u.pair = Some(d.peer as u64);

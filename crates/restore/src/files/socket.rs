@@ -25,12 +25,45 @@ const SO_SNDBUFFORCE: i32 = 32;
 const SO_RCVBUFFORCE: i32 = 33;
 
 impl Open for Sock {
+    /// A client its listener had not accepted connects once the listener is back, after the
+    /// clients before it in the listener's backlog.
+    fn after(&self, d: &FileDesc, cx: &OpenCx) -> Vec<u32> {
+        let FileKind::Socket(s) = &d.kind else {
+            return Vec::new();
+        };
+        if !s.unix.as_ref().is_some_and(|u| u.pending) {
+            return Vec::new();
+        }
+        let socket_of = |inode: u64| {
+            cx.img.files.descs.iter().find_map(|x| match &x.kind {
+                FileKind::Socket(o) if o.inode == inode => Some(x.id),
+                _ => None,
+            })
+        };
+        for x in &cx.img.files.descs {
+            let FileKind::Socket(l) = &x.kind else {
+                continue;
+            };
+            let Some(backlog) = l.unix.as_ref().map(|u| &u.backlog) else {
+                continue;
+            };
+            if let Some(at) = backlog.iter().position(|&c| c == s.inode) {
+                let mut deps = vec![x.id];
+                if let Some(before) = at.checked_sub(1).and_then(|b| socket_of(backlog[b])) {
+                    deps.push(before);
+                }
+                return deps;
+            }
+        }
+        Vec::new()
+    }
+
     fn open(&self, d: &FileDesc, cx: &mut OpenCx) -> Result<OwnedFd> {
         let FileKind::Socket(s) = &d.kind else {
             unreachable!("dispatched by kind")
         };
         let fd = match (&s.unix, &s.tcp) {
-            (Some(u), _) if s.state == SockState::Connected => pair_end(s, u, cx)?,
+            (Some(u), _) if s.state == SockState::Connected && !u.pending => pair_end(s, u, cx)?,
             (_, Some(t)) => tcp_conn(s, t, cx)?,
             _ => fresh(s)?,
         };
