@@ -686,9 +686,13 @@ fn round_trip(what: &str, check: &str) {
     let mut child = python(&script, &pidfile, None, true);
     let pid = child.id() as i32;
     let img = dir.path().join("img");
+    let tree = descendants(pid);
     let o = stasis(&["dump", "-t", &pid.to_string(), "-D", &img.to_string_lossy()]);
     assert!(o.status.success(), "dump: {}", stderr_of(&o));
     let _ = child.wait();
+    for p in tree {
+        wait_gone(p);
+    }
     let o = stasis(&["restore", "-D", &img.to_string_lossy(), "--detach"]);
     assert!(o.status.success(), "restore: {}", stderr_of(&o));
     // SAFETY: the restored process has our child's pid.
@@ -774,4 +778,53 @@ fn a_waiting_connection_with_data_is_refused() {
         "a,_=l.accept(); assert a.recv(5) == b'early'",
         "has sent data",
     );
+}
+
+/// A unix connection a listener accepted, both ends in one process, with data queued both
+/// ways: it comes back with its names (the accepted end has the listener's, the client sees
+/// it as its peer), and the listener goes on accepting.
+#[test]
+fn an_accepted_unix_connection_comes_back_with_its_names() {
+    if !require_root("an_accepted_unix_connection_comes_back_with_its_names") {
+        return;
+    }
+    round_trip(
+        "l=socket.socket(socket.AF_UNIX); l.bind(D+'/l.sock'); l.listen(4)\n\
+         c=socket.socket(socket.AF_UNIX); c.connect(D+'/l.sock'); a,_=l.accept()\n\
+         c.send(b'to the server'); a.send(b'to the client')",
+        "assert a.getsockname() == D+'/l.sock' and c.getpeername() == D+'/l.sock', (a.getsockname(), c.getpeername()); assert a.recv(100) == b'to the server'; assert c.recv(100) == b'to the client'; n=socket.socket(socket.AF_UNIX); n.connect(D+'/l.sock'); b,_=l.accept(); n.send(b'new'); assert b.recv(3) == b'new'",
+    );
+}
+
+/// Python's multiprocessing Manager: a manager process serving a dict over a unix socket
+/// in a temporary directory, its parent connected to it. The tree is dumped and restored;
+/// the parent then reads and writes the dict through the same connection.
+#[test]
+fn a_python_multiprocessing_manager_comes_back() {
+    if !require_root("a_python_multiprocessing_manager_comes_back") {
+        return;
+    }
+    round_trip(
+        "import multiprocessing\n\
+         m=multiprocessing.Manager(); d=m.dict(); d['before']=1",
+        "assert d['before'] == 1; d['after']=2; assert dict(d) == {'before': 1, 'after': 2}, dict(d); m.shutdown()",
+    );
+}
+
+/// The descendants of `pid` (its children's children too).
+fn descendants(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        let kids =
+            std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default();
+        for k in kids
+            .split_whitespace()
+            .filter_map(|k| k.parse::<i32>().ok())
+        {
+            out.push(k);
+            todo.push(k);
+        }
+    }
+    out
 }

@@ -155,6 +155,7 @@ pub(crate) fn settle(
     separate(dumps)?;
     settle_pipes(dumps)?;
     settle_sockets(dumps)?;
+    accepted_ends(dumps)?;
     share_descriptions(dumps)?;
     refuse_shared(dumps)?;
     let (order, helpers) = restore_order(tasks, &zombies, dumps)?;
@@ -220,15 +221,62 @@ fn settle_pipes(dumps: &mut [TaskDump]) -> Result<()> {
             }
         }
     }
-    let internal: HashSet<u64> = ends
-        .into_iter()
+    let mut internal: HashSet<u64> = ends
+        .iter()
         .filter(|(_, (r, w))| *r && *w)
-        .map(|(i, _)| i)
+        .map(|(&i, _)| i)
         .collect();
+    // A pipe with one kind of end in the tree whose other end nobody holds (closed, as a
+    // parent closes its end after forking) comes back whole too: its other end is made and
+    // closed again, so reads see the end of the data and writes get EPIPE, as before.
+    let lonely: HashSet<u64> = ends
+        .keys()
+        .filter(|i| !internal.contains(i))
+        .copied()
+        .collect();
+    if !lonely.is_empty() {
+        let tree: HashSet<i32> = dumps.iter().map(|d| d.pid).collect();
+        let held = held_elsewhere(&lonely, &tree);
+        internal.extend(lonely.difference(&held));
+    }
     for d in dumps.iter_mut() {
         crate::files::settle_pipes(d.pid, &mut d.files, &internal)?;
     }
     Ok(())
+}
+
+/// The pipes (by inode) of `inodes` that a process outside `tree` has a descriptor of.
+fn held_elsewhere(inodes: &HashSet<u64>, tree: &HashSet<i32>) -> HashSet<u64> {
+    let mut held = HashSet::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        // Cannot tell: every such pipe counts as held outside (taken over or refused).
+        return inodes.clone();
+    };
+    for e in procs.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        if tree.contains(&pid) {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(link) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            let ino = link
+                .to_str()
+                .and_then(|l| l.strip_prefix("pipe:["))
+                .and_then(|l| l.strip_suffix(']'))
+                .and_then(|n| n.parse::<u64>().ok());
+            if let Some(ino) = ino.filter(|i| inodes.contains(i)) {
+                held.insert(ino);
+            }
+        }
+    }
+    held
 }
 
 fn lent(kind: &FileKind) -> bool {
@@ -352,6 +400,78 @@ fn share_descriptions(dumps: &mut [TaskDump]) -> Result<()> {
     Ok(())
 }
 
+/// Which end of each connected pair with names a listener accepted: the one whose name is a
+/// listener's in the tree, or (the listener closed since) the one with a name of its own when
+/// the other has none or one the kernel chose. Refused: two ends with names of their own and
+/// no listener to tell them apart, and a client bound to a path (its file would not come back
+/// as it was).
+fn accepted_ends(dumps: &mut [TaskDump]) -> Result<()> {
+    let named = |a: &[u8]| a.len() > 2 && !crate::files::autobound(a);
+    let mut listening: HashSet<Vec<u8>> = HashSet::new();
+    let mut by_inode: HashMap<u64, (Vec<u8>, bool)> = HashMap::new();
+    for d in dumps.iter() {
+        for desc in &d.files.descs {
+            if let FileKind::Socket(s) = &desc.kind {
+                if matches!(s.state, SockState::Listening { .. }) && !s.local.is_empty() {
+                    listening.insert(s.local.clone());
+                }
+                let file = s.unix.as_ref().is_some_and(|u| u.file.is_some());
+                by_inode.insert(s.inode, (s.local.clone(), file));
+            }
+        }
+    }
+    for d in dumps.iter_mut() {
+        let pid = d.pid;
+        let fds = d.files.fds.clone();
+        for desc in d.files.descs.iter_mut() {
+            let id = desc.id;
+            let FileKind::Socket(s) = &mut desc.kind else {
+                continue;
+            };
+            let Some(peer) = s.unix.as_ref().and_then(|u| u.pair) else {
+                continue;
+            };
+            let Some((peer_local, peer_file)) = by_inode.get(&peer).cloned() else {
+                continue;
+            };
+            let fd = fds.iter().find(|f| f.desc == id).map_or(-1, |f| f.fd);
+            let mine = !s.local.is_empty() && listening.contains(&s.local);
+            let theirs = !peer_local.is_empty() && listening.contains(&peer_local);
+            let accepted = match (mine, theirs) {
+                (true, false) => true,
+                (false, true) => false,
+                (true, true) => bail!(
+                    "fd {fd} of pid {pid}: both ends of a unix connection have a listener's name; not supported yet"
+                ),
+                (false, false) => match (named(&s.local), named(&peer_local)) {
+                    (true, true) => bail!(
+                        "fd {fd} of pid {pid}: the unix socket {} is connected to {}, both named, and no listener tells which accepted the other; not supported yet",
+                        sockaddr_text(&s.local),
+                        sockaddr_text(&peer_local)
+                    ),
+                    (mine, _) => mine,
+                },
+            };
+            let client_file = if accepted {
+                peer_file
+            } else {
+                s.unix.as_ref().is_some_and(|u| u.file.is_some())
+            };
+            let is_accepted_pair = accepted || theirs || named(&peer_local);
+            if is_accepted_pair && client_file {
+                bail!(
+                    "fd {fd} of pid {pid}: a unix connection whose client is bound to a path; not supported yet"
+                );
+            }
+            if let Some(u) = s.unix.as_mut() {
+                u.accepted = accepted;
+                u.client = !accepted && (theirs || (!mine && named(&peer_local)));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Every unix pair must have both ends among the dumped processes (or its other end closed).
 fn settle_sockets(dumps: &[TaskDump]) -> Result<()> {
     let inodes: HashSet<u64> = dumps
@@ -359,16 +479,6 @@ fn settle_sockets(dumps: &[TaskDump]) -> Result<()> {
         .flat_map(|d| d.files.descs.iter())
         .filter_map(|desc| match &desc.kind {
             FileKind::Socket(s) => Some(s.inode),
-            _ => None,
-        })
-        .collect();
-    let listening: HashSet<&[u8]> = dumps
-        .iter()
-        .flat_map(|d| d.files.descs.iter())
-        .filter_map(|desc| match &desc.kind {
-            FileKind::Socket(s) if matches!(s.state, SockState::Listening { .. }) => {
-                Some(s.local.as_slice())
-            }
             _ => None,
         })
         .collect();
@@ -437,13 +547,6 @@ fn settle_sockets(dumps: &[TaskDump]) -> Result<()> {
                 .iter()
                 .find(|f| f.desc == desc.id)
                 .map_or(-1, |f| f.fd);
-            if !s.local.is_empty() && listening.contains(s.local.as_slice()) {
-                bail!(
-                    "fd {fd} of pid {} is a connection accepted by the unix listener {}; not supported yet",
-                    d.pid,
-                    sockaddr_text(&s.local)
-                );
-            }
             if !inodes.contains(&peer) {
                 bail!(
                     "fd {fd} of pid {} is a unix socket connected to socket {peer}, which is outside the dumped processes; not supported yet",

@@ -623,6 +623,15 @@ pub struct UnixSock {
     /// A listener's connections waiting to be accepted: their clients' inodes, in order.
     #[serde(default)]
     pub backlog: Vec<u64>,
+    /// This end of the pair is a connection a listener accepted (its name, `local`, is the
+    /// listener's; `remote` is its client's): the pair is made again through a listener of
+    /// that name, so both ends have their names.
+    #[serde(default)]
+    pub accepted: bool,
+    /// This end is the client of such a pair: it connected to a listener (`remote`) that
+    /// accepted the other end.
+    #[serde(default)]
+    pub client: bool,
 }
 
 /// The file `bind` made for a unix socket's path, as it was at the dump.
@@ -1049,6 +1058,26 @@ impl std::fmt::Display for Socket {
                 Some(UnixSock {
                     pair_gone: true, ..
                 }) => write!(f, " connected, its peer closed")?,
+                Some(UnixSock {
+                    pair: Some(peer),
+                    accepted: true,
+                    ..
+                }) => write!(
+                    f,
+                    " accepted from {} (socket {peer})",
+                    if self.remote.len() > 2 {
+                        sockaddr_text(&self.remote)
+                    } else {
+                        "an unnamed client".into()
+                    }
+                )?,
+                Some(UnixSock {
+                    pair: Some(peer), ..
+                }) if self.remote.len() > 2 => write!(
+                    f,
+                    " connected to {} (socket {peer})",
+                    sockaddr_text(&self.remote)
+                )?,
                 Some(UnixSock {
                     pair: Some(peer), ..
                 }) => write!(f, " paired with socket {peer}")?,

@@ -309,6 +309,20 @@ pub fn socketpair(ty: i32) -> Result<(OwnedFd, OwnedFd), Errno> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// `accept4`, close-on-exec: the connection waiting first.
+pub fn accept(fd: impl AsFd) -> Result<OwnedFd, Errno> {
+    // SAFETY: accept4 without an address; on success the descriptor is ours.
+    let r = unsafe {
+        libc::accept4(
+            fd.as_fd().as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        )
+    };
+    Errno::result(r).map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 pub fn listen(fd: impl AsFd, backlog: i32) -> Result<(), Errno> {
     // SAFETY: listen takes integers.
     Errno::result(unsafe { libc::listen(fd.as_fd().as_raw_fd(), backlog) }).map(drop)

@@ -29,6 +29,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
+pub(crate) use socket::autobound;
 pub(crate) use tcp::NetLock;
 pub(crate) use unnamed::{collect_mapped, is_unnamed_mapping};
 

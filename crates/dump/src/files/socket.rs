@@ -104,6 +104,8 @@ fn unix(p: &Probe, fd: &OwnedFd, s: &mut Socket, cx: &mut Cx) -> Result<()> {
         file: None,
         pending: false,
         backlog: Vec::new(),
+        accepted: false,
+        client: false,
     };
     if let Some(name) = d.name.as_ref().filter(|n| !n.is_empty()) {
         s.local = sock::address(fd, false)
@@ -143,17 +145,17 @@ fn unix(p: &Probe, fd: &OwnedFd, s: &mut Socket, cx: &mut Cx) -> Result<()> {
         s.state = SockState::Connected;
         u.pending = true;
     } else if d.state == sock::TCP_ESTABLISHED {
-        let peer_name = sock::address(fd, true).unwrap_or_default();
-        // A pair whose ends have names of their own: only the ones the kernel gives a socket
-        // that sends with SO_PASSCRED unbound (autobind); an accepted connection has its
-        // listener's name (`tree::settle_sockets` refuses those).
-        let named = |a: &[u8]| a.len() > 2 && !autobound(a);
-        if named(&s.local) || named(&peer_name) {
+        // Named ends (an accepted connection and its client, or a pair the kernel named)
+        // are sorted out by `tree::settle_sockets`, which sees both ends.
+        s.remote = sock::address(fd, true).unwrap_or_default();
+        if s.remote.len() <= 2 {
+            s.remote.clear();
+        }
+        if s.sock_type == libc::SOCK_DGRAM && !s.remote.is_empty() && !autobound(&s.remote) {
             bail!(
-                "{}: the unix socket {} is connected to {}; only unnamed pairs (socketpair) are supported yet",
+                "{}: a unix datagram socket connected to {}; not supported yet",
                 here(),
-                sockaddr_text(&s.local),
-                sockaddr_text(&peer_name)
+                sockaddr_text(&s.remote)
             );
         }
         s.state = SockState::Connected;

@@ -31,6 +31,21 @@ impl Open for Sock {
         let FileKind::Socket(s) = &d.kind else {
             return Vec::new();
         };
+        if matches!(s.state, SockState::Listening { .. }) && s.unix.is_some() {
+            // Its accepted connections are made first, through a listener of its name for
+            // the moment.
+            return cx
+                .img
+                .files
+                .descs
+                .iter()
+                .filter(|x| {
+                    matches!(&x.kind, FileKind::Socket(o) if o.local == s.local
+                        && o.unix.as_ref().is_some_and(|u| u.accepted))
+                })
+                .map(|x| x.id)
+                .collect();
+        }
         if !s.unix.as_ref().is_some_and(|u| u.pending) {
             return Vec::new();
         }
@@ -102,7 +117,29 @@ fn pair_end(s: &Socket, u: &UnixSock, cx: &mut OpenCx) -> Result<OwnedFd> {
             bail!("a connected unix socket without a peer");
         };
         if !cx.socks.contains_key(&s.inode) {
-            let (a, b) = pair(cx)?;
+            let (a, b) = if u.accepted || u.client {
+                // Made through a listener of that name, so each end has its name again.
+                let (listener, client_name) = if u.accepted {
+                    (&s.local, &s.remote)
+                } else {
+                    (&s.remote, &s.local)
+                };
+                let (acc, cli) = through_listener(s.sock_type, listener, client_name)
+                    .with_context(|| {
+                        format!(
+                            "making the connection accepted by {}",
+                            sockaddr_text(listener)
+                        )
+                    })?;
+                let (acc, cli) = (cx.stage(acc)?, cx.stage(cli)?);
+                if u.accepted {
+                    (acc, cli)
+                } else {
+                    (cli, acc)
+                }
+            } else {
+                pair(cx)?
+            };
             cx.socks.insert(s.inode, a);
             cx.socks.insert(peer, b);
         }
@@ -112,7 +149,7 @@ fn pair_end(s: &Socket, u: &UnixSock, cx: &mut OpenCx) -> Result<OwnedFd> {
         let dup = |fd: &OwnedFd| super::dup_at_least(fd, cx.stage_base);
         (dup(a)?, dup(b)?)
     };
-    if !s.local.is_empty() {
+    if !s.local.is_empty() && !u.accepted && !u.client {
         // The name the kernel had given it (autobind), bound before anything is sent.
         check(sock::bind(&mine, &s.local), || {
             format!("binding to {}", sockaddr_text(&s.local))
@@ -129,6 +166,63 @@ fn pair_end(s: &Socket, u: &UnixSock, cx: &mut OpenCx) -> Result<OwnedFd> {
     // A gone peer's end is dropped here: `mine` sees its peer closed, as dumped.
     drop(other);
     Ok(mine)
+}
+
+/// A connected pair as a listener named `listener` makes it: a listener of that name for the
+/// moment (a path's old socket file, nobody's any more, is removed first; the new one goes
+/// again after), a client (bound to `client_name` if it had one) that connects, and the end
+/// the listener accepts. Returns (accepted end, client end).
+fn through_listener(
+    sock_type: i32,
+    listener: &[u8],
+    client_name: &[u8],
+) -> Result<(OwnedFd, OwnedFd)> {
+    let raw = listener.get(2..).unwrap_or_default();
+    let path = (raw.first().is_some_and(|&c| c != 0)).then(|| {
+        let bytes = raw.split(|&c| c == 0).next().unwrap_or_default();
+        std::path::PathBuf::from(std::ffi::OsStr::from_bytes(bytes))
+    });
+    let t = check(sock::socket(libc::AF_UNIX, sock_type, 0), || {
+        "socket".into()
+    })?;
+    if let Some(p) = &path {
+        if let Ok(m) = std::fs::symlink_metadata(p) {
+            if !m.file_type().is_socket() || !stale_at(sock_type, listener) {
+                bail!("{} is in use", p.display());
+            }
+            std::fs::remove_file(p).with_context(|| format!("removing {}", p.display()))?;
+        }
+    }
+    check(sock::bind(&t, listener), || {
+        "binding the listener's name".into()
+    })?;
+    let made = (|| -> Result<(OwnedFd, OwnedFd)> {
+        check(sock::listen(&t, 1), || "listen".into())?;
+        let c = check(sock::socket(libc::AF_UNIX, sock_type, 0), || {
+            "socket".into()
+        })?;
+        if !client_name.is_empty() {
+            check(sock::bind(&c, client_name), || {
+                format!("binding the client to {}", sockaddr_text(client_name))
+            })?;
+        }
+        check(sock::connect(&c, listener), || "connecting".into())?;
+        let a = check(sock::accept(&t), || "accepting".into())?;
+        Ok((a, c))
+    })();
+    drop(t);
+    if let Some(p) = &path {
+        let _ = std::fs::remove_file(p);
+    }
+    made
+}
+
+/// Whether nobody listens on the unix name `addr`.
+fn stale_at(sock_type: i32, addr: &[u8]) -> bool {
+    let Ok(probe) = sock::socket(libc::AF_UNIX, sock_type, 0) else {
+        return false;
+    };
+    matches!(sock::connect(&probe, addr), Err(Errno::ECONNREFUSED))
 }
 
 /// Writes what `s` had queued into it, from the other end of its pair.
