@@ -537,14 +537,14 @@ fn a_failed_restore_releases_the_network_lock() {
 }
 
 /// The events fixture (tests/fixtures/events.c): relative, absolute and expired timers, a
-/// signalfd with a signal pending, a route netlink socket with its groups, and an epoll set
-/// over them, after two trips.
+/// signalfd with a signal pending, a route netlink socket with its groups, an epoll set over
+/// them, inotify watches with a gap in their numbers, a named pipe with data, after two trips.
 #[test]
 fn timers_signalfds_and_netlink_sockets_come_back() {
     if !require_root("timers_signalfds_and_netlink_sockets_come_back") {
         return;
     }
-    let d = Daemon::start("events", &[]);
+    let d = Daemon::start("events", &["--dir", "{dir}"]);
     for n in 1..=2 {
         d.dump(n);
         std::thread::sleep(std::time::Duration::from_millis(300));
