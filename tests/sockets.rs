@@ -102,6 +102,43 @@ fn a_restored_tcp_listener_answers_a_client() {
     wait_gone(pid);
 }
 
+/// A Python process set up by `what` (with `D`, its work directory, and socket, os, signal,
+/// time, select and array imported) that, on SIGTERM, runs `check` (statements that raise on
+/// a difference) and writes "ok" or the exception into D/verdict. Returns it, its pid and D.
+fn checked_python(
+    what: &str,
+    check: &str,
+    stdio: Option<std::os::fd::RawFd>,
+    new_session: bool,
+) -> (std::process::Child, i32, tempdir::Dir) {
+    let dir = tempdir::Dir::new("checked");
+    let pidfile = dir.path().join("pid");
+    let script = format!(
+        "import socket,os,signal,time,select,array\n\
+         D='{d}'\n\
+         {what}\n\
+         def term(*_):\n\
+         \x20   try:\n\
+         \x20       {check}\n\
+         \x20       open(D+'/verdict','w').write('ok')\n\
+         \x20   except Exception as ex:\n\
+         \x20       open(D+'/verdict','w').write(repr(ex))\n\
+         \x20   os._exit(0)\n\
+         signal.signal(signal.SIGTERM, term)\n\
+         open(D+'/pid.tmp','w').write(str(os.getpid())); os.rename(D+'/pid.tmp','{p}')\n\
+         while True: time.sleep(1)\n",
+        d = dir.path().display(),
+        p = pidfile.display()
+    );
+    let child = python(&script, &pidfile, stdio, new_session);
+    let pid = child.id() as i32;
+    (child, pid, dir)
+}
+
+fn verdict_of(dir: &tempdir::Dir) -> String {
+    std::fs::read_to_string(dir.path().join("verdict")).unwrap_or_default()
+}
+
 /// A python process holding `what` (its setup code); the dump must fail naming `needle` and
 /// the pid, and the process must run on untraced with its sockets intact: on SIGTERM it runs
 /// `check` and writes "ok" or the exception into DIR/verdict.
@@ -110,27 +147,7 @@ fn refused(what: &str, check: &str, needle: &str) {
 }
 
 fn refused_with_stdio(what: &str, check: &str, needle: &str, stdio: Option<std::os::fd::RawFd>) {
-    let dir = tempdir::Dir::new("sockrefusal");
-    let pidfile = dir.path().join("pid");
-    let script = format!(
-        "import socket,os,signal,time,array\n\
-         D='{d}'\n\
-         {what}\n\
-         def term(*_):\n\
-         \x20   try:\n\
-         \x20       {check}\n\
-         \x20       open(D+'/verdict','w').write('ok')\n\
-         \x20   except Exception as e:\n\
-         \x20       open(D+'/verdict','w').write(repr(e))\n\
-         \x20   os._exit(0)\n\
-         signal.signal(signal.SIGTERM, term)\n\
-         open(D+'/pid.tmp','w').write(str(os.getpid())); os.rename(D+'/pid.tmp','{p}')\n\
-         while True: time.sleep(1)\n",
-        d = dir.path().display(),
-        p = pidfile.display()
-    );
-    let mut child = python(&script, &pidfile, stdio, false);
-    let pid = child.id() as i32;
+    let (mut child, pid, dir) = checked_python(what, check, stdio, false);
     let img = dir.path().join("img");
     let o = stasis(&["dump", "-t", &pid.to_string(), "-D", &img.to_string_lossy()]);
     let e = stderr_of(&o);
@@ -139,7 +156,7 @@ fn refused_with_stdio(what: &str, check: &str, needle: &str, stdio: Option<std::
     // SAFETY: our child.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     let _ = child.wait();
-    let verdict = std::fs::read_to_string(dir.path().join("verdict")).unwrap_or_default();
+    let verdict = verdict_of(&dir);
     assert_eq!(o.status.code(), Some(1), "{what}: {e}");
     assert_eq!(e.trim().lines().count(), 1, "one-line error: {e}");
     assert!(
@@ -664,27 +681,7 @@ fn an_ipv6_tcp_connection_carries_on() {
 /// A python process set up by `what` is dumped and restored; on SIGTERM it runs `check`
 /// (Python statements that raise on a difference) and writes "ok" or the exception.
 fn round_trip(what: &str, check: &str) {
-    let dir = tempdir::Dir::new("trip");
-    let pidfile = dir.path().join("pid");
-    let script = format!(
-        "import socket,os,signal,time,select\n\
-         D='{d}'\n\
-         {what}\n\
-         def term(*_):\n\
-         \x20   try:\n\
-         \x20       {check}\n\
-         \x20       open(D+'/verdict','w').write('ok')\n\
-         \x20   except Exception as ex:\n\
-         \x20       open(D+'/verdict','w').write(repr(ex))\n\
-         \x20   os._exit(0)\n\
-         signal.signal(signal.SIGTERM, term)\n\
-         open(D+'/pid.tmp','w').write(str(os.getpid())); os.rename(D+'/pid.tmp','{p}')\n\
-         while True: time.sleep(1)\n",
-        d = dir.path().display(),
-        p = pidfile.display()
-    );
-    let mut child = python(&script, &pidfile, None, true);
-    let pid = child.id() as i32;
+    let (mut child, pid, dir) = checked_python(what, check, None, true);
     let img = dir.path().join("img");
     let tree = descendants(pid);
     let o = stasis(&["dump", "-t", &pid.to_string(), "-D", &img.to_string_lossy()]);
@@ -698,8 +695,7 @@ fn round_trip(what: &str, check: &str) {
     // SAFETY: the restored process has our child's pid.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     wait_gone(pid);
-    let verdict = std::fs::read_to_string(dir.path().join("verdict")).unwrap_or_default();
-    assert_eq!(verdict, "ok", "{what}");
+    assert_eq!(verdict_of(&dir), "ok", "{what}");
 }
 
 /// An epoll instance registered in another (with a pipe and a socket in the inner one).

@@ -119,22 +119,12 @@ fn median(v: &mut [Duration]) -> Duration {
 
 fn start(dir: &Path, port: u16, keys: u64) -> Result<i32> {
     let pidfile = dir.join("redis.pid");
-    let st = own_fds_only(&mut Command::new("redis-server"))
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no", "--daemonize", "yes"])
-        .args(["--enable-debug-command", "yes", "--maxclients", "1000"])
-        .arg("--dir")
-        .arg(dir)
-        .arg("--logfile")
-        .arg(dir.join("redis.log"))
-        .arg("--pidfile")
-        .arg(&pidfile)
-        .stdin(Stdio::null())
-        .status()
-        .context("starting redis-server (apt-get install redis-server)")?;
-    if !st.success() {
-        bail!("redis-server did not start ({st})");
-    }
+    crate::servers::redis_server(
+        dir,
+        port,
+        &pidfile,
+        &["--enable-debug-command", "yes", "--maxclients", "1000"],
+    )?;
     let pid = wait_pidfile(&pidfile, Duration::from_secs(15))?;
     wait_listening(port, Duration::from_secs(15))?;
     let mut c = Client::connect(port)?;

@@ -130,23 +130,7 @@ fn start(which: Server, dir: &Path, port: u16) -> Result<Running> {
     let pidfile = dir.join("server.pid");
     let _ = std::fs::remove_file(&pidfile);
     match which {
-        Server::Redis => {
-            let st = own_fds_only(&mut Command::new("redis-server"))
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no", "--daemonize", "yes"])
-                .arg("--dir")
-                .arg(dir)
-                .arg("--logfile")
-                .arg(dir.join("redis.log"))
-                .arg("--pidfile")
-                .arg(&pidfile)
-                .stdin(Stdio::null())
-                .status()
-                .context("starting redis-server")?;
-            if !st.success() {
-                bail!("redis-server did not start ({st})");
-            }
-        }
+        Server::Redis => redis_server(dir, port, &pidfile, &[])?,
         Server::PythonHttp => {
             let www = dir.join("www");
             std::fs::create_dir_all(&www)?;
@@ -255,6 +239,28 @@ fn start(which: Server, dir: &Path, port: u16) -> Result<Running> {
         run.client = Some(Cli::start(port)?);
     }
     Ok(run)
+}
+
+/// Starts a redis-server on 127.0.0.1:`port` with nothing saved to disk, daemonized (its pid in
+/// `pidfile`), its log in `dir`, and `extra` options.
+pub(crate) fn redis_server(dir: &Path, port: u16, pidfile: &Path, extra: &[&str]) -> Result<()> {
+    let st = own_fds_only(&mut Command::new("redis-server"))
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--daemonize", "yes"])
+        .args(extra)
+        .arg("--dir")
+        .arg(dir)
+        .arg("--logfile")
+        .arg(dir.join("redis.log"))
+        .arg("--pidfile")
+        .arg(pidfile)
+        .stdin(Stdio::null())
+        .status()
+        .context("starting redis-server (apt-get install redis-server)")?;
+    if !st.success() {
+        bail!("redis-server did not start ({st})");
+    }
+    Ok(())
 }
 
 const PAGE: &str = "<html><body>stasis was here</body></html>\n";

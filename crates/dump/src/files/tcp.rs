@@ -190,15 +190,40 @@ fn read(fd: &OwnedFd) -> Result<Read> {
     if sock::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF).is_ok_and(|v| v >= 0) {
         bail!("it has a peek offset (SO_PEEK_OFF); not supported yet");
     }
-    set(sock::TCP_REPAIR_QUEUE, sock::TCP_RECV_QUEUE)?;
-    let rcv_seq = get(sock::TCP_QUEUE_SEQ)? as u32;
-    let inq = ioctl(sock::SIOCINQ, "SIOCINQ")?;
-    let recvq = peek_exactly(fd, inq).context("reading the receive queue")?;
-    set(sock::TCP_REPAIR_QUEUE, sock::TCP_SEND_QUEUE)?;
-    let snd_seq = get(sock::TCP_QUEUE_SEQ)? as u32;
-    let outq = ioctl(sock::SIOCOUTQ, "SIOCOUTQ")?;
-    let unsent = ioctl(sock::SIOCOUTQNSD, "SIOCOUTQNSD")?;
-    let sendq = peek_exactly(fd, outq).context("reading the send queue")?;
+    // The lock stops new packets, but one already past it may still be taken in (data, an
+    // acknowledgement) while the connection is read: the sequence numbers and queues are read
+    // until two readings in a row agree, so they describe one moment.
+    let counters = || -> Result<(u32, usize, u32, usize, usize)> {
+        set(sock::TCP_REPAIR_QUEUE, sock::TCP_RECV_QUEUE)?;
+        let rcv_seq = get(sock::TCP_QUEUE_SEQ)? as u32;
+        let inq = ioctl(sock::SIOCINQ, "SIOCINQ")?;
+        set(sock::TCP_REPAIR_QUEUE, sock::TCP_SEND_QUEUE)?;
+        let snd_seq = get(sock::TCP_QUEUE_SEQ)? as u32;
+        let outq = ioctl(sock::SIOCOUTQ, "SIOCOUTQ")?;
+        let unsent = ioctl(sock::SIOCOUTQNSD, "SIOCOUTQNSD")?;
+        Ok((rcv_seq, inq, snd_seq, outq, unsent))
+    };
+    let mut tries = 0;
+    let (rcv_seq, recvq, snd_seq, sendq, unsent) = loop {
+        let before = counters()?;
+        let (_, inq, _, outq, _) = before;
+        set(sock::TCP_REPAIR_QUEUE, sock::TCP_RECV_QUEUE)?;
+        let recvq = peek_exactly(fd, inq);
+        set(sock::TCP_REPAIR_QUEUE, sock::TCP_SEND_QUEUE)?;
+        let sendq = peek_exactly(fd, outq);
+        let same = counters()? == before;
+        tries += 1;
+        match (recvq, sendq) {
+            (Ok(recvq), Ok(sendq)) if same => break (before.0, recvq, before.2, sendq, before.4),
+            (recvq, sendq) if tries > 100 => {
+                recvq.context("reading the receive queue")?;
+                sendq.context("reading the send queue")?;
+                bail!("its state kept changing while it was read, under the network lock");
+            }
+            _ => std::thread::sleep(std::time::Duration::from_millis(1)),
+        }
+    };
+    let outq = sendq.len();
     set(sock::TCP_REPAIR_QUEUE, sock::TCP_NO_QUEUE)?;
     let mut info = [0u8; 104];
     sock::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info)
