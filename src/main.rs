@@ -140,10 +140,26 @@ fn main() -> ExitCode {
     match run(cli.command) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("stasis: {e:#}");
+            eprintln!("stasis: {}", cut(&format!("{e:#}")));
             ExitCode::from(exit_code_for(&e))
         }
     }
+}
+
+/// An error line at most `MAX_ERROR` characters long: names and paths come from images and
+/// targets, and may be of any length; the middle of a longer line is left out, saying so.
+fn cut(line: &str) -> String {
+    const MAX_ERROR: usize = 2000;
+    let chars: Vec<char> = line.chars().collect();
+    if chars.len() <= MAX_ERROR {
+        return line.to_string();
+    }
+    let head: String = chars[..MAX_ERROR / 2].iter().collect();
+    let tail: String = chars[chars.len() - MAX_ERROR / 2..].iter().collect();
+    format!(
+        "{head}…({} characters left out)…{tail}",
+        chars.len() - MAX_ERROR
+    )
 }
 
 fn exit_code_for(e: &anyhow::Error) -> u8 {

@@ -623,3 +623,33 @@ fn an_altered_or_unauthenticated_image_is_refused() {
     d.restore(1);
     assert_pass(&d.finish());
 }
+
+/// A name from an image of any length (a 100 000-character path) gives an error line of
+/// bounded length, its middle left out and said so.
+#[test]
+fn a_huge_name_in_an_image_gives_a_short_error() {
+    if !require_root("a_huge_name_in_an_image_gives_a_short_error") {
+        return;
+    }
+    let d = Daemon::start("sleeper", &[]);
+    d.dump(1);
+    let huge = format!("/{}", "x".repeat(100_000));
+    edit_record(&d.image(1).join("files.img"), |f| {
+        f["descs"][0]["kind"]["path"] = serde_json::json!(huge);
+    });
+    let o = stasis(&[
+        "restore",
+        "-D",
+        &d.image(1).to_string_lossy(),
+        "-d",
+        "--trust-image",
+    ]);
+    let e = stderr_of(&o);
+    assert_eq!(o.status.code(), Some(1), "{}", &e[..e.len().min(300)]);
+    assert!(e.len() < 2500, "an error line of {} bytes", e.len());
+    assert!(
+        e.contains("characters left out"),
+        "{}",
+        &e[..e.len().min(300)]
+    );
+}
