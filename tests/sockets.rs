@@ -480,19 +480,9 @@ fn a_failed_dump_leaves_the_tcp_connection_working() {
     let (mut server, pid, port, dir) = echo_server(
         "if os.fork()==0:\n    n=socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 15)\n    import time; time.sleep(120); os._exit(0)",
     );
-    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
-        .expect("timeout");
-    assert!(echoes(&mut c, b"before"));
+    let mut c = connect_echo("127.0.0.1", port);
     let img = dir.path().join("img");
-    let o = stasis(&[
-        "dump",
-        "-t",
-        &pid.to_string(),
-        "-D",
-        &img.to_string_lossy(),
-        "--tcp-established",
-    ]);
+    let o = dump_established(pid, &img);
     let e = stderr_of(&o);
     assert_eq!(o.status.code(), Some(1), "{e}");
     assert!(e.contains("netlink"), "{e}");
@@ -515,19 +505,10 @@ fn a_failed_restore_releases_the_network_lock() {
     }
     let (mut server, pid, port, dir) =
         echo_server("u=socket.socket(socket.AF_UNIX); u.bind(D+'/u.sock'); u.listen(1)");
-    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
-        .expect("timeout");
-    assert!(echoes(&mut c, b"before"));
+    // Held open through the dump: the connection the lock holds.
+    let _conn = connect_echo("127.0.0.1", port);
     let img = dir.path().join("img");
-    let o = stasis(&[
-        "dump",
-        "-t",
-        &pid.to_string(),
-        "-D",
-        &img.to_string_lossy(),
-        "--tcp-established",
-    ]);
+    let o = dump_established(pid, &img);
     assert!(o.status.success(), "dump: {}", stderr_of(&o));
     assert!(
         !no_lock_of(pid),
@@ -640,19 +621,9 @@ fn an_ipv6_tcp_connection_carries_on() {
         return;
     }
     let (mut server, pid, port, dir) = echo_server_on("::1", "");
-    let mut c = std::net::TcpStream::connect(("::1", port)).expect("connect");
-    c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .expect("timeout");
-    assert!(echoes(&mut c, b"before"));
+    let mut c = connect_echo("::1", port);
     let img = dir.path().join("img");
-    let o = stasis(&[
-        "dump",
-        "-t",
-        &pid.to_string(),
-        "-D",
-        &img.to_string_lossy(),
-        "--tcp-established",
-    ]);
+    let o = dump_established(pid, &img);
     assert!(o.status.success(), "dump: {}", stderr_of(&o));
     let _ = server.wait();
     // Sent while the server is away: held by the lock, sent again once it is back.
@@ -823,4 +794,25 @@ fn descendants(pid: i32) -> Vec<i32> {
         }
     }
     out
+}
+
+/// `stasis dump -t PID -D IMG --tcp-established`.
+fn dump_established(pid: i32, img: &std::path::Path) -> std::process::Output {
+    stasis(&[
+        "dump",
+        "-t",
+        &pid.to_string(),
+        "-D",
+        &img.to_string_lossy(),
+        "--tcp-established",
+    ])
+}
+
+/// A connection to an echo server on `host`, which echoes once before it is returned.
+fn connect_echo(host: &str, port: u16) -> std::net::TcpStream {
+    let mut c = std::net::TcpStream::connect((host, port)).expect("connect");
+    c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    assert!(echoes(&mut c, b"before"));
+    c
 }
