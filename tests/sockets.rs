@@ -816,3 +816,33 @@ fn connect_echo(host: &str, port: u16) -> std::net::TcpStream {
     assert!(echoes(&mut c, b"before"));
     c
 }
+
+/// The tcpconn fixture: a connection with both ends in one process, 200 000 bytes in flight
+/// one way (part of them never sent: the window is full) and 3000 the other, dumped with
+/// `--tcp-established` and restored twice, over IPv4 and IPv6.
+#[test]
+fn a_tcp_connection_with_both_ends_in_the_process_comes_back() {
+    if !require_root("a_tcp_connection_with_both_ends_in_the_process_comes_back") {
+        return;
+    }
+    for args in [&[][..], &["--v6"][..]] {
+        let d = Daemon::start("tcpconn", args);
+        for n in 1..=2 {
+            let img = d.image(n);
+            let o = dump_established(d.pid, &img);
+            assert!(o.status.success(), "dump {n} {args:?}: {}", stderr_of(&o));
+            let show = stasis(&["show", &img.to_string_lossy()]);
+            let text = String::from_utf8_lossy(&show.stdout).into_owned();
+            assert_eq!(text.matches("established:").count(), 2, "{text}");
+            wait_gone(d.pid);
+            let o = stasis(&["restore", "-D", &img.to_string_lossy(), "--detach"]);
+            assert!(
+                o.status.success(),
+                "restore {n} {args:?}: {}",
+                stderr_of(&o)
+            );
+        }
+        let v = assert_pass(&d.finish());
+        assert_eq!(detail(&v, "bytes"), 203_008, "{v}");
+    }
+}
