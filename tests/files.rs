@@ -127,8 +127,9 @@ fn a_pty_the_program_opened_is_refused() {
     }
 }
 
-/// An fd stasis does not handle — a netlink socket of another protocol than route, a pipe
-/// open for reading and writing at once — is refused, not dropped, and the process runs on.
+/// An fd stasis does not handle — a netlink socket of another protocol than route, a packet
+/// socket, a raw IP socket, a pipe open for reading and writing at once — is refused, not
+/// dropped, and the process runs on.
 #[test]
 fn an_unsupported_fd_kind_is_refused() {
     if !require_root("an_unsupported_fd_kind_is_refused") {
@@ -138,6 +139,14 @@ fn an_unsupported_fd_kind_is_refused() {
         (
             "s=socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 15)",
             "netlink socket",
+        ),
+        (
+            "s=socket.socket(socket.AF_PACKET, socket.SOCK_RAW)",
+            "packet socket",
+        ),
+        (
+            "s=socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)",
+            "inet socket of type 3",
         ),
         (
             "r,w=os.pipe(); x=os.open('/proc/self/fd/%d' % r, os.O_RDWR)",
