@@ -43,6 +43,9 @@ enum Command {
     /// vDSO) four times a second, for at most a minute.
     #[command(hide = true)]
     DemoWorkload,
+    /// Started by `dump` and `vdso`: cures the process they work on if they die mid-way.
+    #[command(hide = true, name = "guardian")]
+    Guardian,
     /// Checkpoint a process into an image directory (the process is killed afterwards unless
     /// --leave-running).
     Dump {
@@ -93,6 +96,10 @@ enum Command {
         /// files and program are then taken as they are.
         #[arg(long)]
         trust_image: bool,
+        /// Leave every restored process stopped (SIGSTOP) before it runs an instruction of
+        /// its own; SIGCONT lets it go (CRIU's --leave-stopped).
+        #[arg(long)]
+        leave_stopped: bool,
     },
     /// Describe an image.
     Show {
@@ -148,6 +155,12 @@ fn main() -> ExitCode {
 
 /// An error line at most `MAX_ERROR` characters long: names and paths come from images and
 /// targets, and may be of any length; the middle of a longer line is left out, saying so.
+/// Starts the guardian that cures the target if this stasis is killed mid-way.
+fn guardian() -> anyhow::Result<stasis_infect::guardian::Guardian> {
+    let exe = std::env::current_exe().context("finding the stasis binary for its guardian")?;
+    Ok(stasis_infect::guardian::start(&exe)?)
+}
+
 fn cut(line: &str) -> String {
     const MAX_ERROR: usize = 2000;
     let chars: Vec<char> = line.chars().collect();
@@ -180,7 +193,11 @@ fn exit_code_for(e: &anyhow::Error) -> u8 {
 
 fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     match cmd {
+        Command::Guardian => Ok(ExitCode::from(
+            stasis_infect::guardian::serve().clamp(0, 255) as u8,
+        )),
         Command::Vdso { pid, json } => {
+            let _guardian = guardian()?;
             let (info, _) = collect::vdso_report(pid)?;
             if json {
                 println!(
@@ -209,6 +226,7 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                 tcp_established,
                 tcp_close,
             };
+            let _guardian = guardian()?;
             let s = stasis_dump::dump(pid, &images_dir, &opts)?;
             eprintln!(
                 "dumped pid {pid} into {}: {}{} thread{}, {} VMAs, {} pages ({:.1} MiB), {} fds; frozen {:.1} ms, total {:.1} ms",
@@ -235,10 +253,12 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             shell_job,
             vdso,
             trust_image,
+            leave_stopped,
         } => {
             let opts = stasis_restore::RestoreOptions {
                 detach,
                 trust_image,
+                leave_stopped,
                 shell_job,
                 vdso: vdso.into(),
             };

@@ -653,3 +653,107 @@ fn a_huge_name_in_an_image_gives_a_short_error() {
         &e[..e.len().min(300)]
     );
 }
+
+/// A process of another user, with a file open and another mapped. Between the dump and a
+/// root restore that user swaps each name for a symbolic link to a file only root may read:
+/// the restore refuses (the process gets no access it lacked). A replacement the user may
+/// read is given (it is what the process could open itself); the very files come back as ever.
+#[test]
+fn a_file_swapped_since_the_dump_is_opened_with_the_process_s_own_rights() {
+    if !require_root("a_file_swapped_since_the_dump_is_opened_with_the_process_s_own_rights") {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let dir = tempdir::Dir::new("swapped");
+    let home = dir.path().join("home");
+    let secret = dir.path().join("secret");
+    std::fs::create_dir(&home).expect("home");
+    std::fs::write(home.join("data.txt"), "the user's data\n").expect("data");
+    std::fs::write(home.join("table.bin"), vec![1u8; 8192]).expect("table");
+    std::fs::write(&secret, "root's alone\n").expect("secret");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    for f in ["", "data.txt", "table.bin"] {
+        std::os::unix::fs::chown(home.join(f), Some(65534), Some(65534)).expect("chown");
+    }
+    let script = r#"
+import mmap, os, sys, time
+d = sys.argv[1]
+f = open(d + '/data.txt')
+t = open(d + '/table.bin', 'rb')
+m = mmap.mmap(t.fileno(), 8192, prot=mmap.PROT_READ)
+t.close()
+open(d + '/pid', 'w').write(str(os.getpid()))
+while True:
+    time.sleep(1)
+"#;
+    let start = || {
+        let mut c = std::process::Command::new("/usr/bin/python3");
+        c.args(["-c", script])
+            .arg(&home)
+            .uid(65534)
+            .gid(65534)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            c.pre_exec(|| {
+                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let _ = std::fs::remove_file(home.join("pid"));
+        let child = c.spawn().expect("python3 as nobody");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !home.join("pid").exists() {
+            assert!(std::time::Instant::now() < deadline, "python did not start");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        child
+    };
+    let mut child = start();
+    let pid = child.id() as i32;
+    let img = dir.path().join("img");
+    let o = stasis(&["dump", "-t", &pid.to_string(), "-D", &img.to_string_lossy()]);
+    assert!(o.status.success(), "dump: {}", stderr_of(&o));
+    let _ = child.wait();
+    wait_gone(pid);
+    let restore = || stasis(&["restore", "-D", &img.to_string_lossy(), "--detach"]);
+    let kill = |pid: i32| {
+        // SAFETY: killing the process we restored.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        wait_gone(pid);
+    };
+    for name in ["data.txt", "table.bin"] {
+        let real = home.join(name);
+        let kept = dir.path().join(format!("{name}.kept"));
+        std::fs::rename(&real, &kept).expect("rename");
+        std::os::unix::fs::symlink(&secret, &real).expect("symlink");
+        let o = restore();
+        let e = stderr_of(&o);
+        assert_eq!(o.status.code(), Some(1), "swapped {name}: {e}");
+        assert!(
+            e.contains("cannot open it itself") && e.contains(name),
+            "swapped {name}: {e}"
+        );
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+        // A replacement the user may read: given, as the process could open it itself.
+        std::fs::remove_file(&real).expect("unlink");
+        std::fs::copy(&kept, &real).expect("copy");
+        std::os::unix::fs::chown(&real, Some(65534), Some(65534)).expect("chown");
+        let o = restore();
+        assert!(o.status.success(), "replaced {name}: {}", stderr_of(&o));
+        kill(pid);
+        // The very file: as ever.
+        std::fs::remove_file(&real).expect("unlink");
+        std::fs::rename(&kept, &real).expect("rename back");
+    }
+    let o = restore();
+    assert!(o.status.success(), "the very files: {}", stderr_of(&o));
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    assert!(status.contains("Uid:\t65534"), "{status}");
+    kill(pid);
+}

@@ -258,7 +258,14 @@ fn runaway_parasite_is_stopped_and_cured() {
     let _one_at_a_time = heavy();
     let fx = Fixture::start(
         "hostile",
-        &["--sibling-pidfile", "{dir}/sibling", "--fill", "loop"],
+        &[
+            "--sibling-pidfile",
+            "{dir}/sibling",
+            "--fill",
+            "loop",
+            "--fill-pages",
+            "1",
+        ],
     );
     let pid = fx.pid.to_string();
     let mut errors = Vec::new();

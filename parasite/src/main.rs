@@ -3,10 +3,13 @@
 //! Invariants this code lives by (it runs on a borrowed thread, in someone else's process):
 //! - The host jumps to `parasite_entry` with `rdi` = the command area of the shared region and
 //!   `rsp` at the top of the blob's own stack; every signal but SIGTRAP is blocked.
-//! - The blob returns to the host by executing `int3`; it never returns into target code.
+//! - The blob ends a command by setting the command area's done word and parking in a
+//!   `pause` loop (`stasis_abi::PARK_CODE`), where the host interrupts it; it never returns
+//!   into target code and never traps, so a thread whose tracer died mid-command waits there,
+//!   unharmed, to be cured. A fault in the blob still traps (the host reports it).
 //! - No libc, no allocator, no TLS, no statics holding addresses (the host relocates the image,
 //!   but nothing here should need it), and no panics that do anything but trap: a panic is an
-//!   `int3` with a status the host did not expect, which it reports as a failed command.
+//!   park without a valid reply, which the host reports as a failed command.
 //! - For the dump commands, the target's memory other than the shared region is only read,
 //!   never written, and only system calls that read process state are made. The restore
 //!   command runs the host's plan, which rebuilds the address space around the region.
@@ -19,19 +22,53 @@ mod sys;
 mod task;
 mod vdso;
 
-use stasis_abi::{Command, CommandId, Status, MAGIC, PROTOCOL_VERSION, REPLY_OFFSET};
+use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use stasis_abi::{Command, CommandId, Status, DONE_OFFSET, MAGIC, PROTOCOL_VERSION, REPLY_OFFSET};
 
+/// The command area of the command running (set at entry; read by `finish` and on panic).
+static AREA: AtomicUsize = AtomicUsize::new(0);
+
+// The park loop sits at `PARK_OFFSET` from the entry (the host checks its bytes).
 core::arch::global_asm!(
     ".section .text.entry,\"ax\",@progbits",
     ".globl parasite_entry",
+    ".balign 16",
     "parasite_entry:",
+    "    jmp 2f",
+    "    .balign 8, 0xcc",
+    ".globl parasite_park",
+    "parasite_park:",
+    "3:",
+    "    mov eax, 34",
+    "    syscall",
+    "    jmp 3b",
+    "2:",
     "    cld",
     "    and rsp, -16",
+    "    mov [rip + {area}], rdi",
     "    call {main}",
-    "    int3",
-    "    ud2",
+    "    jmp {finish}",
     main = sym parasite_main,
+    area = sym AREA,
+    finish = sym finish,
 );
+
+extern "C" {
+    fn parasite_park() -> !;
+}
+
+/// Tells the host the command is over and parks.
+extern "C" fn finish() -> ! {
+    let area = AREA.load(Ordering::Relaxed);
+    if area != 0 {
+        // SAFETY: `area` is the command area the host passed; DONE_OFFSET is inside it and
+        // 4-aligned (the area is page-aligned).
+        let done = unsafe { &*((area + DONE_OFFSET) as *const AtomicU32) };
+        done.store(1, Ordering::Release);
+    }
+    // SAFETY: the park loop never returns and touches nothing.
+    unsafe { parasite_park() }
+}
 
 /// Reads the command at `area` and writes a reply after it.
 ///
@@ -75,9 +112,13 @@ unsafe extern "C" fn parasite_main(area: *mut u8) {
 
 #[panic_handler]
 fn panic(_: &core::panic::PanicInfo) -> ! {
-    // SAFETY: int3 returns control to the host, which treats a trap without a valid reply as
-    // a failed command; ud2 makes sure we never fall through.
-    unsafe { core::arch::asm!("int3", "ud2", options(noreturn)) }
+    // Whatever the reply said, it is void: the host sees a command over without a reply.
+    let area = AREA.load(Ordering::Relaxed);
+    if area != 0 {
+        // SAFETY: the reply header's magic, inside the command area (see `finish`).
+        unsafe { core::ptr::write_volatile((area + REPLY_OFFSET) as *mut u32, 0) };
+    }
+    finish()
 }
 
 // `core` lowers copies and fills to these symbols; there is no libc to provide them.

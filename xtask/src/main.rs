@@ -9,6 +9,7 @@ mod bench;
 mod bench_cr;
 mod bench_redis;
 mod cross;
+mod fuzz;
 mod programs;
 mod servers;
 
@@ -46,6 +47,8 @@ enum Cmd {
     },
     /// Start a small built-in workload and show what stasis sees inside it.
     Demo,
+    /// Restore mutated images of a real program: no panic, hang, crash or stray write.
+    Fuzz(fuzz::Args),
 }
 
 fn main() -> Result<()> {
@@ -79,6 +82,7 @@ fn main() -> Result<()> {
             bench::run(which)
         }
         Cmd::Demo => demo(),
+        Cmd::Fuzz(args) => fuzz::run(args),
     }
 }
 

@@ -24,7 +24,7 @@
 /// "STAS" — the first word of every command and reply.
 pub const MAGIC: u32 = 0x5341_5453;
 /// Bumped whenever a struct below changes shape.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// What the host asks the parasite to do. One screen, like the table it is.
 #[repr(u32)]
@@ -90,7 +90,20 @@ pub struct ReplyHeader {
 
 /// Offset of the reply header from the start of the command area.
 pub const REPLY_OFFSET: usize = 64;
-const _: () = assert!(core::mem::size_of::<Command>() <= REPLY_OFFSET);
+/// Offset of the "done" word (a `u32`) from the start of the command area: the host clears
+/// it, the blob sets it to 1 once its reply is written and it is parked (see `PARK_CODE`).
+pub const DONE_OFFSET: usize = 56;
+const _: () = assert!(core::mem::size_of::<Command>() <= DONE_OFFSET);
+const _: () = assert!(DONE_OFFSET + 4 <= REPLY_OFFSET);
+
+/// Where injected code waits when it has nothing to do: `1: mov eax, SYS_pause; syscall;
+/// jmp 1b`. With every signal but SIGTRAP blocked it never gets past it, traced or not — so
+/// a thread whose tracer died there waits, harmless, to be cured (stasis's guardian does).
+/// The blob ends every command in it, at `PARK_OFFSET` from its entry; the injection site
+/// has it right after its `syscall`.
+pub const PARK_CODE: [u8; 9] = [0xb8, 0x22, 0x00, 0x00, 0x00, 0x0f, 0x05, 0xeb, 0xf7];
+/// Offset of the blob's park loop from its entry point.
+pub const PARK_OFFSET: u64 = 8;
 
 /// Why a blob could not answer.
 #[repr(u32)]

@@ -97,31 +97,19 @@ fn dump_into(pid: i32, images: &ImageDir, opts: &DumpOptions, t0: Instant) -> Re
     })?;
     let tree = tree::settle(&tasks, zombies, &mut dumps)?;
 
-    let frozen;
+    let mut s = DumpSummary::default();
     if opts.leave_running {
         for t in tasks.iter_mut() {
             t.seized.release()?;
         }
-        frozen = frozen_at.elapsed();
-    } else {
-        // Killed while still frozen: none of them runs past the moment the image describes.
-        // They are reaped (as their tracer) once the image is written, while they die.
-        frozen = frozen_at.elapsed();
-        for t in tasks.iter_mut() {
-            t.seized
-                .kill()
-                .with_context(|| format!("killing dumped pid {}", t.pid))?;
-        }
-        net.killed();
-        if let Some(root) = dumps.iter_mut().find(|d| d.pid == pid) {
-            root.inventory.netlock = net.table();
-        }
+        s.frozen = frozen_at.elapsed();
+    } else if let Some(root) = dumps.iter_mut().find(|d| d.pid == pid) {
+        // The connections stay locked for the restore (the processes are killed below).
+        root.inventory.netlock = net.table();
     }
-
-    let mut s = DumpSummary {
-        frozen,
-        ..DumpSummary::default()
-    };
+    // In a kill-mode dump the image is written and sealed while every process is still
+    // frozen, before any is killed: whenever this stasis may die, either the processes live
+    // on (the guardian cures them) or a whole image of them exists.
     // The root's inventory last: an image without one is incomplete and restore refuses it.
     for d in dumps.iter_mut().rev() {
         let written = d.write()?;
@@ -147,6 +135,18 @@ fn dump_into(pid: i32, images: &ImageDir, opts: &DumpOptions, t0: Instant) -> Re
             "the image key {} cannot be read by this user: the image carries no MAC, and a restore as root will refuse it unless told --trust-image",
             stasis_image::auth::key_path().display()
         ),
+    }
+
+    if !opts.leave_running {
+        // Killed while still frozen: none of them runs past the moment the image describes.
+        // They are reaped (as their tracer) while they die.
+        s.frozen = frozen_at.elapsed();
+        for t in tasks.iter_mut() {
+            t.seized
+                .kill()
+                .with_context(|| format!("killing dumped pid {}", t.pid))?;
+        }
+        net.killed();
     }
     net.commit();
     if !opts.leave_running {

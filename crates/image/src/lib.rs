@@ -77,7 +77,7 @@ pub use pages::{
     page_digest, PageDigests, PageFileSummary, PageReader, PageSink, PageWriter, DATA_OFFSET,
     PAGES_FILE,
 };
-pub use record::{read_record, write_record};
+pub use record::{read_raw_record, read_record, write_raw_record, write_record};
 pub use set::{load, load_tree, Image, TreeImage, MAX_INOTIFY_WATCHES, MAX_INOTIFY_WD, MAX_TASKS};
 
 /// Size of one page; page data is stored and aligned in units of it.

@@ -85,6 +85,27 @@ fn read_payload(path: &Path, kind: u32) -> Result<Vec<u8>> {
     Ok(payload)
 }
 
+/// For tools that edit images (the fuzzer, tests): the kind and JSON payload of the record file
+/// `path`, every checksum checked.
+pub fn read_raw_record(path: &Path) -> Result<(u32, Vec<u8>)> {
+    let file = std::fs::File::open(path).map_err(|e| ImageError::open(path, e))?;
+    let mut header = [0u8; HEADER_LEN];
+    header::read_and_check(&file, path, &mut header, RECORD_MAGIC, HEADER_XXH3_AT)?;
+    let kind = get_u32(&header, KIND_AT);
+    Ok((kind, read_payload(path, kind)?))
+}
+
+/// The other half of `read_raw_record`: rewrites `path` as a record of `kind` holding `payload`,
+/// its checksums made anew (what anyone who can write an image can do; the MAC is separate).
+pub fn write_raw_record(path: &Path, kind: u32, payload: &[u8]) -> Result<()> {
+    let mut header = [0u8; HEADER_LEN];
+    put_u32(&mut header, KIND_AT, kind);
+    put_u64(&mut header, PAYLOAD_LEN_AT, payload.len() as u64);
+    put_u64(&mut header, PAYLOAD_XXH3_AT, header::data_checksum(payload));
+    header::seal(&mut header, RECORD_MAGIC, HEADER_XXH3_AT);
+    std::fs::write(path, [&header[..], payload].concat()).map_err(|e| ImageError::io(path, e))
+}
+
 /// A record name is a plain, visible file name in the image directory; `pages.img` is taken.
 fn check_name(name: &str) -> Result<()> {
     let plain = !name.is_empty() && !name.starts_with('.') && !name.contains(['/', '\0']);

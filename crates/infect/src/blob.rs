@@ -91,6 +91,15 @@ impl Blob {
     }
 
     /// Copies the image into `dst` with relocations applied for running at `base`.
+    /// Refuses a blob whose park loop is not where the host will point a parked thread.
+    pub(crate) fn check_park(&self) -> Result<()> {
+        let at = self.entry().saturating_add(stasis_abi::PARK_OFFSET) as usize;
+        match self.image.get(at..at + stasis_abi::PARK_CODE.len()) {
+            Some(code) if code == stasis_abi::PARK_CODE => Ok(()),
+            _ => Err(bad("no park loop at its entry + PARK_OFFSET")),
+        }
+    }
+
     pub fn load_into(&self, dst: &mut [u8], base: u64) -> Result<()> {
         let n = self.image.len();
         let dst = dst

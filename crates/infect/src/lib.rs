@@ -7,6 +7,7 @@
 
 mod blob;
 mod error;
+pub mod guardian;
 mod parasite;
 mod seize;
 pub mod xsave;

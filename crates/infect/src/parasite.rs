@@ -1,42 +1,77 @@
 //! Running a blob inside a frozen process, and curing the process afterwards.
 //!
-//! Sequence (all system calls run by the target's main thread through `syscall; int3` written at
-//! the start of its first executable mapping, original bytes put back after each call):
+//! Sequence (all system calls run by the target's main thread through `syscall` + a park loop
+//! written at the start of its first executable mapping, stepped with `PTRACE_SYSCALL`):
 //!
 //! 1. save GPRs, the XSAVE area and the signal mask; block every signal but SIGTRAP;
 //! 2. `memfd_create` + `ftruncate` in the target; the host opens `/proc/PID/fd/N` and maps it
-//!    too; the target maps it `MAP_SHARED` RWX and closes the fd;
+//!    too; the target maps it `MAP_SHARED` RWX and closes the fd; the thread is moved to the
+//!    blob's park loop and the site's original bytes are put back;
 //! 3. the host copies the relocated blob into its view; for each command it writes a `Command`,
-//!    points rip at the blob entry (rsp at the region's own stack, rdi at the command area) and
-//!    waits for the blob's final `int3`;
-//! 4. cure: the target unmaps the region, then GPRs, XSAVE and the signal mask are put back.
+//!    points rip at the blob entry (rsp at the region's own stack, rdi at the command area),
+//!    lets it run until the blob sets the done word, and interrupts it in its park loop;
+//! 4. cure: the target unmaps the region, then XSAVE, the signal mask and last the GPRs are
+//!    put back, then the site's bytes.
 //!
-//! Invariant: from the first change to the target until `cure` returns, `Parasite` owns the
+//! Invariants. From the first change to the target until `cure` returns, `Parasite` owns the
 //! undo: dropping it without curing cures (best effort), so an error anywhere leaves the process
 //! as it was. Injected contexts carry `orig_rax = -1` so the kernel never "restarts" them; the
 //! saved registers carry the original `orig_rax`/`rax`, so a thread stopped inside an
 //! interruptible system call restarts it exactly as if it had never been touched.
+//!
+//! If this stasis dies at any instant, the kernel lets the thread go where it is, and it must
+//! come to no harm: injected code never ends in a trap (a fatal SIGTRAP once untraced) but in a
+//! park loop that waits, with signals blocked, for the guardian (`guardian.rs`) to cure it; the
+//! site keeps its park loop while the thread may be inside it; and what the guardian needs to
+//! cure (saved registers, the site's bytes) is sent to it before each change is made.
 
 use crate::blob::Blob;
 use crate::error::{InfectError, Result};
+use crate::guardian::{self, Note};
 use nix::errno::Errno;
 use nix::unistd::Pid;
-use stasis_abi::{Command, CommandId, ReplyHeader, Status, MAGIC, PROTOCOL_VERSION, REPLY_OFFSET};
+use stasis_abi::{
+    Command, CommandId, ReplyHeader, Status, DONE_OFFSET, MAGIC, PARK_CODE, PARK_OFFSET,
+    PROTOCOL_VERSION, REPLY_OFFSET,
+};
 use stasis_sys::ptrace::{self as sys, Regs, Wait};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 const PAGE: usize = 4096;
-const SITE_LEN: usize = 16;
-/// `syscall; int3 ×6`, then the memfd name the target passes to `memfd_create`.
-const SITE_CODE: [u8; SITE_LEN] = *b"\x0f\x05\xcc\xcc\xcc\xcc\xcc\xccstasis\0\0";
-const MEMFD_NAME_OFF: u64 = 8;
+pub(crate) const SITE_LEN: usize = 32;
+/// The name of the region's memfd, as the target's maps and fd links show it (the guardian
+/// finds what a dead stasis left by it).
+pub(crate) const MEMFD_NAME: &[u8] = b"stasis-parasite";
+/// `syscall`, the park loop, `int3` padding, then the memfd name `memfd_create` is given.
+pub(crate) const SITE_CODE: [u8; SITE_LEN] = site_code();
+const MEMFD_NAME_OFF: u64 = 16;
 const STACK_SIZE: usize = 64 * 1024;
+
+const fn site_code() -> [u8; SITE_LEN] {
+    let mut c = [0xccu8; SITE_LEN];
+    c[0] = 0x0f;
+    c[1] = 0x05;
+    let mut i = 0;
+    while i < PARK_CODE.len() {
+        c[2 + i] = PARK_CODE[i];
+        i += 1;
+    }
+    let mut j = 0;
+    while j < MEMFD_NAME.len() {
+        c[MEMFD_NAME_OFF as usize + j] = MEMFD_NAME[j];
+        j += 1;
+    }
+    c[MEMFD_NAME_OFF as usize + MEMFD_NAME.len()] = 0;
+    c
+}
+const _: () = assert!(2 + PARK_CODE.len() <= MEMFD_NAME_OFF as usize);
+const _: () = assert!(MEMFD_NAME_OFF as usize + MEMFD_NAME.len() < SITE_LEN);
 
 const SIGTRAP: i32 = libc::SIGTRAP;
 /// The signal mask of a thread running injected code: everything blocked but SIGTRAP.
-const ALL_BUT_TRAP: u64 = !(1u64 << (SIGTRAP - 1));
+pub(crate) const ALL_BUT_TRAP: u64 = !(1u64 << (SIGTRAP - 1));
 
 /// How the region is sized and placed. The reply area bounds what one command can return;
 /// the plan area what a restore plan can carry.
@@ -78,11 +113,12 @@ impl RegionSize {
     }
 }
 
-/// What the main thread looked like before we touched it.
-struct Saved {
-    regs: Regs,
-    xstate: Vec<u8>,
-    sigmask: u64,
+/// What a thread looked like before we touched it.
+#[derive(Clone)]
+pub(crate) struct Saved {
+    pub(crate) regs: Regs,
+    pub(crate) xstate: Vec<u8>,
+    pub(crate) sigmask: u64,
 }
 
 /// The host's view of the shared memfd region.
@@ -142,6 +178,8 @@ pub struct Parasite<'s> {
     remote_fd: Option<i32>,
     region: Option<Region>,
     entry: u64,
+    /// The site holds `SITE_CODE`, not its own bytes.
+    site_dirty: bool,
     gone: bool,
     cured: bool,
     /// Threads the blob created (traced clones), not yet adopted.
@@ -193,14 +231,138 @@ impl<'s> Parasite<'s> {
             remote_fd: None,
             region: None,
             entry: blob.entry(),
+            site_dirty: false,
             gone: false,
             cured: false,
             cloned: Vec::new(),
         };
-        // From here on, Drop undoes whatever was done.
+        blob.check_park()?;
+        // From here on, Drop undoes whatever was done; the guardian is told first.
+        guardian::note(&Note::Thread {
+            pid,
+            tid: pid,
+            saved: Box::new(p.saved.clone()),
+        })?;
+        guardian::note(&Note::Site {
+            pid,
+            addr: p.site,
+            orig: p.site_orig,
+        })?;
         sys::set_sigmask(tid, ALL_BUT_TRAP).map_err(ptrace_err("SETSIGMASK"))?;
         p.map_region(blob, size)?;
+        if let Some(r) = p.region.as_ref() {
+            guardian::note(&Note::Park {
+                pid,
+                addr: r.remote + p.entry + PARK_OFFSET,
+            })?;
+        }
+        p.park_in_region()?;
         Ok(p)
+    }
+
+    /// For the guardian, after a stasis died: with the main thread's own state back (or never
+    /// changed), unmaps `regions` and closes `fds` (what is left of the region) through the
+    /// site, then puts the site's own bytes back. `site`: where the dead stasis had written
+    /// and the bytes it found there, if it got that far.
+    pub(crate) fn recover(
+        seized: &'s mut crate::Seized,
+        site: Option<(u64, [u8; SITE_LEN])>,
+        regions: &[(u64, u64)],
+        fds: &[i32],
+    ) -> Result<()> {
+        let pid = seized.pid();
+        let tid = Pid::from_raw(pid);
+        let ptrace_err = |op| {
+            move |errno| InfectError::Ptrace {
+                op,
+                tid: pid,
+                errno,
+            }
+        };
+        let saved = Saved {
+            regs: sys::get_regs(tid).map_err(ptrace_err("GETREGS"))?,
+            xstate: sys::get_xstate(tid).map_err(ptrace_err("GETREGSET(XSTATE)"))?,
+            sigmask: sys::get_sigmask(tid).map_err(ptrace_err("GETSIGMASK"))?,
+        };
+        let mem = open_proc_rw(pid, "mem", "opening memory")?;
+        let read_at = |addr: u64| -> Result<[u8; SITE_LEN]> {
+            let mut b = [0u8; SITE_LEN];
+            mem.read_exact_at(&mut b, addr)
+                .map_err(|err| InfectError::Io {
+                    pid,
+                    what: "reading code at the injection site",
+                    err,
+                })?;
+            Ok(b)
+        };
+        let (site, site_orig, site_dirty) = match site {
+            Some((addr, orig)) => {
+                let cur = read_at(addr)?;
+                if guardian::site_is_injected(&cur) {
+                    (addr, orig, true)
+                } else {
+                    (addr, cur, false)
+                }
+            }
+            None => {
+                let addr = injection_site(pid, None)?;
+                (addr, read_at(addr)?, false)
+            }
+        };
+        if regions.is_empty() && fds.is_empty() && !site_dirty {
+            return Ok(());
+        }
+        let mut p = Parasite {
+            pid,
+            tid,
+            _seized: seized,
+            mem,
+            saved,
+            site,
+            site_orig,
+            remote_fd: None,
+            region: None,
+            entry: 0,
+            site_dirty,
+            gone: false,
+            cured: false,
+            cloned: Vec::new(),
+        };
+        // Blocked while the calls run, as in `infect`; `cure_inner` puts the mask back.
+        sys::set_sigmask(tid, ALL_BUT_TRAP).map_err(ptrace_err("SETSIGMASK"))?;
+        for &(start, end) in regions {
+            p.remote_syscall("munmap", libc::SYS_munmap, [start, end - start, 0, 0, 0, 0])?;
+        }
+        for &fd in fds {
+            p.remote_syscall("close", libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
+        }
+        p.cure_inner()
+    }
+
+    /// Moves the main thread from the site's park loop to the region's, and puts the site's
+    /// bytes back: between commands no byte of the target's own code is changed.
+    fn park_in_region(&mut self) -> Result<()> {
+        let Some(r) = self.region.as_ref() else {
+            return Ok(());
+        };
+        let mut regs = self.saved.regs;
+        regs.rip = r.remote + self.entry + PARK_OFFSET;
+        regs.orig_rax = u64::MAX;
+        let pid = self.pid;
+        sys::set_regs(self.tid, &regs).map_err(|errno| InfectError::Ptrace {
+            op: "SETREGS",
+            tid: pid,
+            errno,
+        })?;
+        self.clean_site()
+    }
+
+    fn clean_site(&mut self) -> Result<()> {
+        if self.site_dirty {
+            self.write_site(&self.site_orig.clone())?;
+            self.site_dirty = false;
+        }
+        Ok(())
     }
 
     pub fn pid(&self) -> i32 {
@@ -297,7 +459,8 @@ impl<'s> Parasite<'s> {
         Ok(())
     }
 
-    /// Runs one system call in the target's main thread and returns its result.
+    /// Runs one system call in the target's main thread and returns its result. The thread
+    /// is left in the site's park loop, which stays written until it is moved out.
     pub fn remote_syscall(&mut self, name: &'static str, nr: i64, args: [u64; 6]) -> Result<u64> {
         let mut regs = self.saved.regs;
         regs.rip = self.site;
@@ -309,12 +472,26 @@ impl<'s> Parasite<'s> {
         regs.r10 = args[3];
         regs.r8 = args[4];
         regs.r9 = args[5];
-        self.write_site(&SITE_CODE)?;
-        let run = self.run_until_trap(self.tid, &regs, None);
-        // The original code goes back whatever happened.
-        let restored = self.write_site(&self.site_orig.clone());
-        let after = run?;
-        restored?;
+        if !self.site_dirty {
+            self.write_site(&SITE_CODE)?;
+            self.site_dirty = true;
+        }
+        let pid = self.pid;
+        let tid = self.tid;
+        let perr = |op| {
+            move |errno| InfectError::Ptrace {
+                op,
+                tid: pid,
+                errno,
+            }
+        };
+        sys::set_regs(tid, &regs).map_err(perr("SETREGS"))?;
+        // Entry, then exit: two system-call stops.
+        for _ in 0..2 {
+            sys::syscall_step(tid).map_err(perr("SYSCALL"))?;
+            self.wait_syscall_stop(tid)?;
+        }
+        let after = sys::get_regs(tid).map_err(perr("GETREGS"))?;
         let ret = after.rax as i64;
         if (-4095..0).contains(&ret) {
             return Err(InfectError::RemoteSyscall {
@@ -326,8 +503,70 @@ impl<'s> Parasite<'s> {
         Ok(after.rax)
     }
 
+    fn wait_syscall_stop(&mut self, tid: Pid) -> Result<()> {
+        let pid = self.pid;
+        loop {
+            let w = sys::wait(tid, false).map_err(|errno| InfectError::Ptrace {
+                op: "wait",
+                tid: pid,
+                errno,
+            })?;
+            match w {
+                Wait::Stopped {
+                    sig: sys::SYSCALL_STOP,
+                    ..
+                } => return Ok(()),
+                // A leftover interrupt: step on.
+                Wait::Stopped { event, .. } if event == sys::PTRACE_EVENT_STOP => {
+                    sys::syscall_step(tid).map_err(|errno| InfectError::Ptrace {
+                        op: "SYSCALL",
+                        tid: pid,
+                        errno,
+                    })?;
+                }
+                other => return Err(self.unexpected(tid, other)),
+            }
+        }
+    }
+
+    /// The error for a stop injected code should not have made.
+    fn unexpected(&mut self, tid: Pid, w: Wait) -> InfectError {
+        let pid = self.pid;
+        match w {
+            Wait::Stopped { sig, event: 0 } => match sys::get_siginfo(tid) {
+                Ok(info) => self.fault(sig, &info),
+                Err(errno) => InfectError::Ptrace {
+                    op: "GETSIGINFO",
+                    tid: pid,
+                    errno,
+                },
+            },
+            Wait::Stopped { sig, event } => InfectError::UnexpectedStop { pid, sig, event },
+            Wait::Exited(code) => {
+                self.gone = true;
+                InfectError::TargetGone {
+                    pid,
+                    how: format!("exit status {code}"),
+                }
+            }
+            Wait::Killed(sig) => {
+                self.gone = true;
+                InfectError::TargetGone {
+                    pid,
+                    how: format!("killed by signal {sig}"),
+                }
+            }
+            Wait::Running => InfectError::UnexpectedStop {
+                pid,
+                sig: 0,
+                event: 0,
+            },
+        }
+    }
+
     fn write_site(&mut self, code: &[u8; SITE_LEN]) -> Result<()> {
         let pid = self.pid;
+        stasis_sys::fault::point();
         self.mem
             .write_all_at(code, self.site)
             .map_err(|err| InfectError::Io {
@@ -337,9 +576,16 @@ impl<'s> Parasite<'s> {
             })
     }
 
-    /// Sets `regs` on thread `tid`, lets it run, and waits for the `int3` that ends injected
-    /// code. Returns the registers at the trap. Threads the code creates are noted in `cloned`.
-    fn run_until_trap(&mut self, tid: Pid, regs: &Regs, timeout: Option<Duration>) -> Result<Regs> {
+    /// Sets `regs` on thread `tid`, lets it run until the blob sets the done word at `done`
+    /// in the host's view, then stops it in its park loop. Threads the code creates are noted
+    /// in `cloned`.
+    fn run_until_done(
+        &mut self,
+        tid: Pid,
+        regs: &Regs,
+        done: *const u32,
+        timeout: Duration,
+    ) -> Result<()> {
         let pid = self.pid;
         let perr = |op| {
             move |errno| InfectError::Ptrace {
@@ -349,43 +595,36 @@ impl<'s> Parasite<'s> {
             }
         };
         sys::set_regs(tid, regs).map_err(perr("SETREGS"))?;
+        // The thread is out of the site's park loop now (if it was there).
+        self.clean_site()?;
         sys::cont(tid, 0).map_err(perr("CONT"))?;
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = Instant::now() + timeout;
         let mut spins = 0u32;
+        // SAFETY: `done` points into the host's live mapping of the region; volatile because
+        // the target writes it.
+        let is_done = || unsafe { std::ptr::read_volatile(done) } != 0;
         loop {
-            let w = match deadline {
-                None => sys::wait(tid, false),
-                Some(d) => {
-                    let w = sys::wait(tid, true);
-                    if w == Ok(Wait::Running) {
-                        if Instant::now() >= d {
-                            return Err(self.stop_runaway(tid, timeout.unwrap_or_default()));
-                        }
-                        // Yield first (a command takes ~100 µs), then sleep briefly.
-                        spins += 1;
-                        if spins < 2000 {
-                            std::thread::yield_now();
-                        } else {
-                            std::thread::sleep(Duration::from_micros(200));
-                        }
-                        continue;
+            match sys::wait(tid, true).map_err(perr("wait"))? {
+                Wait::Running => {
+                    if is_done() {
+                        break;
                     }
-                    w
-                }
-            };
-            match w.map_err(perr("wait"))? {
-                Wait::Stopped {
-                    sig: SIGTRAP,
-                    event: 0,
-                } => {
-                    let info = sys::get_siginfo(tid).map_err(perr("GETSIGINFO"))?;
-                    if info.si_code == sys::SI_KERNEL {
-                        return sys::get_regs(tid).map_err(perr("GETREGS"));
+                    if Instant::now() >= deadline {
+                        return Err(self.stop_runaway(tid, timeout));
                     }
-                    return Err(self.fault(SIGTRAP, &info));
+                    // Yield first (a command takes ~100 µs), then sleep briefly.
+                    spins += 1;
+                    if spins < 2000 {
+                        std::thread::yield_now();
+                    } else {
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
                 }
                 // A leftover interrupt (e.g. after a timeout): keep going.
                 Wait::Stopped { event, .. } if event == sys::PTRACE_EVENT_STOP => {
+                    if is_done() {
+                        return Ok(());
+                    }
                     sys::cont(tid, 0).map_err(perr("CONT"))?;
                 }
                 // The code created a thread: it starts traced and stopped; note it, go on.
@@ -397,29 +636,14 @@ impl<'s> Parasite<'s> {
                         .push(sys::event_msg(tid).map_err(perr("GETEVENTMSG"))?);
                     sys::cont(tid, 0).map_err(perr("CONT"))?;
                 }
-                Wait::Stopped { sig, event: 0 } => {
-                    let info = sys::get_siginfo(tid).map_err(perr("GETSIGINFO"))?;
-                    return Err(self.fault(sig, &info));
-                }
-                Wait::Stopped { sig, event } => {
-                    return Err(InfectError::UnexpectedStop { pid, sig, event })
-                }
-                Wait::Exited(code) => {
-                    self.gone = true;
-                    return Err(InfectError::TargetGone {
-                        pid,
-                        how: format!("exit status {code}"),
-                    });
-                }
-                Wait::Killed(sig) => {
-                    self.gone = true;
-                    return Err(InfectError::TargetGone {
-                        pid,
-                        how: format!("killed by signal {sig}"),
-                    });
-                }
-                Wait::Running => {}
+                other => return Err(self.unexpected(tid, other)),
             }
+        }
+        // Parked (or about to be): stop it there.
+        sys::interrupt(tid).map_err(perr("INTERRUPT"))?;
+        match sys::wait(tid, false).map_err(perr("wait"))? {
+            Wait::Stopped { event, .. } if event == sys::PTRACE_EVENT_STOP => Ok(()),
+            other => Err(self.unexpected(tid, other)),
         }
     }
 
@@ -503,15 +727,25 @@ impl<'s> Parasite<'s> {
             xstate: sys::get_xstate(t).map_err(perr("GETREGSET(XSTATE)"))?,
             sigmask: sys::get_sigmask(t).map_err(perr("GETSIGMASK"))?,
         };
+        guardian::note(&Note::Thread {
+            pid: self.pid,
+            tid,
+            saved: Box::new(saved.clone()),
+        })?;
         sys::set_sigmask(t, ALL_BUT_TRAP).map_err(perr("SETSIGMASK"))?;
         let reply = self.run_command(t, &saved.regs, id, plan, ops_len, timeout);
         if self.gone {
             return reply;
         }
-        let back = sys::set_regs(t, &saved.regs)
-            .map_err(perr("SETREGS"))
-            .and_then(|()| sys::set_xstate(t, &saved.xstate).map_err(perr("SETREGSET(XSTATE)")))
-            .and_then(|()| sys::set_sigmask(t, saved.sigmask).map_err(perr("SETSIGMASK")));
+        // The registers last: until they are back, the thread is in the park loop, where the
+        // guardian knows to put everything back.
+        let back = sys::set_xstate(t, &saved.xstate)
+            .map_err(perr("SETREGSET(XSTATE)"))
+            .and_then(|()| sys::set_sigmask(t, saved.sigmask).map_err(perr("SETSIGMASK")))
+            .and_then(|()| sys::set_regs(t, &saved.regs).map_err(perr("SETREGS")));
+        if back.is_ok() {
+            guardian::note(&Note::ThreadBack { pid: self.pid, tid })?;
+        }
         let reply = reply?;
         back?;
         Ok(reply)
@@ -592,7 +826,9 @@ impl<'s> Parasite<'s> {
                 area.as_mut_ptr().add(REPLY_OFFSET) as *mut ReplyHeader,
                 ReplyHeader::default(),
             );
+            std::ptr::write_volatile(area.as_mut_ptr().add(DONE_OFFSET) as *mut u32, 0);
         }
+        let done = area[DONE_OFFSET..].as_ptr() as *const u32;
         let mut regs = *base;
         regs.rip = region.remote + self.entry;
         regs.rsp = region.remote + region.stack_top as u64;
@@ -601,7 +837,7 @@ impl<'s> Parasite<'s> {
         // Clear TF (single-step) and DF (string direction) for code compiled for the ABI.
         regs.eflags &= !(0x100 | 0x400);
         let reply_cap = region.reply_cap;
-        self.run_until_trap(tid, &regs, Some(timeout))?;
+        self.run_until_done(tid, &regs, done, timeout)?;
 
         let region = self.region.as_ref().ok_or_else(|| InfectError::BadReply {
             pid,
@@ -612,6 +848,12 @@ impl<'s> Parasite<'s> {
         let raw = region.host.copy_out(cmd_off + REPLY_OFFSET, hdr_len);
         let field = |i: usize| u32::from_le_bytes([raw[i], raw[i + 1], raw[i + 2], raw[i + 3]]);
         let (magic, status, errno, len) = (field(0), field(4), field(8), field(12) as usize);
+        if magic == 0 {
+            return Err(InfectError::BadReply {
+                pid,
+                why: "the parasite stopped without a reply (it panicked)".into(),
+            });
+        }
         if magic != MAGIC {
             return Err(InfectError::BadReply {
                 pid,
@@ -681,8 +923,14 @@ impl<'s> Parasite<'s> {
                 what: "reading code at the injection site",
                 err,
             })?;
+        guardian::note(&Note::Site {
+            pid,
+            addr: site,
+            orig,
+        })?;
         self.site = site;
         self.site_orig = orig;
+        self.site_dirty = false;
         self.saved = Saved {
             regs,
             xstate,
@@ -715,7 +963,6 @@ impl<'s> Parasite<'s> {
                 [region.remote, region.len as u64, 0, 0, 0, 0],
             ));
         }
-        note(self.write_site(&self.site_orig.clone()).map(|_| 0));
         let (pid, tid) = (self.pid, self.tid);
         let perr = |op| {
             move |errno| InfectError::Ptrace {
@@ -724,11 +971,7 @@ impl<'s> Parasite<'s> {
                 errno,
             }
         };
-        note(
-            sys::set_regs(tid, &self.saved.regs)
-                .map(|_| 0)
-                .map_err(perr("SETREGS")),
-        );
+        // The registers last (see `run_plan_in`), then the site, which the thread has left.
         note(
             sys::set_xstate(tid, &self.saved.xstate)
                 .map(|_| 0)
@@ -739,6 +982,15 @@ impl<'s> Parasite<'s> {
                 .map(|_| 0)
                 .map_err(perr("SETSIGMASK")),
         );
+        note(
+            sys::set_regs(tid, &self.saved.regs)
+                .map(|_| 0)
+                .map_err(perr("SETREGS")),
+        );
+        note(self.clean_site().map(|_| 0));
+        if first.is_none() {
+            guardian::note(&Note::Released { pid })?;
+        }
         first.map_or(Ok(()), Err)
     }
 }

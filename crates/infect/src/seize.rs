@@ -26,6 +26,8 @@ pub struct Seized {
     /// SIGTTOU), as the leader's stop reports it; `None`: it was running.
     job_stop: Option<i32>,
     released: bool,
+    /// The kernel kills the process if we die while it is seized (see `seize_owned`).
+    exit_kill: bool,
 }
 
 /// Signals whose default action stops a process (job control).
@@ -86,6 +88,16 @@ pub const USER_CS_64: u64 = 0x33;
 impl Seized {
     /// Freezes every thread of `pid`.
     pub fn seize(pid: i32) -> Result<Seized> {
+        Self::seize_with(pid, false)
+    }
+
+    /// Like `seize`, for a task stasis made itself (a restore's): if this stasis dies while
+    /// the task is seized, the kernel kills it, so no half-made task is left holding the pid.
+    pub fn seize_owned(pid: i32) -> Result<Seized> {
+        Self::seize_with(pid, true)
+    }
+
+    fn seize_with(pid: i32, exit_kill: bool) -> Result<Seized> {
         let t0 = Instant::now();
         check_target(pid)?;
         let mut s = Seized {
@@ -94,6 +106,7 @@ impl Seized {
             signals_passed: Vec::new(),
             job_stop: None,
             released: false,
+            exit_kill,
         };
         // Until every thread is stopped, any of them may create more; rescan until stable.
         loop {
@@ -125,7 +138,7 @@ impl Seized {
 
     fn seize_thread(&mut self, tid: i32) -> Result<()> {
         let t = Pid::from_raw(tid);
-        match sys::seize(t) {
+        match sys::seize(t, self.exit_kill) {
             Ok(()) => {}
             // The thread exited between listing and seizing.
             Err(Errno::ESRCH) => return Ok(()),
@@ -295,10 +308,12 @@ impl Seized {
 
     /// Makes threads the leader creates from now on start traced (and stopped) by us.
     pub fn trace_clones(&self) -> Result<()> {
-        sys::trace_clones(Pid::from_raw(self.pid)).map_err(|errno| InfectError::Ptrace {
-            op: "SETOPTIONS(TRACECLONE)",
-            tid: self.pid,
-            errno,
+        sys::trace_clones(Pid::from_raw(self.pid), self.exit_kill).map_err(|errno| {
+            InfectError::Ptrace {
+                op: "SETOPTIONS(TRACECLONE)",
+                tid: self.pid,
+                errno,
+            }
         })
     }
 
@@ -320,6 +335,7 @@ impl Seized {
 
     /// The first half of `kill_and_reap`: SIGKILL, while every thread is frozen.
     pub fn kill(&mut self) -> Result<()> {
+        stasis_sys::fault::point();
         nix::sys::signal::kill(Pid::from_raw(self.pid), nix::sys::signal::Signal::SIGKILL)
             .map_err(|errno| InfectError::Ptrace {
                 op: "kill",
@@ -327,6 +343,7 @@ impl Seized {
                 errno,
             })?;
         self.released = true;
+        stasis_sys::fault::point();
         Ok(())
     }
 
@@ -367,7 +384,9 @@ impl Seized {
         let mut first_err = None;
         for &tid in &self.threads {
             match sys::detach(Pid::from_raw(tid)) {
-                Ok(()) | Err(Errno::ESRCH) => {}
+                Ok(()) => {}
+                // Gone, or not in a stop (then it was let go already): nothing to detach.
+                Err(Errno::ESRCH) => tracing::debug!(tid, "detach: no such stopped thread"),
                 Err(errno) => {
                     first_err.get_or_insert(InfectError::Ptrace {
                         op: "DETACH",

@@ -236,6 +236,10 @@ fn prepare(spawn: &Spawn<'_>, i: usize, ready: RawFd, hold: RawFd) -> Result<()>
     let t = &spawn.tasks[i];
     let (img, h, data) = (t.img, t.helpers, t.data);
     let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::all()), None);
+    // Files that are not the ones the process had are opened with its own rights.
+    if let Some(main) = img.cores.iter().find(|c| c.tid == img.inventory.pid) {
+        files::set_open_as(&main.creds);
+    }
     let want = h.fd_limit(img);
     let (cur, max) = getrlimit(Resource::RLIMIT_NOFILE).unwrap_or((0, 0));
     if cur < want {
@@ -288,7 +292,7 @@ fn prepare(spawn: &Spawn<'_>, i: usize, ready: RawFd, hold: RawFd) -> Result<()>
             let file = cx.unnamed_fd(m.dev, m.inode)?;
             files::reopen(file, flags)?
         } else {
-            open_path(m.path.as_bytes(), flags)?
+            files::open_identified(m.path.as_bytes(), flags, m.dev, m.inode)?
         };
         place_helper(fd, target)?;
     }

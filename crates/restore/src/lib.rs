@@ -44,6 +44,8 @@ pub struct RestoreOptions {
     /// Give terminals in the image this stasis's own (CRIU's `--shell-job`).
     pub shell_job: bool,
     pub vdso: VdsoMode,
+    /// Every process comes back stopped, as if by SIGSTOP (`--leave-stopped`).
+    pub leave_stopped: bool,
 }
 
 pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
@@ -164,6 +166,14 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
     // Every process is back: each one stopped by job control is stopped again, then all go.
     for (img, s) in imgs.iter().zip(seized.iter_mut()) {
         let pid = img.inventory.pid;
+        if opts.leave_stopped && img.process.job_stop.is_none() {
+            // As for a job stop below: the first thing it does once released is stop.
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGSTOP,
+            )
+            .with_context(|| format!("leaving pid {pid} stopped"))?;
+        }
         if let Some(sig) = img.process.job_stop {
             // Queued while every thread is still in a ptrace stop: the first thing the
             // process does once released is stop, before any instruction of its own. SIGSTOP,
@@ -250,7 +260,7 @@ impl Drop for NetUnlock {
 /// (cured), so that the whole tree is let go together.
 fn rebuild_task(img: &Image, helpers: &fds::Helpers, vdso: &VdsoPlan) -> Result<Seized> {
     let pid = img.inventory.pid;
-    let mut seized = Seized::seize(pid)?;
+    let mut seized = Seized::seize_owned(pid)?;
     seized.trace_clones()?;
     let leader = nix::unistd::Pid::from_raw(pid);
     let runtime_xsave = sys::get_xstate(leader)?;

@@ -31,10 +31,24 @@ impl Drop for TreeGuard {
             let pid = nix::unistd::Pid::from_raw(p);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
         }
-        if let Some(&root) = self.pids.first() {
-            let pid = nix::unistd::Pid::from_raw(root);
-            let _ = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::__WALL));
+        // Reap the root. Its threads we trace must be reaped first (by us, their tracer), or
+        // the root's death is never reported: reap whatever dies, until the root has.
+        let Some(&root) = self.pids.first() else {
+            return;
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            // SAFETY: waitpid with no status pointer.
+            let r =
+                unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG | libc::__WALL) };
+            if r == root || (r == -1 && nix::errno::Errno::last() == nix::errno::Errno::ECHILD) {
+                return;
+            }
+            if r == 0 {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
         }
+        tracing::warn!("pid {root} was killed but is not reaped yet");
     }
 }
 

@@ -3,6 +3,7 @@
 //! functions returning `Result`s. The rest of stasis uses these or nix, never `libc::syscall`.
 
 pub mod clone;
+pub mod fault;
 pub mod fs;
 pub mod netlock;
 pub mod process;

@@ -24,14 +24,38 @@ pub const SI_KERNEL: i32 = 0x80;
 /// `status >> 16` of a stop caused by `PTRACE_INTERRUPT` or a group stop under SEIZE.
 pub const PTRACE_EVENT_STOP: i32 = 128;
 
-pub fn seize(tid: Pid) -> Result<(), Errno> {
-    ptrace::seize(tid, ptrace::Options::empty())
+/// `WSTOPSIG` of a system-call stop (`PTRACE_O_TRACESYSGOOD`, always set by `seize`).
+pub const SYSCALL_STOP: i32 = libc::SIGTRAP | 0x80;
+
+/// Seizes `tid`. System-call stops are told apart from SIGTRAPs (`SYSCALL_STOP`); with
+/// `exit_kill` the kernel kills the thread if we die while tracing it (`PTRACE_O_EXITKILL`:
+/// for the half-made tasks of a restore, never for a process being dumped).
+pub fn seize(tid: Pid, exit_kill: bool) -> Result<(), Errno> {
+    ptrace::seize(tid, base_options(exit_kill))
+}
+
+fn base_options(exit_kill: bool) -> ptrace::Options {
+    let mut o = ptrace::Options::PTRACE_O_TRACESYSGOOD;
+    if exit_kill {
+        o |= ptrace::Options::PTRACE_O_EXITKILL;
+    }
+    o
 }
 
 /// Makes every thread `tid` creates start traced by us, stopped before its first instruction
-/// (`PTRACE_O_TRACECLONE`; under SEIZE the new thread reports a `PTRACE_EVENT_STOP`).
-pub fn trace_clones(tid: Pid) -> Result<(), Errno> {
-    ptrace::setoptions(tid, ptrace::Options::PTRACE_O_TRACECLONE)
+/// (`PTRACE_O_TRACECLONE`; under SEIZE the new thread reports a `PTRACE_EVENT_STOP`). New
+/// threads inherit the options, `exit_kill` included (see `seize`).
+pub fn trace_clones(tid: Pid, exit_kill: bool) -> Result<(), Errno> {
+    ptrace::setoptions(
+        tid,
+        base_options(exit_kill) | ptrace::Options::PTRACE_O_TRACECLONE,
+    )
+}
+
+/// Resumes a stopped thread until its next system-call entry or exit (`PTRACE_SYSCALL`).
+pub fn syscall_step(tid: Pid) -> Result<(), Errno> {
+    crate::fault::point();
+    ptrace::syscall(tid, None)
 }
 
 /// The message of the last ptrace event (for `PTRACE_EVENT_CLONE`: the new thread's id).
@@ -40,6 +64,7 @@ pub fn event_msg(tid: Pid) -> Result<i32, Errno> {
 }
 
 pub fn interrupt(tid: Pid) -> Result<(), Errno> {
+    crate::fault::point();
     ptrace::interrupt(tid)
 }
 
@@ -47,12 +72,14 @@ pub fn interrupt(tid: Pid) -> Result<(), Errno> {
 /// `Signal`: that enum cannot represent real-time signals, and a signal that cannot be
 /// represented must never turn into "no signal" (the tracee would silently lose it).
 pub fn cont(tid: Pid, sig: i32) -> Result<(), Errno> {
+    crate::fault::point();
     // SAFETY: PTRACE_CONT takes no pointers; `data` is the signal number.
     let r = unsafe { libc::ptrace(libc::PTRACE_CONT, tid.as_raw(), 0usize, sig as libc::c_long) };
     Errno::result(r).map(drop)
 }
 
 pub fn detach(tid: Pid) -> Result<(), Errno> {
+    crate::fault::point();
     ptrace::detach(tid, None)
 }
 
@@ -61,6 +88,7 @@ pub fn get_regs(tid: Pid) -> Result<Regs, Errno> {
 }
 
 pub fn set_regs(tid: Pid, regs: &Regs) -> Result<(), Errno> {
+    crate::fault::point();
     ptrace::setregs(tid, *regs)
 }
 
@@ -83,6 +111,7 @@ pub fn get_sigmask(tid: Pid) -> Result<u64, Errno> {
 }
 
 pub fn set_sigmask(tid: Pid, mask: u64) -> Result<(), Errno> {
+    crate::fault::point();
     // SAFETY: PTRACE_SETSIGMASK reads 8 bytes from `data`, a valid u64.
     let r = unsafe { libc::ptrace(PTRACE_SETSIGMASK, tid.as_raw(), 8usize, &mask as *const u64) };
     Errno::result(r).map(drop)
@@ -110,6 +139,7 @@ pub fn get_xstate(tid: Pid) -> Result<Vec<u8>, Errno> {
 }
 
 pub fn set_xstate(tid: Pid, xstate: &[u8]) -> Result<(), Errno> {
+    crate::fault::point();
     let mut iov = libc::iovec {
         iov_base: xstate.as_ptr() as *mut libc::c_void,
         iov_len: xstate.len(),
@@ -132,6 +162,7 @@ const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_uint = 0x420f;
 
 /// Executes one instruction of a stopped thread (it stops again with SIGTRAP).
 pub fn singlestep(tid: Pid) -> Result<(), Errno> {
+    crate::fault::point();
     ptrace::step(tid, None)
 }
 
@@ -294,7 +325,7 @@ mod tests {
         let t = Pid::from_raw(child);
         // Let the child install its handler before any signal is sent.
         std::thread::sleep(std::time::Duration::from_millis(100));
-        seize(t).expect("seize our own child");
+        seize(t, false).expect("seize our own child");
         let val = libc::sigval {
             sival_ptr: std::ptr::null_mut(),
         };

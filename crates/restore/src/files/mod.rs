@@ -381,6 +381,80 @@ pub(crate) fn open_path(path: &[u8], flags: u32) -> Result<OwnedFd> {
     )
 }
 
+/// Whom a file is opened as when it is not the one the process had at the dump: the restored
+/// process's own file-system credentials. A file that is the one it had (same device and
+/// inode) is opened with the restoring stasis's rights: the process had it open, and the
+/// image that says so is authenticated. Any other file under that name — replaced since, or
+/// a symbolic link planted to something else — the process gets only if it could open it
+/// itself. `None`: the process is root's, or stasis is not root (the kernel already limits it).
+#[derive(Clone, Debug)]
+pub(crate) struct OpenAs {
+    fsuid: u32,
+    fsgid: u32,
+    groups: Vec<u32>,
+}
+
+static OPEN_AS: std::sync::Mutex<Option<OpenAs>> = std::sync::Mutex::new(None);
+
+/// Sets whom this task's files are opened as (see `OpenAs`), from its main thread's creds.
+pub(crate) fn set_open_as(creds: &Creds) {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let who = (root && creds.uids[3] != 0).then(|| OpenAs {
+        fsuid: creds.uids[3],
+        fsgid: creds.gids[3],
+        groups: creds.groups.clone(),
+    });
+    *OPEN_AS.lock().unwrap_or_else(|p| p.into_inner()) = who;
+}
+
+impl OpenAs {
+    /// `open_path` with this task's credentials for the file system (this thread only:
+    /// `setfsuid` is per thread, and a task being prepared has one).
+    fn open(&self, path: &[u8], flags: u32) -> Result<OwnedFd> {
+        let before = nix::unistd::getgroups().context("getgroups")?;
+        let groups: Vec<nix::unistd::Gid> = self
+            .groups
+            .iter()
+            .map(|&g| nix::unistd::Gid::from_raw(g))
+            .collect();
+        check(nix::unistd::setgroups(&groups), || "setgroups".into())?;
+        nix::unistd::setfsgid(nix::unistd::Gid::from_raw(self.fsgid));
+        nix::unistd::setfsuid(nix::unistd::Uid::from_raw(self.fsuid));
+        let r = open_path(path, flags);
+        nix::unistd::setfsuid(nix::unistd::Uid::from_raw(0));
+        nix::unistd::setfsgid(nix::unistd::Gid::from_raw(0));
+        check(nix::unistd::setgroups(&before), || "setgroups".into())?;
+        r
+    }
+}
+
+/// Opens `path` for a process that had the file `(dev, inode)` open under that name: see
+/// `OpenAs` for whose rights are used.
+pub(crate) fn open_identified(path: &[u8], flags: u32, dev: u64, inode: u64) -> Result<OwnedFd> {
+    let fd = open_path(path, flags)?;
+    let same = nix::sys::stat::fstat(&fd).is_ok_and(|m| {
+        let d = m.st_dev;
+        (kdev(libc::major(d), libc::minor(d)), m.st_ino) == (dev, inode)
+    });
+    if same {
+        return Ok(fd);
+    }
+    let name = String::from_utf8_lossy(path);
+    let who = OPEN_AS.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let Some(who) = who else {
+        tracing::warn!("{name} is not the file it was at the dump (another inode)");
+        return Ok(fd);
+    };
+    drop(fd);
+    who.open(path, flags).with_context(|| {
+        format!(
+            "{name} is not the file the process had open at the dump (another inode), and the process (uid {}) cannot open it itself",
+            who.fsuid
+        )
+    })
+}
+
 /// A new description of the file behind `fd` (through /proc/self/fd), with `flags`.
 pub(crate) fn reopen(fd: RawFd, flags: u32) -> Result<OwnedFd> {
     open_path(format!("/proc/self/fd/{fd}").as_bytes(), flags)

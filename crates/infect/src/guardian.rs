@@ -1,0 +1,398 @@
+//! The guardian: a second process that cures the target if this stasis dies mid-way.
+//!
+//! When a tracer dies, the kernel lets its tracees go wherever they are. The injection is built
+//! so that "wherever" is harmless (see `parasite.rs`): a thread running injected code ends up
+//! in a park loop, every signal but SIGTRAP blocked. What it cannot do is put the thread's own
+//! registers, XSAVE area and signal mask back, unmap the region or restore the site's bytes:
+//! the guardian does. `stasis` starts it (`start`, a re-exec of itself) before touching any
+//! process and sends it, over a pipe and *before* each change, what it needs to undo it
+//! (`Note`). If the pipe closes without an `End`, stasis died: the guardian waits until the
+//! kernel has let the targets go, seizes each one that was changed, moves its parked threads
+//! back into their saved state, removes the region and the memfd, puts the site's bytes back
+//! and lets it run on.
+//!
+//! Invariant: every change a `Parasite` makes to a thread, its code or its address space is
+//! announced here first; a `Released` note ends the guardian's interest in a process.
+
+use crate::parasite::{Parasite, Saved, ALL_BUT_TRAP, MEMFD_NAME, SITE_CODE, SITE_LEN};
+use crate::seize::Seized;
+use crate::{InfectError, Result};
+use nix::unistd::Pid;
+use stasis_sys::ptrace::{self as sys, Regs, Wait};
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::process::{Child, ChildStdin, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The hidden `stasis` subcommand that runs `serve`.
+pub const COMMAND: &str = "guardian";
+
+/// What the guardian is told, before the change it describes is made.
+pub(crate) enum Note {
+    /// Thread `tid`'s state as it was, before any change to it.
+    Thread {
+        pid: i32,
+        tid: i32,
+        saved: Box<Saved>,
+    },
+    /// Thread `tid` has its saved state back.
+    ThreadBack { pid: i32, tid: i32 },
+    /// The injection site and its own bytes, before it is first written.
+    Site {
+        pid: i32,
+        addr: u64,
+        orig: [u8; SITE_LEN],
+    },
+    /// Where the region's park loop is, once the region is mapped.
+    Park { pid: i32, addr: u64 },
+    /// The process is cured (or killed): nothing to do for it any more.
+    Released { pid: i32 },
+    /// This stasis is finishing normally.
+    End,
+}
+
+const REGS_LEN: usize = std::mem::size_of::<Regs>();
+
+impl Note {
+    fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; 4];
+        let head = |b: &mut Vec<u8>, kind: u8, pid: i32, tid: i32| {
+            b.push(kind);
+            b.extend_from_slice(&pid.to_le_bytes());
+            b.extend_from_slice(&tid.to_le_bytes());
+        };
+        match self {
+            Note::Thread { pid, tid, saved } => {
+                head(&mut b, 1, *pid, *tid);
+                b.extend_from_slice(regs_bytes(&saved.regs));
+                b.extend_from_slice(&saved.sigmask.to_le_bytes());
+                b.extend_from_slice(&saved.xstate);
+            }
+            Note::ThreadBack { pid, tid } => head(&mut b, 2, *pid, *tid),
+            Note::Site { pid, addr, orig } => {
+                head(&mut b, 3, *pid, 0);
+                b.extend_from_slice(&addr.to_le_bytes());
+                b.extend_from_slice(orig);
+            }
+            Note::Park { pid, addr } => {
+                head(&mut b, 4, *pid, 0);
+                b.extend_from_slice(&addr.to_le_bytes());
+            }
+            Note::Released { pid } => head(&mut b, 5, *pid, 0),
+            Note::End => head(&mut b, 6, 0, 0),
+        }
+        let len = (b.len() - 4) as u32;
+        b[..4].copy_from_slice(&len.to_le_bytes());
+        b
+    }
+
+    /// Decodes one frame body; `None` for anything malformed (a frame cut short by a death).
+    fn decode(f: &[u8]) -> Option<Note> {
+        let kind = *f.first()?;
+        let int = |at: usize| Some(i32::from_le_bytes(f.get(at..at + 4)?.try_into().ok()?));
+        let u64_at = |at: usize| Some(u64::from_le_bytes(f.get(at..at + 8)?.try_into().ok()?));
+        let (pid, tid) = (int(1)?, int(5)?);
+        let body = 9;
+        Some(match kind {
+            1 => {
+                let raw = f.get(body..body + REGS_LEN)?;
+                let sigmask = u64_at(body + REGS_LEN)?;
+                let xstate = f.get(body + REGS_LEN + 8..)?.to_vec();
+                Note::Thread {
+                    pid,
+                    tid,
+                    saved: Box::new(Saved {
+                        regs: regs_from(raw)?,
+                        xstate,
+                        sigmask,
+                    }),
+                }
+            }
+            2 => Note::ThreadBack { pid, tid },
+            3 => Note::Site {
+                pid,
+                addr: u64_at(body)?,
+                orig: f.get(body + 8..body + 8 + SITE_LEN)?.try_into().ok()?,
+            },
+            4 => Note::Park {
+                pid,
+                addr: u64_at(body)?,
+            },
+            5 => Note::Released { pid },
+            6 => Note::End,
+            _ => return None,
+        })
+    }
+}
+
+fn regs_bytes(r: &Regs) -> &[u8] {
+    // SAFETY: user_regs_struct is plain old data (27 u64s); viewing it as bytes is sound.
+    unsafe { std::slice::from_raw_parts(r as *const Regs as *const u8, REGS_LEN) }
+}
+
+fn regs_from(raw: &[u8]) -> Option<Regs> {
+    if raw.len() != REGS_LEN {
+        return None;
+    }
+    // SAFETY: exactly REGS_LEN bytes; every bit pattern is a valid user_regs_struct.
+    Some(unsafe { std::ptr::read_unaligned(raw.as_ptr() as *const Regs) })
+}
+
+/// The pipe to the running guardian, if this stasis started one.
+static CHANNEL: Mutex<Option<ChildStdin>> = Mutex::new(None);
+
+/// Tells the guardian, if there is one, about a change about to be made. A guardian that
+/// cannot be told fails the operation: nothing is changed unprotected.
+pub(crate) fn note(n: &Note) -> Result<()> {
+    let mut ch = CHANNEL.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(pipe) = ch.as_mut() else {
+        return Ok(());
+    };
+    // One write: a frame up to PIPE_BUF arrives whole or not at all.
+    pipe.write_all(&n.encode()).map_err(|err| InfectError::Io {
+        pid: 0,
+        what: "telling the guardian process",
+        err,
+    })
+}
+
+/// A running guardian; dropping it ends it (normally).
+pub struct Guardian {
+    child: Child,
+}
+
+/// Starts the guardian: `exe` (this stasis's own binary) run with `COMMAND`.
+pub fn start(exe: &std::path::Path) -> Result<Guardian> {
+    let mut child = std::process::Command::new(exe)
+        .arg(COMMAND)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .env_remove(stasis_sys::fault::ENV)
+        .spawn()
+        .map_err(|err| InfectError::Io {
+            pid: 0,
+            what: "starting the guardian process",
+            err,
+        })?;
+    let pipe = child.stdin.take();
+    *CHANNEL.lock().unwrap_or_else(|p| p.into_inner()) = pipe;
+    Ok(Guardian { child })
+}
+
+impl Drop for Guardian {
+    fn drop(&mut self) {
+        let _ = note(&Note::End);
+        CHANNEL.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the guardian knows of one process.
+#[derive(Default)]
+struct Watch {
+    threads: BTreeMap<i32, Saved>,
+    site: Option<(u64, [u8; SITE_LEN])>,
+    park: Option<u64>,
+}
+
+/// The guardian's main: reads notes on stdin until `End` (exit 0) or until the pipe closes
+/// without one, then cures every process left changed. Returns the exit code.
+pub fn serve() -> i32 {
+    // A ^C or a hang-up meant for stasis is not for us: stasis dying is what we wait for.
+    for sig in [
+        libc::SIGINT,
+        libc::SIGTERM,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+        libc::SIGPIPE,
+    ] {
+        // SAFETY: setting a signal to SIG_IGN has no memory effects.
+        unsafe { libc::signal(sig, libc::SIG_IGN) };
+    }
+    let mut watched: BTreeMap<i32, Watch> = BTreeMap::new();
+    let mut input = std::io::stdin().lock();
+    loop {
+        let mut len = [0u8; 4];
+        if input.read_exact(&mut len).is_err() {
+            break;
+        }
+        let len = u32::from_le_bytes(len) as usize;
+        if len > 1 << 20 {
+            break;
+        }
+        let mut frame = vec![0u8; len];
+        if input.read_exact(&mut frame).is_err() {
+            break;
+        }
+        match Note::decode(&frame) {
+            Some(Note::End) => return 0,
+            Some(Note::Thread { pid, tid, saved }) => {
+                watched.entry(pid).or_default().threads.insert(tid, *saved);
+            }
+            Some(Note::ThreadBack { pid, tid }) => {
+                if let Some(w) = watched.get_mut(&pid) {
+                    w.threads.remove(&tid);
+                }
+            }
+            Some(Note::Site { pid, addr, orig }) => {
+                watched.entry(pid).or_default().site = Some((addr, orig));
+            }
+            Some(Note::Park { pid, addr }) => {
+                watched.entry(pid).or_default().park = Some(addr);
+            }
+            Some(Note::Released { pid }) => {
+                watched.remove(&pid);
+            }
+            None => break,
+        }
+    }
+    let mut code = 0;
+    for (pid, w) in watched {
+        match cure(pid, &w) {
+            Ok(true) => eprintln!("stasis guardian: stasis died while working on pid {pid}; pid {pid} is cured and runs on"),
+            Ok(false) => {}
+            Err(e) => {
+                eprintln!("stasis guardian: stasis died while working on pid {pid}; curing it failed: {e}");
+                code = 1;
+            }
+        }
+    }
+    code
+}
+
+/// Cures `pid` as `w` says. Ok(false): the process is gone, nothing to cure.
+fn cure(pid: i32, w: &Watch) -> Result<bool> {
+    // The dead stasis's tracing ends in its exit, after its pipe closed: wait for it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seized = loop {
+        match stasis_proc::tracer_pid(pid) {
+            Err(_) => return Ok(false),
+            Ok(0) => match Seized::seize(pid) {
+                Ok(s) => break s,
+                Err(InfectError::Zombie(_) | InfectError::NoProcess(_)) => return Ok(false),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => {}
+            },
+            Ok(_) if Instant::now() >= deadline => {
+                return Err(InfectError::TargetGone {
+                    pid,
+                    how: "it stayed traced by the dead stasis".into(),
+                })
+            }
+            Ok(_) => {}
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let regions: Vec<(u64, u64)> = stasis_proc::maps(pid)?
+        .iter()
+        .filter(|v| is_ours(&v.name))
+        .map(|v| (v.start, v.end))
+        .collect();
+    let site = w.site.map(|(a, _)| (a, a + SITE_LEN as u64));
+    let injected = |rip: u64| {
+        regions.iter().any(|&(s, e)| rip >= s && rip < e)
+            || site.is_some_and(|(s, e)| rip >= s && rip < e)
+    };
+    for (&tid, saved) in &w.threads {
+        if !seized.threads().contains(&tid) {
+            continue;
+        }
+        let t = Pid::from_raw(tid);
+        let perr = |op| move |errno| InfectError::Ptrace { op, tid, errno };
+        let mut regs = sys::get_regs(t).map_err(perr("GETREGS"))?;
+        if let Some(park) = w.park {
+            // Mid-command when stasis died: let the blob finish into its park loop.
+            let parked = |rip: u64| rip >= park && rip < park + stasis_abi::PARK_CODE.len() as u64;
+            let mut tries = 0;
+            while injected(regs.rip)
+                && !parked(regs.rip)
+                && !in_site(site, regs.rip)
+                && tries < 2000
+            {
+                sys::cont(t, 0).map_err(perr("CONT"))?;
+                std::thread::sleep(Duration::from_millis(1));
+                sys::interrupt(t).map_err(perr("INTERRUPT"))?;
+                wait_stop(t)?;
+                regs = sys::get_regs(t).map_err(perr("GETREGS"))?;
+                tries += 1;
+            }
+        }
+        if injected(regs.rip) {
+            // The registers last: see `Parasite::cure`.
+            sys::set_xstate(t, &saved.xstate).map_err(perr("SETREGSET(XSTATE)"))?;
+            sys::set_sigmask(t, saved.sigmask).map_err(perr("SETSIGMASK"))?;
+            sys::set_regs(t, &saved.regs).map_err(perr("SETREGS"))?;
+        } else if is_injected_mask(sys::get_sigmask(t).map_err(perr("GETSIGMASK"))?) {
+            // Died between blocking signals and the first injected call, or after the
+            // registers went back but before the mask did.
+            sys::set_sigmask(t, saved.sigmask).map_err(perr("SETSIGMASK"))?;
+        }
+    }
+    // Unmap the region and close the memfd wherever they are, with the site's own bytes known.
+    let fds = our_fds(pid);
+    Parasite::recover(&mut seized, w.site, &regions, &fds)?;
+    seized.release()?;
+    Ok(true)
+}
+
+/// The mask injected code runs with, as the kernel reports it (it never holds SIGKILL or
+/// SIGSTOP blocked).
+fn is_injected_mask(mask: u64) -> bool {
+    let unblockable = (1u64 << (libc::SIGKILL - 1)) | (1u64 << (libc::SIGSTOP - 1));
+    mask | unblockable == ALL_BUT_TRAP
+}
+
+fn in_site(site: Option<(u64, u64)>, rip: u64) -> bool {
+    site.is_some_and(|(s, e)| rip >= s && rip < e)
+}
+
+fn wait_stop(t: Pid) -> Result<()> {
+    loop {
+        match sys::wait(t, false) {
+            Ok(Wait::Stopped { event, .. }) if event == sys::PTRACE_EVENT_STOP => return Ok(()),
+            Ok(Wait::Stopped { sig, .. }) => {
+                // A signal the thread blocks cannot stop it; SIGSTOP or a fault can: pass it.
+                sys::cont(t, sig).map_err(|errno| InfectError::Ptrace {
+                    op: "CONT",
+                    tid: t.as_raw(),
+                    errno,
+                })?;
+                let _ = sys::interrupt(t);
+            }
+            Ok(Wait::Running) => {}
+            Ok(Wait::Exited(_) | Wait::Killed(_)) | Err(_) => {
+                return Err(InfectError::TargetGone {
+                    pid: t.as_raw(),
+                    how: "it exited while the guardian cured it".into(),
+                })
+            }
+        }
+    }
+}
+
+/// A mapping name or fd link of the region's memfd.
+fn is_ours(name: &[u8]) -> bool {
+    let mut want = b"memfd:".to_vec();
+    want.extend_from_slice(MEMFD_NAME);
+    name.windows(want.len()).any(|w| w == want.as_slice())
+}
+
+/// The target's descriptors of the region's memfd.
+fn our_fds(pid: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .filter(|e| {
+            std::fs::read_link(e.path())
+                .is_ok_and(|l| is_ours(std::os::unix::ffi::OsStrExt::as_bytes(l.as_os_str())))
+        })
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// Whether the site bytes `cur` are still the injected code (not the target's own).
+pub(crate) fn site_is_injected(cur: &[u8; SITE_LEN]) -> bool {
+    *cur == SITE_CODE
+}

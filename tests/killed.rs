@@ -1,0 +1,332 @@
+//! A killed stasis harms nothing: stasis is SIGKILLed at every step that changes a traced
+//! process (`STASIS_KILL_AT=N`, see `stasis_sys::fault`), N = 1, 2, … until a run gets
+//! through, in a dump (leaving the target running, and killing it), in `stasis vdso` and in a
+//! restore; then at random moments from outside. After each kill the target must run on
+//! exactly as before — its threads' signal masks, its code, no region or memfd of ours left,
+//! untraced — and at the end its own verdict (registers, memory, every blocking call
+//! invisible) must be PASS. A restore killed mid-way must leave no task holding the pid.
+
+mod common;
+
+use common::*;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// What must not change in the target across a killed stasis.
+#[derive(Debug, PartialEq)]
+struct Shape {
+    /// (tid, SigBlk) of every thread.
+    masks: Vec<(i32, String)>,
+    /// The first page of every executable mapping (the injection site is the first one).
+    code: Vec<(u64, Vec<u8>)>,
+}
+
+fn shape(pid: i32) -> Shape {
+    let mut masks = Vec::new();
+    let mut tids: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("task dir")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    tids.sort();
+    for tid in tids {
+        let st =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap_or_default();
+        let blk = st
+            .lines()
+            .find_map(|l| l.strip_prefix("SigBlk:"))
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        masks.push((tid, blk));
+    }
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).expect("mem");
+    let mut code = Vec::new();
+    for l in maps.lines() {
+        let mut f = l.split_whitespace();
+        let (Some(range), Some(perms)) = (f.next(), f.next()) else {
+            continue;
+        };
+        if !perms.contains('x') || l.contains("[vdso]") || l.contains("[vsyscall]") {
+            continue;
+        }
+        let start = u64::from_str_radix(range.split('-').next().unwrap_or("0"), 16).unwrap_or(0);
+        let mut page = vec![0u8; 4096];
+        if std::os::unix::fs::FileExt::read_exact_at(&mem, &mut page, start).is_ok() {
+            code.push((start, page));
+        }
+    }
+    Shape { masks, code }
+}
+
+/// The shape once it holds still (a thread that has just started, or just been let go, is
+/// still settling into its wait).
+fn settled_shape(pid: i32) -> Shape {
+    let mut last = shape(pid);
+    for _ in 0..100 {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = shape(pid);
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    panic!("pid {pid} never holds still: {:?}", last.masks);
+}
+
+/// Anything of ours left in the target: a mapping or a descriptor of the region's memfd.
+fn leftovers(pid: i32) -> Vec<String> {
+    let mut left: Vec<String> = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("memfd:stasis"))
+        .map(str::to_string)
+        .collect();
+    if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        for e in dir.flatten() {
+            if let Ok(l) = std::fs::read_link(e.path()) {
+                if l.to_string_lossy().contains("memfd:stasis") {
+                    left.push(format!("fd {:?} -> {}", e.file_name(), l.display()));
+                }
+            }
+        }
+    }
+    left
+}
+
+/// Waits until `pid` is gone, reaping it if it became ours (this test is a subreaper: what a
+/// killed stasis leaves is reparented here, not to an init that reaps every few seconds).
+fn reap_gone(pid: i32, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        // SAFETY: waitpid on a pid, no status wanted.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG | libc::__WALL) };
+        assert!(
+            Instant::now() < deadline,
+            "{what}: pid {pid} is still there ({})",
+            stasis_state(pid)
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Runs stasis with `args`, killing itself at step `at` (0: never).
+fn stasis_killed_at(args: &[&str], at: u32) -> Output {
+    let mut c = Command::new(stasis_bin());
+    c.args(args);
+    if at > 0 {
+        c.env("STASIS_KILL_AT", at.to_string());
+    }
+    // `output` returns once stderr is closed: the guardian holds it until it has finished.
+    c.output().expect("running stasis")
+}
+
+fn was_killed(o: &Output) -> bool {
+    o.status.signal() == Some(libc::SIGKILL)
+}
+
+/// After a killed stasis: the target is untraced, as it was, with nothing of ours left.
+fn check_unharmed(pid: i32, before: &Shape, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tracer_of(pid) != 0 {
+        assert!(Instant::now() < deadline, "{what}: pid {pid} stays traced");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let st = stasis_state(pid);
+    assert!(
+        matches!(st, 'S' | 'R' | 'D'),
+        "{what}: pid {pid} is in state {st}"
+    );
+    let left = leftovers(pid);
+    assert!(left.is_empty(), "{what}: left in pid {pid}: {left:?}");
+    // A thread in sigsuspend shows its temporary mask; for a moment after it is let go (before
+    // the call is restarted) it shows its own: give it that moment.
+    let mut now = shape(pid);
+    for _ in 0..50 {
+        if now.masks == before.masks {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+        now = shape(pid);
+    }
+    assert_eq!(now.masks, before.masks, "{what}: signal masks changed");
+    assert_eq!(
+        now.code.len(),
+        before.code.len(),
+        "{what}: executable mappings changed"
+    );
+    for ((a, x), (b, y)) in now.code.iter().zip(&before.code) {
+        assert_eq!(a, b, "{what}: executable mappings moved");
+        assert!(x == y, "{what}: code at {a:#x} changed");
+    }
+}
+
+/// Kills `stasis <args>` at every step in turn; returns the number of kills. `after_kill`
+/// runs after each; the walk ends when a run gets through (its output goes to `done`).
+fn walk(
+    args: &[&str],
+    mut after_kill: impl FnMut(u32, &Output),
+    done: impl FnOnce(&Output),
+) -> u32 {
+    for at in 1..400 {
+        let o = stasis_killed_at(args, at);
+        if !was_killed(&o) {
+            done(&o);
+            return at - 1;
+        }
+        after_kill(at, &o);
+    }
+    panic!("stasis {args:?} still had steps left after 400 kills");
+}
+
+#[test]
+fn a_killed_stasis_leaves_its_target_unharmed() {
+    if !require_root("a_killed_stasis_leaves_its_target_unharmed") {
+        return;
+    }
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) has no memory effects.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let mut kills = 0;
+    let mut report = Vec::new();
+    for threads in ["1", "3"] {
+        let (n, r) = kill_everywhere(threads);
+        kills += n;
+        report.push(format!("survivor --threads {threads}: {n} kills: {r}"));
+    }
+    eprintln!("{}", report.join("\n"));
+    assert!(kills >= 300, "only {kills} kills: {}", report.join("; "));
+}
+
+/// The walks and the random kills for one survivor; returns the kills and a summary.
+fn kill_everywhere(threads: &str) -> (u32, String) {
+    let d = Daemon::start("survivor", &["--threads", threads]);
+    let pid = d.pid;
+    let p = pid.to_string();
+    let before = settled_shape(pid);
+    let mut kills = 0;
+    let mut report = Vec::new();
+    let t0 = Instant::now();
+
+    // stasis vdso: every kill leaves it running.
+    let n = walk(
+        &["vdso", "-t", &p],
+        |at, o| {
+            check_unharmed(
+                pid,
+                &before,
+                &format!("vdso killed at step {at}: {}", stderr_of(o)),
+            )
+        },
+        |o| assert!(o.status.success(), "vdso: {}", stderr_of(o)),
+    );
+    check_unharmed(pid, &before, "after vdso");
+    report.push(format!("vdso {n} in {:?}", t0.elapsed()));
+    kills += n;
+
+    // A dump that leaves it running.
+    let img = d.image(1);
+    let img_s = img.to_string_lossy().to_string();
+    let n = walk(
+        &["dump", "-t", &p, "-D", &img_s, "--leave-running"],
+        |at, o| {
+            check_unharmed(
+                pid,
+                &before,
+                &format!("dump --leave-running killed at step {at}: {}", stderr_of(o)),
+            );
+            let _ = std::fs::remove_dir_all(&img);
+        },
+        |o| assert!(o.status.success(), "dump --leave-running: {}", stderr_of(o)),
+    );
+    check_unharmed(pid, &before, "after dump --leave-running");
+    let _ = std::fs::remove_dir_all(&img);
+    report.push(format!("dump --leave-running {n} at {:?}", t0.elapsed()));
+    kills += n;
+
+    // A dump that kills it: until the image is whole the target lives on; after, it may be
+    // dead, and then the image is complete (it is restored and the walk goes on).
+    let mut restored = 0;
+    let n = walk(
+        &["dump", "-t", &p, "-D", &img_s],
+        |at, o| {
+            if stasis_state(pid) == '?' || stasis_state(pid) == 'Z' {
+                reap_gone(pid, &format!("dump killed at step {at}"));
+                let r = stasis(&["restore", "-D", &img_s, "--detach"]);
+                assert!(
+                    r.status.success(),
+                    "dump killed at step {at} killed the target without a whole image: {}",
+                    stderr_of(&r)
+                );
+                restored += 1;
+            } else {
+                check_unharmed(
+                    pid,
+                    &before,
+                    &format!("dump killed at step {at}: {}", stderr_of(o)),
+                );
+            }
+            let _ = std::fs::remove_dir_all(&img);
+        },
+        |o| assert!(o.status.success(), "dump: {}", stderr_of(o)),
+    );
+    reap_gone(pid, "after the dump");
+    report.push(format!(
+        "dump {n} ({restored} after the kill, restored) at {:?}",
+        t0.elapsed()
+    ));
+    kills += n;
+
+    // A restore killed mid-way leaves nothing holding the pid; the next one works.
+    let n = walk(
+        &["restore", "-D", &img_s, "--detach"],
+        |at, o| {
+            reap_gone(
+                pid,
+                &format!("restore killed at step {at}: {}", stderr_of(o)),
+            )
+        },
+        |o| assert!(o.status.success(), "restore: {}", stderr_of(o)),
+    );
+    report.push(format!("restore {n} at {:?}", t0.elapsed()));
+    kills += n;
+    let before = settled_shape(pid);
+
+    // And at random moments, from outside.
+    let mut seed = 0x2545_f491_4f6c_dd1du64 ^ u64::from(std::process::id());
+    let mut outside = 0;
+    for i in 0..80 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let delay = Duration::from_micros(seed % 12_000);
+        let args: &[&str] = if i % 2 == 0 {
+            &["vdso", "-t", &p]
+        } else {
+            &["dump", "-t", &p, "-D", &img_s, "--leave-running"]
+        };
+        let mut c = Command::new(stasis_bin())
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("stasis");
+        std::thread::sleep(delay);
+        let _ = c.kill();
+        let o = c.wait_with_output().expect("stasis output");
+        if was_killed(&o) {
+            outside += 1;
+        }
+        check_unharmed(pid, &before, &format!("{args:?} killed after {delay:?}"));
+        let _ = std::fs::remove_dir_all(&img);
+    }
+    report.push(format!(
+        "from outside {outside} of 80 at {:?}",
+        t0.elapsed()
+    ));
+    kills += outside;
+
+    let verdict = d.finish();
+    assert_pass(&verdict);
+    (kills, report.join(", "))
+}
