@@ -93,11 +93,15 @@ impl Tmux {
 
     /// Waits until `window` shows `text`.
     fn await_text(&self, window: &str, text: &str) {
-        wait_for(
-            &format!("{text:?} on {window}"),
-            Duration::from_secs(10),
-            || self.screen(window).contains(text),
-        );
+        let t = Instant::now();
+        while !self.screen(window).contains(text) {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "timed out waiting for {text:?} on {window}, which shows:\n{}",
+                self.screen(window)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn screen(&self, window: &str) -> String {
@@ -242,9 +246,18 @@ fn move_to_new_pane(tmux: &Tmux, dir: &Path, pid: i32) -> (String, std::path::Pa
     ));
     // Restored, not merely created: while the new task prepares itself it is still stasis
     // (its name too), and untraced before it is seized.
-    wait_for("the restored program", Duration::from_secs(10), || {
-        comm(pid) == name && tracer_of(pid) == 0
-    });
+    let t = Instant::now();
+    while !(comm(pid) == name && tracer_of(pid) == 0) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "timed out waiting for the restored program: pid {pid} is {:?} ({}), {}; the pane shows:\n{}",
+            comm(pid),
+            stasis_state(pid),
+            std::fs::read_to_string(&rc).unwrap_or_else(|_| "stasis restore has not ended".into()),
+            tmux.screen(&pane)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     (pane, rc)
 }
 

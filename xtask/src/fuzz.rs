@@ -361,10 +361,9 @@ fn random_mutations(rng: &mut Rng, base: &Path, canaries: &[PathBuf]) -> Result<
     Ok(out)
 }
 
-/// A record's name that holds for another dump of the same program: a thread's `core-TID.img`
-/// becomes `core#N.img`, N its place among the process's threads.
-fn portable_name(base: &Path, file: &str) -> String {
-    let mut cores: Vec<String> = records(base)
+/// The threads' records of the image at `root`, in the order of their ids.
+fn cores(root: &Path) -> Vec<String> {
+    let mut cores: Vec<String> = records(root)
         .into_iter()
         .filter(|f| f.starts_with("core-"))
         .collect();
@@ -374,7 +373,13 @@ fn portable_name(base: &Path, file: &str) -> String {
             .parse::<u64>()
             .unwrap_or(0)
     });
-    match cores.iter().position(|c| c == file) {
+    cores
+}
+
+/// A record's name that holds for another dump of the same program: a thread's `core-TID.img`
+/// becomes `core#N.img`, N its place among the process's threads.
+fn portable_name(base: &Path, file: &str) -> String {
+    match cores(base).iter().position(|c| c == file) {
         Some(i) => format!("core#{i}.img"),
         None => file.to_string(),
     }
@@ -389,18 +394,10 @@ fn actual_name(root: &Path, file: &str) -> String {
     else {
         return file.to_string();
     };
-    let mut cores: Vec<String> = records(root)
-        .into_iter()
-        .filter(|f| f.starts_with("core-"))
-        .collect();
-    // Threads in the order of their ids, as at the dump.
-    cores.sort_by_key(|c| {
-        c.trim_start_matches("core-")
-            .trim_end_matches(".img")
-            .parse::<u64>()
-            .unwrap_or(0)
-    });
-    cores.get(i).cloned().unwrap_or_else(|| file.to_string())
+    cores(root)
+        .get(i)
+        .cloned()
+        .unwrap_or_else(|| file.to_string())
 }
 
 /// Copies the base image to `work` (pages.img hard-linked: restore only reads it), applies

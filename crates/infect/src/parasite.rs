@@ -121,6 +121,24 @@ pub(crate) struct Saved {
     pub(crate) sigmask: u64,
 }
 
+impl Saved {
+    /// Thread `tid`'s state now.
+    fn read(tid: Pid) -> Result<Saved> {
+        let perr = |op| {
+            move |errno| InfectError::Ptrace {
+                op,
+                tid: tid.as_raw(),
+                errno,
+            }
+        };
+        Ok(Saved {
+            regs: sys::get_regs(tid).map_err(perr("GETREGS"))?,
+            xstate: sys::get_xstate(tid).map_err(perr("GETREGSET(XSTATE)"))?,
+            sigmask: sys::get_sigmask(tid).map_err(perr("GETSIGMASK"))?,
+        })
+    }
+}
+
 /// The host's view of the shared memfd region.
 struct HostMap {
     ptr: *mut u8,
@@ -198,11 +216,7 @@ impl<'s> Parasite<'s> {
                 errno,
             }
         };
-        let saved = Saved {
-            regs: sys::get_regs(tid).map_err(ptrace_err("GETREGS"))?,
-            xstate: sys::get_xstate(tid).map_err(ptrace_err("GETREGSET(XSTATE)"))?,
-            sigmask: sys::get_sigmask(tid).map_err(ptrace_err("GETSIGMASK"))?,
-        };
+        let saved = Saved::read(tid)?;
         if saved.regs.cs != crate::seize::USER_CS_64 {
             // Nothing is changed yet: the process is let go as it was.
             return Err(InfectError::NotX86_64 {
@@ -279,11 +293,7 @@ impl<'s> Parasite<'s> {
                 errno,
             }
         };
-        let saved = Saved {
-            regs: sys::get_regs(tid).map_err(ptrace_err("GETREGS"))?,
-            xstate: sys::get_xstate(tid).map_err(ptrace_err("GETREGSET(XSTATE)"))?,
-            sigmask: sys::get_sigmask(tid).map_err(ptrace_err("GETSIGMASK"))?,
-        };
+        let saved = Saved::read(tid)?;
         let mem = open_proc_rw(pid, "mem", "opening memory")?;
         let read_at = |addr: u64| -> Result<[u8; SITE_LEN]> {
             let mut b = [0u8; SITE_LEN];
@@ -722,11 +732,7 @@ impl<'s> Parasite<'s> {
         }
         let t = Pid::from_raw(tid);
         let perr = |op| move |errno| InfectError::Ptrace { op, tid, errno };
-        let saved = Saved {
-            regs: sys::get_regs(t).map_err(perr("GETREGS"))?,
-            xstate: sys::get_xstate(t).map_err(perr("GETREGSET(XSTATE)"))?,
-            sigmask: sys::get_sigmask(t).map_err(perr("GETSIGMASK"))?,
-        };
+        let saved = Saved::read(t)?;
         guardian::note(&Note::Thread {
             pid: self.pid,
             tid,

@@ -188,15 +188,16 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
         }
         let _ = s;
     }
+    // The terminal's modes before any process runs: a key typed at once is read in them.
+    for img in &imgs {
+        set_terminal_modes(img);
+    }
     for s in seized.iter_mut() {
         s.release()?;
     }
     netlock.release();
     guard.armed = false;
     drop(children);
-    for img in &imgs {
-        set_terminal_modes(img);
-    }
     let pid = tree.root.inventory.pid;
     tracing::info!(pid, processes = imgs.len(), loaded = ?loaded, frozen = ?t1.elapsed(), total = ?t0.elapsed(), "restored");
     if opts.detach {
