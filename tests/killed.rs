@@ -330,3 +330,107 @@ fn kill_everywhere(threads: &str) -> (u32, String) {
     assert_pass(&verdict);
     (kills, report.join(", "))
 }
+
+/// The peek offset of a socket of the target's, as the kernel has it (-1: none).
+fn peek_off(pid: i32, fd: i32) -> i32 {
+    // SAFETY: pidfd_open and pidfd_getfd take no pointers; the fds returned are closed below.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    assert!(pidfd >= 0, "pidfd_open({pid})");
+    // SAFETY: as above.
+    let sock = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) } as i32;
+    assert!(sock >= 0, "pidfd_getfd({pid}, {fd})");
+    let mut v: i32 = 0;
+    let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
+    // SAFETY: getsockopt into a valid i32 with its length.
+    let r = unsafe {
+        libc::getsockopt(
+            sock,
+            libc::SOL_SOCKET,
+            libc::SO_PEEK_OFF,
+            (&mut v as *mut i32).cast(),
+            &mut len,
+        )
+    };
+    // SAFETY: closing the two descriptors opened above.
+    unsafe {
+        libc::close(sock);
+        libc::close(pidfd);
+    }
+    assert_eq!(r, 0, "getsockopt(SO_PEEK_OFF)");
+    v
+}
+
+/// The dump reads a socket's queue from its start by moving its peek offset: killed at any
+/// step, the offset is put back (one socket had none, one had its own), and the queues are
+/// whole — the program reads them itself at the end.
+#[test]
+fn a_killed_dump_puts_a_socket_s_peek_offset_back() {
+    if !require_root("a_killed_dump_puts_a_socket_s_peek_offset_back") {
+        return;
+    }
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) has no memory effects.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let dir = tempdir::Dir::new("killed-sock");
+    let pidfile = dir.path().join("pid");
+    let script = format!(
+        r#"
+import os, socket, sys, time, signal
+a, b = socket.socketpair()
+a.send(b'one' * 100); b.send(b'two' * 50)
+b.setsockopt(socket.SOL_SOCKET, 42, 7)  # SO_PEEK_OFF: its own offset
+open('{fds}', 'w').write('%d %d' % (a.fileno(), b.fileno()))
+done = []
+signal.signal(signal.SIGTERM, lambda *x: done.append(1))
+open('{pid}', 'w').write(str(os.getpid()))
+while not done:
+    time.sleep(0.01)
+b.setsockopt(socket.SOL_SOCKET, 42, -1)
+ok = a.recv(1000) == b'two' * 50 and b.recv(1000) == b'one' * 100
+open('{out}', 'w').write('PASS\n' if ok else 'FAIL: queues\n')
+"#,
+        fds = dir.path().join("fds").display(),
+        pid = pidfile.display(),
+        out = dir.path().join("out").display(),
+    );
+    let mut child = python(&script, &pidfile, None, true);
+    let pid = child.id() as i32;
+    let fds: Vec<i32> = std::fs::read_to_string(dir.path().join("fds"))
+        .expect("fds")
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let before = settled_shape(pid);
+    let img = dir.path().join("img");
+    let img_s = img.to_string_lossy().to_string();
+    let p = pid.to_string();
+    let n = walk(
+        &["dump", "-t", &p, "-D", &img_s, "--leave-running"],
+        |at, o| {
+            check_unharmed(
+                pid,
+                &before,
+                &format!("killed at step {at}: {}", stderr_of(o)),
+            );
+            assert_eq!(
+                peek_off(pid, fds[0]),
+                -1,
+                "killed at step {at}: fd {}",
+                fds[0]
+            );
+            assert_eq!(
+                peek_off(pid, fds[1]),
+                7,
+                "killed at step {at}: fd {}",
+                fds[1]
+            );
+            let _ = std::fs::remove_dir_all(&img);
+        },
+        |o| assert!(o.status.success(), "dump: {}", stderr_of(o)),
+    );
+    assert!(n > 10, "only {n} steps");
+    // SAFETY: signalling our python.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let _ = child.wait();
+    let v = std::fs::read_to_string(dir.path().join("out")).unwrap_or_default();
+    assert_eq!(v, "PASS\n", "after {n} kills");
+}

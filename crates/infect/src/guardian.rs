@@ -46,6 +46,16 @@ pub(crate) enum Note {
     },
     /// Where the region's park loop is, once the region is mapped.
     Park { pid: i32, addr: u64 },
+    /// The peek offset of socket `inode` (the target's fd `fd`) is about to be changed; it was
+    /// `value`.
+    PeekOff {
+        pid: i32,
+        fd: i32,
+        inode: u64,
+        value: i32,
+    },
+    /// That socket's peek offset is back.
+    PeekOffBack { pid: i32, inode: u64 },
     /// The process is cured (or killed): nothing to do for it any more.
     Released { pid: i32 },
     /// This stasis is finishing normally.
@@ -81,6 +91,20 @@ impl Note {
             }
             Note::Released { pid } => head(&mut b, 5, *pid, 0),
             Note::End => head(&mut b, 6, 0, 0),
+            Note::PeekOff {
+                pid,
+                fd,
+                inode,
+                value,
+            } => {
+                head(&mut b, 7, *pid, *fd);
+                b.extend_from_slice(&inode.to_le_bytes());
+                b.extend_from_slice(&value.to_le_bytes());
+            }
+            Note::PeekOffBack { pid, inode } => {
+                head(&mut b, 8, *pid, 0);
+                b.extend_from_slice(&inode.to_le_bytes());
+            }
         }
         let len = (b.len() - 4) as u32;
         b[..4].copy_from_slice(&len.to_le_bytes());
@@ -121,6 +145,16 @@ impl Note {
             },
             5 => Note::Released { pid },
             6 => Note::End,
+            7 => Note::PeekOff {
+                pid,
+                fd: tid,
+                inode: u64_at(body)?,
+                value: int(body + 8)?,
+            },
+            8 => Note::PeekOffBack {
+                pid,
+                inode: u64_at(body)?,
+            },
             _ => return None,
         })
     }
@@ -155,6 +189,22 @@ pub(crate) fn note(n: &Note) -> Result<()> {
         what: "telling the guardian process",
         err,
     })
+}
+
+/// For the dump of a socket's queue, which it reads from the start: the peek offset of the
+/// target's fd `fd` (socket `inode`) is about to be changed from `value`.
+pub fn note_peek_off(pid: i32, fd: i32, inode: u64, value: i32) -> Result<()> {
+    note(&Note::PeekOff {
+        pid,
+        fd,
+        inode,
+        value,
+    })
+}
+
+/// The peek offset `note_peek_off` announced is back.
+pub fn note_peek_off_back(pid: i32, inode: u64) -> Result<()> {
+    note(&Note::PeekOffBack { pid, inode })
 }
 
 /// A running guardian; dropping it ends it (normally).
@@ -194,6 +244,8 @@ struct Watch {
     threads: BTreeMap<i32, Saved>,
     site: Option<(u64, [u8; SITE_LEN])>,
     park: Option<u64>,
+    /// Sockets whose peek offset is changed: inode → (fd, the offset to put back).
+    peek_offs: BTreeMap<u64, (i32, i32)>,
 }
 
 /// The guardian's main: reads notes on stdin until `End` (exit 0) or until the pipe closes
@@ -244,6 +296,23 @@ pub fn serve() -> i32 {
             Some(Note::Released { pid }) => {
                 watched.remove(&pid);
             }
+            Some(Note::PeekOff {
+                pid,
+                fd,
+                inode,
+                value,
+            }) => {
+                watched
+                    .entry(pid)
+                    .or_default()
+                    .peek_offs
+                    .insert(inode, (fd, value));
+            }
+            Some(Note::PeekOffBack { pid, inode }) => {
+                if let Some(w) = watched.get_mut(&pid) {
+                    w.peek_offs.remove(&inode);
+                }
+            }
             None => break,
         }
     }
@@ -284,6 +353,7 @@ fn cure(pid: i32, w: &Watch) -> Result<bool> {
         }
         std::thread::sleep(Duration::from_millis(1));
     };
+    put_peek_offs_back(pid, w);
     let regions: Vec<(u64, u64)> = stasis_proc::maps(pid)?
         .iter()
         .filter(|v| is_ours(&v.name))
@@ -341,6 +411,30 @@ fn cure(pid: i32, w: &Watch) -> Result<bool> {
 fn is_injected_mask(mask: u64) -> bool {
     let unblockable = (1u64 << (libc::SIGKILL - 1)) | (1u64 << (libc::SIGSTOP - 1));
     mask | unblockable == ALL_BUT_TRAP
+}
+
+/// Puts back the peek offsets of the sockets whose queue the dead stasis was reading, each on
+/// the socket it was changed on (the fd must still lead to that inode).
+fn put_peek_offs_back(pid: i32, w: &Watch) {
+    use std::os::unix::fs::MetadataExt;
+    for (&inode, &(fd, value)) in &w.peek_offs {
+        let put = stasis_sys::fs::pidfd_open(pid)
+            .and_then(|pidfd| stasis_sys::fs::pidfd_getfd(&pidfd, fd))
+            .ok()
+            .filter(|sock| {
+                std::fs::metadata(format!(
+                    "/proc/self/fd/{}",
+                    std::os::fd::AsRawFd::as_raw_fd(sock)
+                ))
+                .is_ok_and(|m| m.ino() == inode)
+            })
+            .map(|sock| {
+                stasis_sys::sock::setsockopt_int(&sock, libc::SOL_SOCKET, libc::SO_PEEK_OFF, value)
+            });
+        if !matches!(put, Some(Ok(()))) {
+            eprintln!("stasis guardian: pid {pid}: the peek offset of socket {inode} (fd {fd}) could not be put back");
+        }
+    }
 }
 
 fn in_site(site: Option<(u64, u64)>, rip: u64) -> bool {

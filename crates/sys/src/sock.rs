@@ -222,6 +222,7 @@ pub fn setsockopt(fd: impl AsFd, level: i32, name: i32, value: &[u8]) -> Result<
 }
 
 pub fn setsockopt_int(fd: impl AsFd, level: i32, name: i32, v: i32) -> Result<(), Errno> {
+    crate::fault::point();
     setsockopt(fd, level, name, &v.to_ne_bytes())
 }
 

@@ -168,7 +168,8 @@ fn unix(p: &Probe, fd: &OwnedFd, s: &mut Socket, cx: &mut Cx) -> Result<()> {
     s.unix = Some(u);
     // A stream or seqpacket socket has a queue only once connected; a datagram one always.
     if s.state == SockState::Connected || s.sock_type == libc::SOCK_DGRAM {
-        s.queue = queue(fd, s, cx).with_context(|| format!("{}: reading its queue", here()))?;
+        s.queue = queue(fd, (p.pid, p.fd), s, cx)
+            .with_context(|| format!("{}: reading its queue", here()))?;
     }
     Ok(())
 }
@@ -433,14 +434,18 @@ fn options(fd: &OwnedFd, family: i32, ty: i32, protocol: i32) -> Result<Vec<Sock
 
 /// The receive queue, read from the start without consuming it; the peek offset is put
 /// back as it was.
-fn queue(fd: &OwnedFd, s: &Socket, cx: &mut Cx) -> Result<SockQueue> {
+/// `target`: the pid and fd number the socket has in the dumped process (the guardian is told,
+/// so that the offset goes back even if this stasis dies in the middle).
+fn queue(fd: &OwnedFd, target: (i32, i32), s: &Socket, cx: &mut Cx) -> Result<SockQueue> {
     let stream = s.sock_type == libc::SOCK_STREAM;
+    stasis_infect::guardian::note_peek_off(target.0, target.1, s.inode, s.peek_off)?;
     sock::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0)
         .map_err(|e| anyhow::anyhow!("SO_PEEK_OFF: {e}"))?;
     let read = read_queue(fd, stream);
     let put_back = sock::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, s.peek_off);
     let (data, msgs) = read?;
     put_back.map_err(|e| anyhow::anyhow!("putting SO_PEEK_OFF back: {e}"))?;
+    stasis_infect::guardian::note_peek_off_back(target.0, s.inode)?;
     let passcred = s
         .opts
         .iter()
