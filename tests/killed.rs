@@ -434,3 +434,60 @@ open('{out}', 'w').write('PASS\n' if ok else 'FAIL: queues\n')
     let v = std::fs::read_to_string(dir.path().join("out")).unwrap_or_default();
     assert_eq!(v, "PASS\n", "after {n} kills");
 }
+
+/// The network locks of ours on this machine (nftables tables `stasis_<pid>_<n>`).
+fn our_locks(pid: i32) -> Vec<String> {
+    let out = Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .expect("nft (nftables) must be installed: .ci/run installs it");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("stasis_{pid}_")))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A `--tcp-established` dump killed at every step: while the process lives, its connection
+/// is out of repair mode and unlocked (the guardian undoes both); once it is killed, the
+/// image is whole and restores it with its connection. At the end every byte in flight has
+/// arrived once, in order (the fixture's own check).
+#[test]
+fn a_killed_tcp_dump_gives_the_connection_back_or_a_whole_image() {
+    if !require_root("a_killed_tcp_dump_gives_the_connection_back_or_a_whole_image") {
+        return;
+    }
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) has no memory effects.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let d = Daemon::start("tcpconn", &[]);
+    let pid = d.pid;
+    let before = settled_shape(pid);
+    let img = d.image(1);
+    let img_s = img.to_string_lossy().to_string();
+    let p = pid.to_string();
+    let mut restored = 0;
+    let n = walk(
+        &["dump", "-t", &p, "-D", &img_s, "--tcp-established"],
+        |at, o| {
+            let what = format!("killed at step {at}: {}", stderr_of(o));
+            if stasis_state(pid) == '?' || stasis_state(pid) == 'Z' {
+                reap_gone(pid, &what);
+                let r = stasis(&["restore", "-D", &img_s, "--detach"]);
+                assert!(r.status.success(), "{what}: restore: {}", stderr_of(&r));
+                restored += 1;
+            } else {
+                check_unharmed(pid, &before, &what);
+            }
+            assert!(our_locks(pid).is_empty(), "{what}: {:?}", our_locks(pid));
+            let _ = std::fs::remove_dir_all(&img);
+        },
+        |o| assert!(o.status.success(), "dump: {}", stderr_of(o)),
+    );
+    reap_gone(pid, "after the dump");
+    let r = stasis(&["restore", "-D", &img_s, "--detach"]);
+    assert!(r.status.success(), "restore: {}", stderr_of(&r));
+    assert!(our_locks(pid).is_empty(), "{:?}", our_locks(pid));
+    assert!(n > 20, "only {n} steps ({restored} after the kill)");
+    let v = assert_pass(&d.finish());
+    assert_eq!(detail(&v, "bytes"), 203_008, "{v} after {n} kills");
+}

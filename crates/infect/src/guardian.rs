@@ -56,6 +56,12 @@ pub(crate) enum Note {
     },
     /// That socket's peek offset is back.
     PeekOffBack { pid: i32, inode: u64 },
+    /// The network lock `table` (nftables) of the dump of `pid` is about to be made.
+    NetLock { pid: i32, table: String },
+    /// TCP socket `inode`, the target's fd `fd`, is about to enter repair mode.
+    Repair { pid: i32, fd: i32, inode: u64 },
+    /// Every socket is out of repair mode and the lock is gone (a failed dump undid them).
+    NetReleased,
     /// The process is cured (or killed): nothing to do for it any more.
     Released { pid: i32 },
     /// This stasis is finishing normally.
@@ -105,6 +111,15 @@ impl Note {
                 head(&mut b, 8, *pid, 0);
                 b.extend_from_slice(&inode.to_le_bytes());
             }
+            Note::NetLock { pid, table } => {
+                head(&mut b, 9, *pid, 0);
+                b.extend_from_slice(table.as_bytes());
+            }
+            Note::Repair { pid, fd, inode } => {
+                head(&mut b, 10, *pid, *fd);
+                b.extend_from_slice(&inode.to_le_bytes());
+            }
+            Note::NetReleased => head(&mut b, 11, 0, 0),
         }
         let len = (b.len() - 4) as u32;
         b[..4].copy_from_slice(&len.to_le_bytes());
@@ -155,6 +170,16 @@ impl Note {
                 pid,
                 inode: u64_at(body)?,
             },
+            9 => Note::NetLock {
+                pid,
+                table: String::from_utf8(f.get(body..)?.to_vec()).ok()?,
+            },
+            10 => Note::Repair {
+                pid,
+                fd: tid,
+                inode: u64_at(body)?,
+            },
+            11 => Note::NetReleased,
             _ => return None,
         })
     }
@@ -205,6 +230,24 @@ pub fn note_peek_off(pid: i32, fd: i32, inode: u64, value: i32) -> Result<()> {
 /// The peek offset `note_peek_off` announced is back.
 pub fn note_peek_off_back(pid: i32, inode: u64) -> Result<()> {
     note(&Note::PeekOffBack { pid, inode })
+}
+
+/// For `--tcp-established`: the network lock `table` of the dump of `pid` is about to be made.
+pub fn note_net_lock(pid: i32, table: &str) -> Result<()> {
+    note(&Note::NetLock {
+        pid,
+        table: table.to_string(),
+    })
+}
+
+/// TCP socket `inode`, fd `fd` of `pid`, is about to enter repair mode.
+pub fn note_repair(pid: i32, fd: i32, inode: u64) -> Result<()> {
+    note(&Note::Repair { pid, fd, inode })
+}
+
+/// The dump took every socket out of repair mode and removed its lock.
+pub fn note_net_released() -> Result<()> {
+    note(&Note::NetReleased)
 }
 
 /// A running guardian; dropping it ends it (normally).
@@ -263,6 +306,7 @@ pub fn serve() -> i32 {
         unsafe { libc::signal(sig, libc::SIG_IGN) };
     }
     let mut watched: BTreeMap<i32, Watch> = BTreeMap::new();
+    let mut net = Net::default();
     let mut input = std::io::stdin().lock();
     loop {
         let mut len = [0u8; 4];
@@ -313,10 +357,14 @@ pub fn serve() -> i32 {
                     w.peek_offs.remove(&inode);
                 }
             }
+            Some(Note::NetLock { pid, table }) => net.table = Some((pid, table)),
+            Some(Note::Repair { pid, fd, inode }) => net.repaired.push((pid, fd, inode)),
+            Some(Note::NetReleased) => net = Net::default(),
             None => break,
         }
     }
     let mut code = 0;
+    net.undo();
     for (pid, w) in watched {
         match cure(pid, &w) {
             Ok(true) => eprintln!("stasis guardian: stasis died while working on pid {pid}; pid {pid} is cured and runs on"),
@@ -328,6 +376,63 @@ pub fn serve() -> i32 {
         }
     }
     code
+}
+
+/// What a `--tcp-established` dump holds: its lock and the sockets it put in repair mode.
+#[derive(Default)]
+struct Net {
+    table: Option<(i32, String)>,
+    repaired: Vec<(i32, i32, u64)>,
+}
+
+impl Net {
+    /// After a dead stasis: every socket of a process still alive leaves repair mode, and
+    /// the lock goes if any of them is alive. When they are all dead, the dump got as far as
+    /// killing them — after its image was sealed — and the lock stays for the restore.
+    fn undo(&self) {
+        use std::os::unix::fs::MetadataExt;
+        let alive = |pid: i32| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                s.rfind(')')
+                    .and_then(|i| s.get(i + 2..i + 3))
+                    .is_some_and(|st| st != "Z" && st != "X")
+            })
+        };
+        let mut any_alive = false;
+        for &(pid, fd, inode) in &self.repaired {
+            if !alive(pid) {
+                continue;
+            }
+            any_alive = true;
+            // Its own socket, still at that number (the process may have run meanwhile).
+            let out = stasis_sys::fs::pidfd_open(pid)
+                .and_then(|pidfd| stasis_sys::fs::pidfd_getfd(&pidfd, fd))
+                .ok()
+                .filter(|sock| {
+                    let link = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(sock));
+                    std::fs::metadata(link).is_ok_and(|m| m.ino() == inode)
+                })
+                .map(|sock| {
+                    stasis_sys::sock::setsockopt_int(
+                        &sock,
+                        libc::IPPROTO_TCP,
+                        stasis_sys::sock::TCP_REPAIR,
+                        0,
+                    )
+                });
+            if !matches!(out, Some(Ok(()))) {
+                eprintln!("stasis guardian: pid {pid}: the TCP socket on fd {fd} could not be taken out of repair mode");
+            }
+        }
+        if let Some((pid, table)) = &self.table {
+            if any_alive || alive(*pid) {
+                match stasis_sys::netlock::unlock(table) {
+                    Ok(()) => eprintln!("stasis guardian: removed the network lock {table}"),
+                    Err(e) => eprintln!("stasis guardian: removing the network lock {table}: {e}"),
+                }
+            }
+        }
+    }
 }
 
 /// Cures `pid` as `w` says. Ok(false): the process is gone, nothing to cure.

@@ -15,7 +15,7 @@ use stasis_image::model::*;
 use stasis_sys::netlock;
 use stasis_sys::sock;
 use std::net::IpAddr;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 
 /// Bytes a queue may hold at most (far above any socket buffer the kernel allows unforced).
 const MAX_QUEUE: usize = 256 << 20;
@@ -49,6 +49,9 @@ impl NetLock {
             .table
             .get_or_insert_with(|| netlock::new_name(self.pid))
             .clone();
+        if create {
+            stasis_infect::guardian::note_net_lock(self.pid, &table)?;
+        }
         netlock::lock(&table, create, tuples).map_err(|e| {
             if create {
                 self.table = None;
@@ -70,6 +73,7 @@ impl NetLock {
                 tracing::error!("removing the network lock {t}: {e}");
             }
         }
+        let _ = stasis_infect::guardian::note_net_released();
     }
 
     /// The processes are killed: their sockets close in repair mode (silently) once our
@@ -128,6 +132,10 @@ pub(crate) fn settle(pid: i32, cx: &mut Cx) -> Result<()> {
     cx.net.hold(&tuples)?;
     for (id, nr, fd) in pending {
         let here = || format!("fd {nr} of pid {pid} (TCP connection)");
+        let inode = std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .with_context(|| format!("{}: its inode", here()))?;
+        stasis_infect::guardian::note_repair(pid, nr, inode)?;
         sock::setsockopt_int(&fd, libc::IPPROTO_TCP, sock::TCP_REPAIR, 1).map_err(|e| {
             anyhow::anyhow!(
                 "{}: entering repair mode: {e} (stasis needs CAP_NET_ADMIN)",
