@@ -491,3 +491,55 @@ fn a_killed_tcp_dump_gives_the_connection_back_or_a_whole_image() {
     let v = assert_pass(&d.finish());
     assert_eq!(detail(&v, "bytes"), 203_008, "{v} after {n} kills");
 }
+
+/// The pids of `root`'s tree, root first.
+fn tree_pids(root: i32) -> Vec<i32> {
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        let kids =
+            std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default();
+        out.extend(
+            kids.split_whitespace()
+                .filter_map(|k| k.parse::<i32>().ok()),
+        );
+        i += 1;
+    }
+    out
+}
+
+/// A tree of five processes (groups, a session, a pipe between two, shared memory and a
+/// shared file) dumped `--leave-running` with stasis killed at every step: every process
+/// of it is cured, and the tree's own verdict at the end is a pass.
+#[test]
+fn a_killed_tree_dump_leaves_every_process_unharmed() {
+    if !require_root("a_killed_tree_dump_leaves_every_process_unharmed") {
+        return;
+    }
+    let d = Daemon::start("tree", &[]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tree_pids(d.pid).len() < 5 {
+        assert!(Instant::now() < deadline, "the tree did not grow to 5");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pids = tree_pids(d.pid);
+    let before: Vec<Shape> = pids.iter().map(|&p| settled_shape(p)).collect();
+    let img = d.image(1);
+    let img_s = img.to_string_lossy().to_string();
+    let p = d.pid.to_string();
+    let n = walk(
+        &["dump", "-t", &p, "-D", &img_s, "--leave-running"],
+        |at, o| {
+            for (pid, b) in pids.iter().zip(&before) {
+                check_unharmed(*pid, b, &format!("killed at step {at}: {}", stderr_of(o)));
+            }
+            let _ = std::fs::remove_dir_all(&img);
+        },
+        |o| assert!(o.status.success(), "dump: {}", stderr_of(o)),
+    );
+    assert!(n > 50, "only {n} steps");
+    assert_eq!(tree_pids(d.pid), pids, "the tree changed");
+    let v = assert_pass(&d.finish());
+    assert_eq!(detail(&v, "procs"), 5, "{v} after {n} kills");
+}
