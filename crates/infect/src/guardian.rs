@@ -390,36 +390,21 @@ impl Net {
     /// the lock goes if any of them is alive. When they are all dead, the dump got as far as
     /// killing them — after its image was sealed — and the lock stays for the restore.
     fn undo(&self) {
-        use std::os::unix::fs::MetadataExt;
-        let alive = |pid: i32| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-                s.rfind(')')
-                    .and_then(|i| s.get(i + 2..i + 3))
-                    .is_some_and(|st| st != "Z" && st != "X")
-            })
-        };
+        let alive = |pid: i32| stasis_proc::stat(pid).is_ok_and(|s| !s.is_zombie());
         let mut any_alive = false;
         for &(pid, fd, inode) in &self.repaired {
             if !alive(pid) {
                 continue;
             }
             any_alive = true;
-            // Its own socket, still at that number (the process may have run meanwhile).
-            let out = stasis_sys::fs::pidfd_open(pid)
-                .and_then(|pidfd| stasis_sys::fs::pidfd_getfd(&pidfd, fd))
-                .ok()
-                .filter(|sock| {
-                    let link = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(sock));
-                    std::fs::metadata(link).is_ok_and(|m| m.ino() == inode)
-                })
-                .map(|sock| {
-                    stasis_sys::sock::setsockopt_int(
-                        &sock,
-                        libc::IPPROTO_TCP,
-                        stasis_sys::sock::TCP_REPAIR,
-                        0,
-                    )
-                });
+            let out = their_socket(pid, fd, inode).map(|sock| {
+                stasis_sys::sock::setsockopt_int(
+                    &sock,
+                    libc::IPPROTO_TCP,
+                    stasis_sys::sock::TCP_REPAIR,
+                    0,
+                )
+            });
             if !matches!(out, Some(Ok(()))) {
                 eprintln!("stasis guardian: pid {pid}: the TCP socket on fd {fd} could not be taken out of repair mode");
             }
@@ -521,25 +506,27 @@ fn is_injected_mask(mask: u64) -> bool {
 /// Puts back the peek offsets of the sockets whose queue the dead stasis was reading, each on
 /// the socket it was changed on (the fd must still lead to that inode).
 fn put_peek_offs_back(pid: i32, w: &Watch) {
-    use std::os::unix::fs::MetadataExt;
     for (&inode, &(fd, value)) in &w.peek_offs {
-        let put = stasis_sys::fs::pidfd_open(pid)
-            .and_then(|pidfd| stasis_sys::fs::pidfd_getfd(&pidfd, fd))
-            .ok()
-            .filter(|sock| {
-                std::fs::metadata(format!(
-                    "/proc/self/fd/{}",
-                    std::os::fd::AsRawFd::as_raw_fd(sock)
-                ))
-                .is_ok_and(|m| m.ino() == inode)
-            })
-            .map(|sock| {
-                stasis_sys::sock::setsockopt_int(&sock, libc::SOL_SOCKET, libc::SO_PEEK_OFF, value)
-            });
+        let put = their_socket(pid, fd, inode).map(|sock| {
+            stasis_sys::sock::setsockopt_int(&sock, libc::SOL_SOCKET, libc::SO_PEEK_OFF, value)
+        });
         if !matches!(put, Some(Ok(()))) {
             eprintln!("stasis guardian: pid {pid}: the peek offset of socket {inode} (fd {fd}) could not be put back");
         }
     }
+}
+
+/// A copy of `pid`'s fd `fd` if it is still socket `inode` (the process may have run since
+/// stasis died, and closed or reused the number).
+fn their_socket(pid: i32, fd: i32, inode: u64) -> Option<std::os::fd::OwnedFd> {
+    use std::os::unix::fs::MetadataExt;
+    let sock = stasis_sys::fs::pidfd_open(pid)
+        .and_then(|pidfd| stasis_sys::fs::pidfd_getfd(&pidfd, fd))
+        .ok()?;
+    let link = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&sock));
+    std::fs::metadata(link)
+        .is_ok_and(|m| m.ino() == inode)
+        .then_some(sock)
 }
 
 fn in_site(site: Option<(u64, u64)>, rip: u64) -> bool {
