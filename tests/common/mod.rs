@@ -315,8 +315,11 @@ impl Daemon {
         let st = stasis_state(self.pid);
         assert!(
             matches!(st, 'S' | 'R' | 'D'),
-            "restored {} is in state {st}",
-            self.name
+            "restored {} is in state {st}; its verdict: {}",
+            self.name,
+            std::fs::read_to_string(self.dir.path().join("out"))
+                .unwrap_or_else(|_| "none written".into())
+                .trim()
         );
         assert_eq!(
             tracer_of(self.pid),

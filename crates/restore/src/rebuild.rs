@@ -236,6 +236,12 @@ pub(crate) fn build(
     }
     // 10. File locks, now that no descriptor of the task will be closed any more.
     crate::files::lock::take_back(&mut p, &img.files.locks);
+    // 10b. Named files at an offset are positioned again, now that the process's state is
+    // back: a generated file (/proc/locks, /proc/self/maps) read half-way through keeps its
+    // place in records as well as bytes, and seq_file counts records when it is seeked. The
+    // host's seek at open was made while the text was the restorer's, not the process's; a
+    // seek to 0 first makes the kernel count again. For an ordinary file it is the same offset.
+    reposition_named(&mut p, &img.files);
     // 11. Credentials last: dropping them earlier would forbid the calls above.
     thread::credentials(&mut p, img.leader(), pr.dumpable);
     thread::parent_death_signal(&mut p, img.leader());
@@ -244,6 +250,35 @@ pub(crate) fn build(
         host_runs,
         after: p,
     })
+}
+
+fn reposition_named(p: &mut Plan, files: &Files) {
+    let mut done = std::collections::HashSet::new();
+    for f in &files.fds {
+        let Some(d) = files.desc(f.desc) else {
+            continue;
+        };
+        if !matches!(d.kind, FileKind::Path { .. }) || d.pos == 0 || !done.insert(f.desc) {
+            continue;
+        }
+        for pos in [0, d.pos] {
+            // The host's seek at open already set this offset or met a file that cannot
+            // seek (ESPIPE, O_PATH), which fails both of these calls alike.
+            p.op(
+                libc::SYS_lseek,
+                [
+                    V(f.fd as u64),
+                    V(pos),
+                    V(libc::SEEK_SET as u64),
+                    V(0),
+                    V(0),
+                    V(0),
+                ],
+                EXPECT_ANY,
+                format!("position fd {} at {pos}", f.fd),
+            );
+        }
+    }
 }
 
 /// POSIX timers with their old ids. With PR_TIMER_CREATE_RESTORE_IDS (6.15+) each
