@@ -192,10 +192,17 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
     for img in &imgs {
         set_terminal_modes(img);
     }
+    // The connections' packets flow again before any process runs, and each connection
+    // tells its peer where it stands: the window probe it sent on leaving repair mode went
+    // into the lock, and a peer that last saw a zero window would otherwise wait for its
+    // own backed-off probe timer (seconds, up to two minutes) before sending again.
+    netlock.release();
+    for img in &imgs {
+        announce_connections(img);
+    }
     for s in seized.iter_mut() {
         s.release()?;
     }
-    netlock.release();
     guard.armed = false;
     drop(children);
     let pid = tree.root.inventory.pid;
@@ -231,6 +238,52 @@ fn authenticate(dir: &std::path::Path, trust: bool) -> Result<()> {
     };
     stasis_image::auth::verify(dir, &key)
         .map_err(|e| anyhow::anyhow!("{e}; restore it with --trust-image if you trust it"))
+}
+
+/// Makes each restored established TCP connection of `img` (its process still frozen, so
+/// nothing else uses the socket) send a window probe, as leaving repair mode does: repair
+/// mode on and off again through a copy of its descriptor, then `SO_REUSEADDR` set again if
+/// the process had it (leaving repair mode clears it). A failure only costs the peer's wait.
+fn announce_connections(img: &Image) {
+    let pid = img.inventory.pid;
+    let files = &img.files;
+    let conns: Vec<(i32, &Socket)> = files
+        .fds
+        .iter()
+        .filter_map(|f| match files.desc(f.desc).map(|d| &d.kind) {
+            Some(FileKind::Socket(s)) if s.tcp.is_some() => Some((f.fd, &**s)),
+            _ => None,
+        })
+        .collect();
+    if conns.is_empty() {
+        return;
+    }
+    let pidfd = match stasis_sys::fs::pidfd_open(pid) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(pid, "cannot reach the restored connections: {e}");
+            return;
+        }
+    };
+    use stasis_sys::sock;
+    for (fd, s) in conns {
+        let r = stasis_sys::fs::pidfd_getfd(&pidfd, fd).and_then(|copy| {
+            sock::setsockopt_int(&copy, libc::IPPROTO_TCP, sock::TCP_REPAIR, 1)?;
+            sock::setsockopt_int(&copy, libc::IPPROTO_TCP, sock::TCP_REPAIR, 0)?;
+            match s
+                .opts
+                .iter()
+                .find(|o| (o.level, o.name) == (libc::SOL_SOCKET, libc::SO_REUSEADDR))
+            {
+                Some(o) => sock::setsockopt(&copy, o.level, o.name, &o.value),
+                None => Ok(()),
+            }
+        });
+        match r {
+            Ok(()) => tracing::debug!(pid, fd, "connection announced"),
+            Err(e) => tracing::warn!(pid, fd, "announcing the restored connection: {e}"),
+        }
+    }
 }
 
 /// The network lock of an image's TCP connections, removed once (when released, or dropped).
