@@ -55,9 +55,14 @@ enum Command {
         /// Where to write the image (created, or an existing empty directory).
         #[arg(short = 'D', long = "images-dir")]
         images_dir: PathBuf,
-        /// Let the process continue after the dump.
+        /// Let the process continue after the dump. Its memory is read from a copy-on-write
+        /// snapshot while it runs on, so it is frozen only while the rest is read.
         #[arg(long)]
         leave_running: bool,
+        /// With --leave-running: keep the process frozen until its memory is copied (no
+        /// copy-on-write snapshot child).
+        #[arg(long, requires = "leave_running")]
+        no_snapshot: bool,
         /// Allow a process attached to a terminal (it is taken over on restore).
         #[arg(long)]
         shell_job: bool,
@@ -213,6 +218,7 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             pid,
             images_dir,
             leave_running,
+            no_snapshot,
             shell_job,
             no_file_locks,
             file_locks: _,
@@ -225,11 +231,12 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                 file_locks: !no_file_locks,
                 tcp_established,
                 tcp_close,
+                snapshot: !no_snapshot,
             };
             let _guardian = guardian()?;
             let s = stasis_dump::dump(pid, &images_dir, &opts)?;
             eprintln!(
-                "dumped pid {pid} into {}: {}{} thread{}, {} VMAs, {} pages ({:.1} MiB), {} fds; frozen {:.1} ms, total {:.1} ms",
+                "dumped pid {pid} into {}: {}{} thread{}, {} VMAs, {} pages ({:.1} MiB), {} fds; frozen {:.1} ms{}, total {:.1} ms",
                 images_dir.display(),
                 if s.processes > 1 {
                     format!("{} processes, ", s.processes)
@@ -243,6 +250,14 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                 s.bytes as f64 / (1 << 20) as f64,
                 s.fds,
                 s.frozen.as_secs_f64() * 1e3,
+                if s.snapshots > 0 {
+                    format!(
+                        " (memory copied from a snapshot after; {:.1} ms more to reap it)",
+                        s.reap_frozen.as_secs_f64() * 1e3
+                    )
+                } else {
+                    String::new()
+                },
                 s.total.as_secs_f64() * 1e3
             );
             Ok(ExitCode::SUCCESS)

@@ -20,6 +20,8 @@ struct Shape {
     masks: Vec<(i32, String)>,
     /// The first page of every executable mapping (the injection site is the first one).
     code: Vec<(u64, Vec<u8>)>,
+    /// Its children, dead or alive (a dump's copy-on-write snapshot is one while it lasts).
+    children: Vec<i32>,
 }
 
 fn shape(pid: i32) -> Shape {
@@ -57,7 +59,24 @@ fn shape(pid: i32) -> Shape {
             code.push((start, page));
         }
     }
-    Shape { masks, code }
+    let mut children: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|t| {
+            std::fs::read_to_string(t.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|c| c.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect();
+    children.sort();
+    Shape {
+        masks,
+        code,
+        children,
+    }
 }
 
 /// The shape once it holds still (a thread that has just started, or just been let go, is
@@ -151,6 +170,10 @@ fn check_unharmed(pid: i32, before: &Shape, what: &str) {
         now = shape(pid);
     }
     assert_eq!(now.masks, before.masks, "{what}: signal masks changed");
+    assert_eq!(
+        now.children, before.children,
+        "{what}: children changed (a snapshot left?)"
+    );
     assert_eq!(
         now.code.len(),
         before.code.len(),

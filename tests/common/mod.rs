@@ -331,6 +331,11 @@ impl Daemon {
 
     /// SIGTERM, then the verdict the fixture writes.
     pub fn finish(self) -> String {
+        self.finish_keep()
+    }
+
+    /// `finish`, keeping the daemon's directory (its images) for another restore.
+    pub fn finish_keep(&self) -> String {
         let out = self.dir.path().join("out");
         let _ = std::fs::remove_file(&out);
         // SAFETY: signalling the fixture's pid.

@@ -32,6 +32,21 @@ pub enum Which {
         #[arg(long)]
         criu: Option<std::path::PathBuf>,
     },
+    /// `--leave-running` dumps of a process holding N MiB: the freeze the process itself sees
+    /// (the longest gap between its 1 ms wake-ups) and the dump's wall time, for stasis (with
+    /// its copy-on-write snapshot and with `--no-snapshot`) and CRIU if found. The last
+    /// snapshot image of each size is restored and its memory verified.
+    LeaveRunning {
+        /// Sizes in MiB.
+        #[arg(long, value_delimiter = ',', default_value = "256,1024")]
+        sizes: Vec<u64>,
+        /// Measured dumps per size and tool.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// A CRIU (>= 4.1) binary to measure in the same run; default: `criu` on PATH.
+        #[arg(long)]
+        criu: Option<std::path::PathBuf>,
+    },
     /// redis-server with N MiB of values and C open client connections: dump with
     /// `--tcp-established` and restore, and how long the connections are held; CRIU tried on
     /// the same server.
@@ -71,6 +86,9 @@ pub fn run(which: Which) -> Result<()> {
             crate::bench_cr::find_criu(criu),
         ),
         Which::Freeze { threads, runs } => crate::bench_cr::freeze(&threads, runs),
+        Which::LeaveRunning { sizes, runs, criu } => {
+            crate::bench_cr::leave_running(&sizes, runs, crate::bench_cr::find_criu(criu))
+        }
         Which::Redis { mib, conns, runs } => crate::bench_redis::run(mib, conns, runs),
     }
 }

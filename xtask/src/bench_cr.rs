@@ -58,6 +58,196 @@ fn timed(cmd: &mut Command, what: &str, log: &Path) -> Result<(Duration, u64)> {
     Ok((elapsed, ru.ru_maxrss as u64))
 }
 
+/// Like `start_memhold`, with its ticker thread (`MEMHOLD_TICK`).
+fn start_memhold_ticking(memhold: &Path, mib: u64, state: &Path) -> Result<i32> {
+    std::env::set_var("MEMHOLD_TICK", "1");
+    let pid = start_memhold(
+        memhold,
+        mib,
+        Shape {
+            threads: 1,
+            processes: 1,
+        },
+        state,
+    );
+    std::env::remove_var("MEMHOLD_TICK");
+    pid
+}
+
+/// The longest gap memhold's ticker saw since it was last asked (and it starts over).
+fn ticker_gap(pid: i32, state: &Path) -> Result<Duration> {
+    let gap = state.with_extension("gap");
+    let _ = std::fs::remove_file(&gap);
+    // SAFETY: asking our own workload for its figure.
+    unsafe { libc::kill(pid, libc::SIGUSR2) };
+    let read = || std::fs::read_to_string(&gap).unwrap_or_default();
+    wait_until(
+        Duration::from_secs(30),
+        || read().ends_with('\n'),
+        "memhold's ticker",
+    )?;
+    let us: u64 = read()
+        .trim()
+        .trim_start_matches("GAP us=")
+        .parse()
+        .context("memhold's gap line")?;
+    Ok(Duration::from_micros(us))
+}
+
+/// `cargo xtask bench leave-running`: see `Which::LeaveRunning`.
+pub fn leave_running(sizes: &[u64], runs: usize, criu: Option<PathBuf>) -> Result<()> {
+    if runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let root = crate::repo_root();
+    let mut b = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    b.current_dir(&root)
+        .args(["build", "--release", "--quiet", "--bin", "stasis"]);
+    if !b.status()?.success() {
+        bail!("building stasis");
+    }
+    let stasis = root.join("target/release/stasis");
+    let work = root.join("target/bench");
+    std::fs::create_dir_all(&work)?;
+    let memhold = memhold(&work)?;
+    // (name, binary, arguments after `dump -t PID -D IMG`)
+    let mut tools: Vec<(&str, PathBuf, Vec<&str>)> = vec![
+        ("stasis", stasis.clone(), vec!["--leave-running"]),
+        (
+            "stasis-nosnap",
+            stasis.clone(),
+            vec!["--leave-running", "--no-snapshot"],
+        ),
+    ];
+    match criu {
+        Some(bin) => tools.push(("criu", bin, vec!["--leave-running", "-o", "dump.log"])),
+        None => println!(
+            "(no CRIU >= 4.1 found: pass --criu PATH or put it on PATH to measure the peer)"
+        ),
+    }
+    println!(
+        "bench leave-running: {runs} dumps per size and tool, medians; freeze = the longest gap the process saw between its 1 ms wake-ups"
+    );
+    println!(
+        "{:<8} {:<14} {:>12} {:>12}",
+        "size", "tool", "freeze", "dump"
+    );
+    for &mib in sizes {
+        let dir = work.join(format!("leave-running-{mib}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let state = dir.join("state");
+        let pid = start_memhold_ticking(&memhold, mib, &state)?;
+        let kill = |pid: i32| {
+            // SAFETY: stopping our own workload.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        };
+        let one = |tool: &(&str, PathBuf, Vec<&str>), img: &Path| -> Result<(Duration, Duration)> {
+            let _ = std::fs::remove_dir_all(img);
+            std::fs::create_dir_all(img)?;
+            ticker_gap(pid, &state)?;
+            let mut c = Command::new(&tool.1);
+            c.args(["dump", "-t", &pid.to_string(), "-D"])
+                .arg(img)
+                .args(&tool.2)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null());
+            let (t, _) = timed(
+                &mut c,
+                &format!("{} dump of pid {pid}", tool.0),
+                &dir.join("dump.err"),
+            )?;
+            let gap = ticker_gap(pid, &state)?;
+            Ok((gap, t))
+        };
+        let result = (|| -> Result<()> {
+            for tool in &tools {
+                one(tool, &dir.join("warm"))?;
+            }
+            let mut figures: Vec<Vec<(Duration, Duration)>> = vec![Vec::new(); tools.len()];
+            for run in 0..runs {
+                for k in 0..tools.len() {
+                    let t = if run % 2 == 0 { k } else { tools.len() - 1 - k };
+                    // SAFETY: sync has no preconditions.
+                    unsafe { libc::sync() };
+                    let img = dir.join(format!("img-{}", tools[t].0));
+                    figures[t].push(one(&tools[t], &img)?);
+                }
+            }
+            let mut medians = Vec::new();
+            for (tool, f) in tools.iter().zip(&figures) {
+                let gap = median(f.iter().map(|x| x.0).collect());
+                let dump = median(f.iter().map(|x| x.1).collect());
+                println!(
+                    "{:<8} {:<14} {:>9.1} ms {:>9.3} s",
+                    format!("{mib}MiB"),
+                    tool.0,
+                    gap.as_secs_f64() * 1e3,
+                    dump.as_secs_f64()
+                );
+                medians.push((tool.0, gap, dump));
+            }
+            if let (Some(s), Some(c)) = (
+                medians.iter().find(|m| m.0 == "stasis"),
+                medians.iter().find(|m| m.0 == "criu"),
+            ) {
+                println!(
+                    "{:<8} ratio          stasis/criu: freeze {:.3}x, dump {:.2}x",
+                    format!("{mib}MiB"),
+                    s.1.as_secs_f64() / c.1.as_secs_f64(),
+                    s.2.as_secs_f64() / c.2.as_secs_f64()
+                );
+            }
+            // The last snapshot image is the process: restored, it verifies every word.
+            kill(pid);
+            wait_until(
+                Duration::from_secs(60),
+                || gone(pid),
+                "the workload to be reaped",
+            )?;
+            let _ = std::fs::remove_file(&state);
+            let mut r = Command::new(&stasis);
+            r.args(["restore", "-d", "-D"])
+                .arg(dir.join("img-stasis"))
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null());
+            timed(
+                &mut r,
+                "restore of the last snapshot image",
+                &dir.join("restore.err"),
+            )?;
+            // SAFETY: asking the restored workload to verify itself.
+            unsafe { libc::kill(pid, libc::SIGUSR1) };
+            let read = || std::fs::read_to_string(&state).unwrap_or_default();
+            wait_until(
+                Duration::from_secs(120),
+                || !read().is_empty(),
+                "the restored workload to verify",
+            )?;
+            if !read().starts_with("OK") {
+                bail!(
+                    "the restored snapshot image of {mib} MiB did not verify: {}",
+                    read().trim()
+                );
+            }
+            println!(
+                "{:<8} (the last snapshot image restored: every word verified)",
+                format!("{mib}MiB")
+            );
+            Ok(())
+        })();
+        kill(pid);
+        let _ = wait_until(
+            Duration::from_secs(60),
+            || gone(pid),
+            "the workload to be reaped",
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        result?;
+    }
+    Ok(())
+}
+
 /// Starts `memhold MIB STATE THREADS` on its own and waits until it has filled its memory;
 /// returns its pid.
 fn start_memhold(memhold: &Path, mib: u64, shape: Shape, state: &Path) -> Result<i32> {

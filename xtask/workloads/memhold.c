@@ -9,6 +9,10 @@
  * them holds MIB / PROCESSES of its own distinct memory and THREADS threads; on SIGUSR1 the
  * first one asks each child to verify (STATE_FILE.<k>) and reports for all.
  *
+ * With MEMHOLD_TICK=1 in the environment, one more thread wakes every millisecond and keeps
+ * the longest gap between two wake-ups: what a freeze looks like from inside. On SIGUSR2 it
+ * writes "GAP us=<longest>" to STATE_FILE.gap and starts over.
+ *
  *   memhold MIB STATE_FILE [THREADS [PROCESSES]]
  */
 #define _GNU_SOURCE
@@ -38,6 +42,52 @@ static void *napper(void *arg)
 	thread_word[id] = 0x5ea7ull << 32 | id;
 	for (;;)
 		nanosleep(&nap, NULL);
+	return NULL;
+}
+
+static volatile sig_atomic_t gap_now;
+static const char *gap_path;
+
+static void on_usr2(int sig)
+{
+	(void)sig;
+	gap_now = 1;
+}
+
+static uint64_t now_us(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000 + (uint64_t)ts.tv_nsec / 1000;
+}
+
+static void state(const char *path, const char *line);
+
+/* The ticker: the longest time between two of its 1 ms naps. */
+static void *ticker(void *arg)
+{
+	struct timespec nap = { 0, 1000 * 1000 };
+	uint64_t last = now_us(), longest = 0;
+
+	(void)arg;
+	for (;;) {
+		uint64_t t;
+
+		nanosleep(&nap, NULL);
+		t = now_us();
+		if (t - last > longest)
+			longest = t - last;
+		last = t;
+		if (gap_now) {
+			char line[64];
+
+			gap_now = 0;
+			snprintf(line, sizeof(line), "GAP us=%llu\n", (unsigned long long)longest);
+			state(gap_path, line);
+			longest = 0;
+		}
+	}
 	return NULL;
 }
 
@@ -117,6 +167,16 @@ int main(int argc, char **argv)
 	for (long t = 1; t < threads; t++)
 		while (thread_word[t] != (0x5ea7ull << 32 | (uint64_t)t))
 			nanosleep(&nap, NULL);
+	if (!me && getenv("MEMHOLD_TICK")) {
+		static char path[4200];
+		pthread_t th;
+
+		snprintf(path, sizeof(path), "%s.gap", argv[2]);
+		gap_path = path;
+		signal(SIGUSR2, on_usr2);
+		if (pthread_create(&th, NULL, ticker, NULL))
+			return 1;
+	}
 	if (me) {
 		snprintf(line, sizeof(line), "READY pid=%d\n", getpid());
 		state(own_state, line);

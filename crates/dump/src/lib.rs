@@ -34,6 +34,9 @@ pub struct DumpOptions {
     pub tcp_established: bool,
     /// Let established TCP connections come back closed (`--tcp-close`).
     pub tcp_close: bool,
+    /// With `leave_running`: copy memory from a copy-on-write snapshot after the process runs
+    /// on, so the freeze does not grow with memory (`--no-snapshot`: copy while frozen).
+    pub snapshot: bool,
 }
 
 /// What a dump did, for the user and the benchmark.
@@ -48,6 +51,10 @@ pub struct DumpSummary {
     pub processes: usize,
     /// How long the process was frozen.
     pub frozen: Duration,
+    /// Processes whose memory was read from a copy-on-write snapshot after they ran on.
+    pub snapshots: usize,
+    /// The longest second freeze of one of them, to reap its snapshot.
+    pub reap_frozen: Duration,
     pub total: Duration,
 }
 
@@ -71,10 +78,13 @@ fn dump_into(pid: i32, images: &ImageDir, opts: &DumpOptions, t0: Instant) -> Re
     // Dropped on any failure: every connection goes on as before.
     let mut net = files::NetLock::new(pid);
     let net = &mut net;
+    let mut s = DumpSummary::default();
     // Every process is read while the whole tree is frozen; nothing is killed or let go before
     // every one of them has been read and the tree as a whole checked. The memory of each is
-    // copied in the background while the next ones are read.
-    let mut dumps = std::thread::scope(|scope| -> Result<Vec<TaskDump>> {
+    // copied in the background while the next ones are read; with snapshots, the tree is let
+    // go as soon as all else is read, and the copies finish from the snapshots.
+    let mut snapshots: Vec<(i32, i32)> = Vec::new();
+    let dumped = std::thread::scope(|scope| -> Result<(Vec<TaskDump>, Tree)> {
         let mut pending = Vec::with_capacity(tasks.len());
         for t in tasks.iter_mut() {
             let dir = if t.pid == pid {
@@ -83,29 +93,45 @@ fn dump_into(pid: i32, images: &ImageDir, opts: &DumpOptions, t0: Instant) -> Re
                 ImageDir::create(dir.join(task_dir_name(t.pid)))
                     .with_context(|| format!("preparing the image directory of pid {}", t.pid))?
             };
-            pending.push(start_task(
-                scope,
-                t.pid,
-                &mut t.seized,
-                dir,
-                opts,
-                t.pid == pid,
-                net,
-            )?);
+            let p = start_task(scope, t.pid, &mut t.seized, dir, opts, t.pid == pid, net)?;
+            if let Some(child) = p.work.snapshot {
+                snapshots.push((t.pid, child));
+            }
+            pending.push(p);
         }
-        pending.into_iter().map(finish_task).collect()
-    })?;
-    let tree = tree::settle(&tasks, zombies, &mut dumps)?;
+        let mut dumps = Vec::with_capacity(pending.len());
+        let mut copies = Vec::with_capacity(pending.len());
+        for p in pending {
+            let (d, c) = finish_task(p)?;
+            dumps.push(d);
+            copies.push(c);
+        }
+        let tree = tree::settle(&tasks, zombies, &mut dumps)?;
+        if opts.leave_running {
+            for c in &copies {
+                c.frozen_part_done();
+            }
+            for t in tasks.iter_mut() {
+                t.seized.release()?;
+            }
+            s.frozen = frozen_at.elapsed();
+        }
+        for (d, c) in dumps.iter_mut().zip(copies) {
+            c.finish(d)?;
+        }
+        Ok((dumps, tree))
+    });
+    // Whatever happened, no snapshot outlives the dump.
+    let ended = end_snapshots(&mut tasks, &snapshots);
+    let (mut dumps, tree) = dumped?;
+    s.reap_frozen = ended?;
+    s.snapshots = snapshots.len();
 
-    let mut s = DumpSummary::default();
-    if opts.leave_running {
-        for t in tasks.iter_mut() {
-            t.seized.release()?;
+    if !opts.leave_running {
+        if let Some(root) = dumps.iter_mut().find(|d| d.pid == pid) {
+            // The connections stay locked for the restore (the processes are killed below).
+            root.inventory.netlock = net.table();
         }
-        s.frozen = frozen_at.elapsed();
-    } else if let Some(root) = dumps.iter_mut().find(|d| d.pid == pid) {
-        // The connections stay locked for the restore (the processes are killed below).
-        root.inventory.netlock = net.table();
     }
     // In a kill-mode dump the image is written and sealed while every process is still
     // frozen, before any is killed: whenever this stasis may die, either the processes live
@@ -161,6 +187,63 @@ fn dump_into(pid: i32, images: &ImageDir, opts: &DumpOptions, t0: Instant) -> Re
     s.total = t0.elapsed();
     tracing::info!(pid, ?s, "dumped");
     Ok(s)
+}
+
+/// Kills every snapshot of the dumped processes (those noted in `made`, and any found by the
+/// region they map) and has each process reap its own, seizing it again for that if it was
+/// let go. Returns the longest of those second freezes.
+fn end_snapshots(tasks: &mut [tree::Task], made: &[(i32, i32)]) -> Result<Duration> {
+    let mut longest = Duration::ZERO;
+    let mut first_err = None;
+    for t in tasks.iter_mut() {
+        let mut kids = stasis_infect::snapshots_of(t.pid);
+        for &(pid, child) in made {
+            if pid == t.pid && !kids.contains(&child) {
+                kids.push(child);
+            }
+        }
+        if kids.is_empty() {
+            continue;
+        }
+        // A step of its own for the kill test: dying here leaves a live snapshot beside a
+        // running process, for the guardian to end.
+        stasis_sys::fault::point();
+        stasis_infect::guardian::kill_snapshots(&kids);
+        let t0 = Instant::now();
+        let reaped = if t.seized.is_released() {
+            match Seized::seize(t.pid) {
+                Ok(mut s) => stasis_infect::Parasite::reap_children(&mut s, &kids)
+                    .and_then(|()| s.release())
+                    .map_err(anyhow::Error::from),
+                // It exited while its memory was copied: its children, the snapshot with
+                // them, went to its reaper.
+                Err(
+                    stasis_infect::InfectError::NoProcess(_)
+                    | stasis_infect::InfectError::Zombie(_)
+                    | stasis_infect::InfectError::TargetGone { .. },
+                ) => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        } else {
+            stasis_infect::Parasite::reap_children(&mut t.seized, &kids)
+                .map_err(anyhow::Error::from)
+        };
+        let frozen = t0.elapsed();
+        match reaped {
+            Ok(()) => {
+                longest = longest.max(frozen);
+                tracing::info!(pid = t.pid, snapshots = ?kids, frozen = ?frozen, "snapshot reaped");
+                stasis_infect::guardian::note_snapshot_gone(t.pid)?;
+            }
+            Err(e) => {
+                first_err.get_or_insert(e.context(format!(
+                    "pid {}: reaping its memory snapshot {kids:?}",
+                    t.pid
+                )));
+            }
+        }
+    }
+    first_err.map_or(Ok(longest), Err)
 }
 
 /// One process of the tree, read and its pages written, its records not yet.
@@ -219,7 +302,39 @@ struct PendingTask<'s> {
     desc_keys: Vec<files::DescKey>,
     work: FrozenWork,
     job_stop: Option<i32>,
-    copier: std::thread::ScopedJoinHandle<'s, (mm::MemPlan, PageWriter, Result<()>)>,
+    model: mm::MemModel,
+    copy: PendingCopy<'s>,
+}
+
+/// A process's memory copy, running in the background.
+struct PendingCopy<'s> {
+    pid: i32,
+    /// Closed once nothing more is read from the process itself.
+    frozen_done: std::sync::mpsc::Receiver<()>,
+    copier: std::thread::ScopedJoinHandle<'s, (PageWriter, Result<()>)>,
+}
+
+impl PendingCopy<'_> {
+    /// Waits until the copy needs nothing more from the frozen process (the rest, if any,
+    /// comes from its snapshot).
+    fn frozen_part_done(&self) {
+        // Only ever dropped, never sent on: recv returns when the copier lets go of it.
+        let _ = self.frozen_done.recv();
+    }
+
+    /// Waits for the copy and completes `d`'s inventory with what pages.img holds.
+    fn finish(self, d: &mut TaskDump) -> Result<()> {
+        let pid = self.pid;
+        let (pages, copied) = self
+            .copier
+            .join()
+            .map_err(|_| anyhow::anyhow!("the memory copy thread of pid {pid} panicked"))?;
+        copied?;
+        let summary = pages.finish().context("finishing pages.img")?;
+        d.inventory.page_data_len = summary.data_len;
+        d.inventory.page_data_xxh3 = summary.checksum;
+        Ok(())
+    }
 }
 
 /// Reads one frozen process of the tree (nothing in it is changed but by the parasite, which
@@ -263,20 +378,24 @@ fn start_task<'s>(
     // parasite does its work: neither changes the process's memory, but for the injection
     // site's page, which waits for the cure.
     let site = stasis_infect::injection_site(pid)?;
-    let mem_plan = mm::plan(
+    let snapshot = opts.leave_running && opts.snapshot;
+    let (copy_plan, model) = mm::plan(
         pid,
         &vm_flags,
         site,
         stasis_image::DATA_OFFSET + pages.data_len(),
-    )?;
-    let (cured_tx, cured_rx) = std::sync::mpsc::channel::<()>();
+        snapshot,
+    )?
+    .split();
+    let (source_tx, source_rx) = std::sync::mpsc::channel::<Option<i32>>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let copier = scope.spawn(move || {
-        let r = mm::copy(pid, &mem_plan, &mut pages, &cured_rx);
-        (mem_plan, pages, r)
+        let r = mm::copy(pid, &copy_plan, &mut pages, &source_rx, done_tx);
+        (pages, r)
     });
-    let work = frozen_work(pid, &threads, seized, &cured_tx);
+    let work = frozen_work(pid, &threads, seized, &source_tx, snapshot);
     // If the work failed, the copier learns it when the channel closes.
-    drop(cured_tx);
+    drop(source_tx);
     let work = match work {
         Ok(w) => w,
         Err(e) => {
@@ -292,12 +411,17 @@ fn start_task<'s>(
         desc_keys,
         work,
         job_stop: seized.job_stop(),
-        copier,
+        model,
+        copy: PendingCopy {
+            pid,
+            frozen_done: done_rx,
+            copier,
+        },
     })
 }
 
-/// Waits for a process's memory copy and completes what is read of it (still frozen).
-fn finish_task(p: PendingTask<'_>) -> Result<TaskDump> {
+/// Completes what is read of a process (still frozen) but its memory, whose copy goes on.
+fn finish_task(p: PendingTask<'_>) -> Result<(TaskDump, PendingCopy<'_>)> {
     let PendingTask {
         pid,
         root,
@@ -306,12 +430,10 @@ fn finish_task(p: PendingTask<'_>) -> Result<TaskDump> {
         desc_keys,
         work,
         job_stop,
-        copier,
+        model,
+        copy,
     } = p;
     let frozen_at = Instant::now();
-    let (mem_plan, pages, copied) = copier
-        .join()
-        .map_err(|_| anyhow::anyhow!("the memory copy thread of pid {pid} panicked"))?;
     let threads: Vec<i32> = work.cores.iter().map(|c| c.tid).collect();
     let FrozenWork {
         mut cores,
@@ -323,8 +445,8 @@ fn finish_task(p: PendingTask<'_>) -> Result<TaskDump> {
         thread_raw,
         t_collected,
         t_parasite,
+        snapshot: _,
     } = work;
-    copied?;
     let vdso_info = asked.verify()?;
     let task = decode_task_state(pid, &task_raw)?;
     for ((core, raw), &tid) in cores.iter_mut().zip(&thread_raw).zip(&threads) {
@@ -345,7 +467,7 @@ fn finish_task(p: PendingTask<'_>) -> Result<TaskDump> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
     let stat = task::stat_fields(&stat).with_context(|| format!("parsing /proc/{pid}/stat"))?;
-    let (mm, vdso) = mm::finish(pid, mem_plan, &task, &vdso_info, &stat)?;
+    let (mm, vdso) = mm::finish(pid, model, &task, &vdso_info, &stat)?;
     let t_mm_done = frozen_at.elapsed();
     if mm.exe.ends_with(DELETED_SUFFIX) && files.unnamed(mm.exe_dev, mm.exe_inode).is_none() {
         bail!(
@@ -367,7 +489,6 @@ fn finish_task(p: PendingTask<'_>) -> Result<TaskDump> {
         "frozen phases"
     );
 
-    let summary_pages = pages.finish().context("finishing pages.img")?;
     let leader = &cores[0];
     let xcr0 = leader
         .xsave
@@ -390,21 +511,25 @@ fn finish_task(p: PendingTask<'_>) -> Result<TaskDump> {
         xsave_layout: stasis_infect::xsave::layout(),
         monotonic_ns,
         boottime_ns,
-        page_data_len: summary_pages.data_len,
-        page_data_xxh3: summary_pages.checksum,
+        // Filled in when the copy is done (`PendingCopy::finish`).
+        page_data_len: 0,
+        page_data_xxh3: 0,
         netlock: None,
     };
-    Ok(TaskDump {
-        pid,
-        images,
-        cores,
-        mm,
-        process,
-        files,
-        desc_keys,
-        vdso,
-        inventory,
-    })
+    Ok((
+        TaskDump {
+            pid,
+            images,
+            cores,
+            mm,
+            process,
+            files,
+            desc_keys,
+            vdso,
+            inventory,
+        },
+        copy,
+    ))
 }
 
 /// What is read from the frozen process beside its memory: through ptrace and /proc, and from
@@ -418,6 +543,8 @@ struct FrozenWork {
     task_raw: Vec<u8>,
     thread_raw: Vec<Vec<u8>>,
     t_collected: Duration,
+    /// The copy-on-write snapshot child, if one was made.
+    snapshot: Option<i32>,
     t_parasite: Duration,
 }
 
@@ -425,7 +552,8 @@ fn frozen_work(
     pid: i32,
     threads: &[i32],
     seized: &mut Seized,
-    cured: &std::sync::mpsc::Sender<()>,
+    source: &std::sync::mpsc::Sender<Option<i32>>,
+    snapshot: bool,
 ) -> Result<FrozenWork> {
     let t0 = Instant::now();
     let cores = threads
@@ -470,9 +598,25 @@ fn frozen_work(
             vdso_report::COMMAND_TIMEOUT,
         )?);
     }
+    // Last, so that nothing the parasite does is in it (its region is, but not in the plan).
+    let snapshot = if snapshot {
+        match parasite.fork_snapshot() {
+            Ok(child) => Some(child),
+            Err(e) => {
+                tracing::warn!(
+                    pid,
+                    "no copy-on-write snapshot ({e}): the process stays frozen while its memory is copied"
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
     parasite.cure()?;
-    // The injection site's page holds its own bytes again: the copy may take it.
-    let _ = cured.send(());
+    // The injection site's page holds its own bytes again: the copy may take it, and the
+    // rest from the snapshot.
+    let _ = source.send(snapshot);
     Ok(FrozenWork {
         cores,
         shared_pending,
@@ -483,6 +627,7 @@ fn frozen_work(
         thread_raw,
         t_collected,
         t_parasite: t0.elapsed(),
+        snapshot,
     })
 }
 

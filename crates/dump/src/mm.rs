@@ -335,6 +335,11 @@ struct Chunk {
     len: usize,
     /// Copied only once the parasite is gone (it holds the injection site's page).
     after_cure: bool,
+    /// Read from the copy-on-write snapshot (if there is one) after the process runs on:
+    /// private memory the snapshot has as it was. Shared memory (the snapshot sees every
+    /// later write) and `MADV_DONTFORK`/`MADV_WIPEONFORK` areas (it has none or zeros) are
+    /// read from the frozen process.
+    from_snapshot: bool,
 }
 
 /// Which pages of which VMA go where in pages.img, decided from maps and pagemap while the
@@ -348,17 +353,48 @@ pub(crate) struct MemPlan {
     proxy: Option<ProxyFound>,
 }
 
+/// What the image's memory records are made of, apart from the copy: the model VMAs (with
+/// where their pages go in pages.img) and the proxy found.
+pub(crate) struct MemModel {
+    vmas: Vec<Vma>,
+    proxy: Option<ProxyFound>,
+}
+
+impl MemPlan {
+    /// The copy's part (maps and chunks) and the records' part, used apart: the records are
+    /// completed while the process is frozen, the copy may go on after it runs again.
+    pub(crate) fn split(self) -> (MemPlan, MemModel) {
+        let MemPlan {
+            maps,
+            vmas,
+            chunks,
+            proxy,
+        } = self;
+        (
+            MemPlan {
+                maps,
+                vmas: Vec::new(),
+                chunks,
+                proxy: None,
+            },
+            MemModel { vmas, proxy },
+        )
+    }
+}
+
 /// Pagemap entries read at a time: a huge reservation (a JVM heap, a Go arena) is scanned in
 /// windows, never with a buffer sized by the VMA.
 const PAGEMAP_WINDOW: usize = 64 * 1024;
 
 /// Pass 1. `hold_back` is the injection site (a page the parasite rewrites while it runs);
-/// `data_start` the file offset where the first chunk will be appended.
+/// `data_start` the file offset where the first chunk will be appended; `snapshot`: the pages
+/// that can be will be read from a copy-on-write snapshot.
 pub(crate) fn plan(
     pid: i32,
     flags: &VmFlagsMap,
     hold_back: u64,
     data_start: u64,
+    snapshot: bool,
 ) -> Result<MemPlan> {
     let maps = stasis_proc::maps(pid)?;
     let pagemap = File::open(format!("/proc/{pid}/pagemap"))
@@ -381,6 +417,8 @@ pub(crate) fn plan(
             .with_context(|| format!("pid {pid}: mapping {v} has no entry in smaps"))?;
         let vma = vmas.len();
         let npages = (v.len() / PAGE_SIZE as u64) as usize;
+        let in_snapshot =
+            snapshot && !v.shared && vf.advice & (ADVICE_DONTFORK | ADVICE_WIPEONFORK) == 0;
         let mut window = (0, 0); // pages [window.0, window.1) are in `entries`
         let mut entry = |k: usize| -> Result<u64> {
             if k < window.0 || k >= window.1 {
@@ -439,6 +477,7 @@ pub(crate) fn plan(
                     addr: w[0],
                     len: (w[1] - w[0]) as usize,
                     after_cure: w[0] == held_page,
+                    from_snapshot: in_snapshot && w[0] != held_page,
                 });
             }
             i = j;
@@ -456,8 +495,9 @@ pub(crate) fn plan(
             pages: Vec::new(),
         });
     }
-    // File order: everything the parasite does not touch first, the held-back page last.
-    chunks.sort_by_key(|c| c.after_cure);
+    // File order: what is read from the frozen process first, the held-back page after the
+    // rest of it, what comes from a snapshot last.
+    chunks.sort_by_key(|c| (c.from_snapshot, c.after_cure));
     let mut next_off = data_start;
     let mut placed: Vec<(usize, u64, u64, u64)> = Vec::with_capacity(chunks.len());
     for c in &chunks {
@@ -491,17 +531,21 @@ pub(crate) fn plan(
     })
 }
 
-/// Pass 2: copies the planned pages into `pages`. The held-back chunk waits for `cured`
-/// (a message, or the channel closing: then the copy stops with an error).
+/// Pass 2: copies the planned pages into `pages`. `source` says, once the parasite is cured,
+/// where the snapshot's pages are read from: a snapshot's pid, or `None` (the process itself,
+/// still frozen). The held-back chunk and the snapshot's wait for that message (the channel
+/// closing stops the copy with an error). `frozen_done` is dropped once nothing more is read
+/// from the process itself, so it can be let go.
 pub(crate) fn copy(
     pid: i32,
     plan: &MemPlan,
     pages: &mut PageWriter,
-    cured: &std::sync::mpsc::Receiver<()>,
+    source: &std::sync::mpsc::Receiver<Option<i32>>,
+    frozen_done: std::sync::mpsc::Sender<()>,
 ) -> Result<()> {
     let mem = File::open(format!("/proc/{pid}/mem"))
         .with_context(|| format!("opening /proc/{pid}/mem"))?;
-    let (t_read, t_write) = copy_chunks(pid, &mem, plan, pages, cured)?;
+    let (t_read, t_write) = copy_chunks(pid, &mem, plan, pages, source, frozen_done)?;
     tracing::info!(pid, read = ?t_read, write = ?t_write, "memory copied");
     Ok(())
 }
@@ -510,16 +554,14 @@ pub(crate) fn copy(
 /// vDSO record.
 pub(crate) fn finish(
     pid: i32,
-    plan: MemPlan,
+    plan: MemModel,
     task: &TaskState,
     vdso_info: &VdsoInfo,
     stat: &[u64],
 ) -> Result<(Mm, VdsoRecord)> {
     let mem = File::open(format!("/proc/{pid}/mem"))
         .with_context(|| format!("opening /proc/{pid}/mem"))?;
-    let MemPlan {
-        vmas: out, proxy, ..
-    } = plan;
+    let MemModel { vmas: out, proxy } = plan;
     let field = |n: usize| stat.get(n - 1).copied().unwrap_or(0);
     let fields = MmFields {
         start_code: field(26),
@@ -591,7 +633,8 @@ fn copy_chunks(
     mem: &File,
     plan: &MemPlan,
     pages: &mut PageWriter,
-    cured: &std::sync::mpsc::Receiver<()>,
+    source: &std::sync::mpsc::Receiver<Option<i32>>,
+    frozen_done: std::sync::mpsc::Sender<()>,
 ) -> Result<(Duration, Duration)> {
     use std::sync::mpsc::sync_channel;
     const BUFFERS: usize = 3;
@@ -624,21 +667,42 @@ fn copy_chunks(
             let mut reading = Duration::ZERO;
             let mut result = Ok(());
             let mut at = first_off;
-            let mut waited = false;
+            // Set once the parasite is cured: the snapshot (pid, memory) or None.
+            let mut told: Option<Option<(i32, File)>> = None;
+            let mut frozen_done = Some(frozen_done);
             for c in &plan.chunks {
-                if c.after_cure && !waited {
-                    if cured.recv().is_err() {
+                if (c.after_cure || c.from_snapshot) && told.is_none() {
+                    let Ok(snap) = source.recv() else {
                         result = Err(anyhow::anyhow!("pid {pid}: the parasite was not cured"));
                         break;
-                    }
-                    waited = true;
+                    };
+                    let snap = match snap.map(|s| (s, File::open(format!("/proc/{s}/mem")))) {
+                        None => None,
+                        Some((s, Ok(f))) => Some((s, f)),
+                        Some((s, Err(e))) => {
+                            result = Err(anyhow::anyhow!(
+                                "opening the memory of pid {pid}'s snapshot {s}: {e}"
+                            ));
+                            break;
+                        }
+                    };
+                    told = Some(snap);
                 }
+                let (from_pid, from_mem) = match (c.from_snapshot, &told) {
+                    (true, Some(Some((s, f)))) => {
+                        // Everything from the frozen process is read: it may go.
+                        frozen_done.take();
+                        (*s, f)
+                    }
+                    _ => (pid, mem),
+                };
                 let Ok(mut buf) = empty_rx.recv() else {
                     break; // the writer stopped early: its error is reported below
                 };
                 let (addr, len) = (c.addr, c.len);
                 let t = Instant::now();
-                if let Err(e) = read_remote(pid, mem, &plan.maps[c.map], addr, &mut buf[..len]) {
+                let v = &plan.maps[c.map];
+                if let Err(e) = read_remote(from_pid, from_mem, v, addr, &mut buf[..len]) {
                     result = Err(e);
                     break;
                 }
@@ -650,6 +714,7 @@ fn copy_chunks(
                 at += len as u64;
             }
             drop(full_tx);
+            drop(frozen_done);
             let writing = writer
                 .join()
                 .map_err(|_| anyhow::anyhow!("the page writer thread panicked"))??;

@@ -64,6 +64,11 @@ pub(crate) enum Note {
     NetReleased,
     /// The process is cured (or killed): nothing to do for it any more.
     Released { pid: i32 },
+    /// A copy-on-write snapshot of `pid` is about to be forked (`child` 0), or was (`child`):
+    /// until `SnapshotGone`, it must be killed and reaped by `pid`.
+    Snapshot { pid: i32, child: i32 },
+    /// The snapshots of `pid` are dead and reaped.
+    SnapshotGone { pid: i32 },
     /// This stasis is finishing normally.
     End,
 }
@@ -120,6 +125,8 @@ impl Note {
                 b.extend_from_slice(&inode.to_le_bytes());
             }
             Note::NetReleased => head(&mut b, 11, 0, 0),
+            Note::Snapshot { pid, child } => head(&mut b, 12, *pid, *child),
+            Note::SnapshotGone { pid } => head(&mut b, 13, *pid, 0),
         }
         let len = (b.len() - 4) as u32;
         b[..4].copy_from_slice(&len.to_le_bytes());
@@ -180,6 +187,8 @@ impl Note {
                 inode: u64_at(body)?,
             },
             11 => Note::NetReleased,
+            12 => Note::Snapshot { pid, child: tid },
+            13 => Note::SnapshotGone { pid },
             _ => return None,
         })
     }
@@ -246,6 +255,11 @@ pub fn note_repair(pid: i32, fd: i32, inode: u64) -> Result<()> {
 }
 
 /// The dump took every socket out of repair mode and removed its lock.
+/// The snapshots of `pid` are dead and reaped.
+pub fn note_snapshot_gone(pid: i32) -> Result<()> {
+    note(&Note::SnapshotGone { pid })
+}
+
 pub fn note_net_released() -> Result<()> {
     note(&Note::NetReleased)
 }
@@ -307,6 +321,7 @@ pub fn serve() -> i32 {
     }
     let mut watched: BTreeMap<i32, Watch> = BTreeMap::new();
     let mut net = Net::default();
+    let mut snapshots: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
     let mut input = std::io::stdin().lock();
     loop {
         let mut len = [0u8; 4];
@@ -360,6 +375,15 @@ pub fn serve() -> i32 {
             Some(Note::NetLock { pid, table }) => net.table = Some((pid, table)),
             Some(Note::Repair { pid, fd, inode }) => net.repaired.push((pid, fd, inode)),
             Some(Note::NetReleased) => net = Net::default(),
+            Some(Note::Snapshot { pid, child }) => {
+                let kids = snapshots.entry(pid).or_default();
+                if child > 0 {
+                    kids.push(child);
+                }
+            }
+            Some(Note::SnapshotGone { pid }) => {
+                snapshots.remove(&pid);
+            }
             None => break,
         }
     }
@@ -375,7 +399,59 @@ pub fn serve() -> i32 {
             }
         }
     }
+    for (pid, noted) in snapshots {
+        match end_snapshots(pid, &noted) {
+            Ok(0) => {}
+            Ok(n) => eprintln!("stasis guardian: stasis died while copying pid {pid}'s memory; its snapshot ({n}) is killed and reaped"),
+            Err(e) => {
+                eprintln!("stasis guardian: pid {pid}'s memory snapshot could not be ended: {e}");
+                code = 1;
+            }
+        }
+    }
     code
+}
+
+/// Kills the snapshot children of `pid` (those that map our region, and the ones noted that
+/// are still its children, dead or not), and has `pid` reap them. Returns how many.
+fn end_snapshots(pid: i32, noted: &[i32]) -> Result<usize> {
+    let mut kids = crate::parasite::snapshots_of(pid);
+    for &c in noted {
+        let still = stasis_proc::stat(c).is_ok_and(|st| {
+            st.ppid == pid
+                && (st.is_zombie()
+                    || stasis_proc::maps(c).is_ok_and(|m| m.iter().any(|v| is_ours(&v.name))))
+        });
+        if still && !kids.contains(&c) {
+            kids.push(c);
+        }
+    }
+    if kids.is_empty() {
+        return Ok(0);
+    }
+    kill_snapshots(&kids);
+    let Some(mut seized) = seize_when_free(pid)? else {
+        return Ok(kids.len());
+    };
+    Parasite::reap_children(&mut seized, &kids)?;
+    seized.release()?;
+    Ok(kids.len())
+}
+
+/// SIGKILLs `kids` and waits (up to 5 s) until each is a zombie or gone.
+pub fn kill_snapshots(kids: &[i32]) {
+    for &c in kids {
+        // SAFETY: kill(2) on a pid; no memory is involved.
+        unsafe { libc::kill(c, libc::SIGKILL) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline
+        && kids
+            .iter()
+            .any(|&c| stasis_proc::stat(c).is_ok_and(|st| !st.is_zombie()))
+    {
+        std::thread::sleep(Duration::from_micros(200));
+    }
 }
 
 /// What a `--tcp-established` dump holds: its lock and the sockets it put in repair mode.
@@ -420,16 +496,16 @@ impl Net {
     }
 }
 
-/// Cures `pid` as `w` says. Ok(false): the process is gone, nothing to cure.
-fn cure(pid: i32, w: &Watch) -> Result<bool> {
-    // The dead stasis's tracing ends in its exit, after its pipe closed: wait for it.
+/// Seizes `pid` once the dead stasis's tracing has ended (in its exit, after its pipe
+/// closed). `None`: the process is gone.
+fn seize_when_free(pid: i32) -> Result<Option<Seized>> {
     let deadline = Instant::now() + Duration::from_secs(10);
-    let mut seized = loop {
+    loop {
         match stasis_proc::tracer_pid(pid) {
-            Err(_) => return Ok(false),
+            Err(_) => return Ok(None),
             Ok(0) => match Seized::seize(pid) {
-                Ok(s) => break s,
-                Err(InfectError::Zombie(_) | InfectError::NoProcess(_)) => return Ok(false),
+                Ok(s) => return Ok(Some(s)),
+                Err(InfectError::Zombie(_) | InfectError::NoProcess(_)) => return Ok(None),
                 Err(e) if Instant::now() >= deadline => return Err(e),
                 Err(_) => {}
             },
@@ -442,6 +518,13 @@ fn cure(pid: i32, w: &Watch) -> Result<bool> {
             Ok(_) => {}
         }
         std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Cures `pid` as `w` says. Ok(false): the process is gone, nothing to cure.
+fn cure(pid: i32, w: &Watch) -> Result<bool> {
+    let Some(mut seized) = seize_when_free(pid)? else {
+        return Ok(false);
     };
     put_peek_offs_back(pid, w);
     let regions: Vec<(u64, u64)> = stasis_proc::maps(pid)?
@@ -558,7 +641,7 @@ fn wait_stop(t: Pid) -> Result<()> {
 }
 
 /// A mapping name or fd link of the region's memfd.
-fn is_ours(name: &[u8]) -> bool {
+pub(crate) fn is_ours(name: &[u8]) -> bool {
     let mut want = b"memfd:".to_vec();
     want.extend_from_slice(MEMFD_NAME);
     name.windows(want.len()).any(|w| w == want.as_slice())

@@ -209,13 +209,6 @@ impl<'s> Parasite<'s> {
     pub fn infect(seized: &'s mut crate::Seized, blob: &Blob, size: RegionSize) -> Result<Self> {
         let pid = seized.pid();
         let tid = Pid::from_raw(pid);
-        let ptrace_err = |op| {
-            move |errno| InfectError::Ptrace {
-                op,
-                tid: pid,
-                errno,
-            }
-        };
         let saved = Saved::read(tid)?;
         if saved.regs.cs != crate::seize::USER_CS_64 {
             // Nothing is changed yet: the process is let go as it was.
@@ -262,7 +255,7 @@ impl<'s> Parasite<'s> {
             addr: p.site,
             orig: p.site_orig,
         })?;
-        sys::set_sigmask(tid, ALL_BUT_TRAP).map_err(ptrace_err("SETSIGMASK"))?;
+        p.block_signals()?;
         p.map_region(blob, size)?;
         if let Some(r) = p.region.as_ref() {
             guardian::note(&Note::Park {
@@ -284,15 +277,28 @@ impl<'s> Parasite<'s> {
         regions: &[(u64, u64)],
         fds: &[i32],
     ) -> Result<()> {
+        let mut p = Self::at_site(seized, site)?;
+        if regions.is_empty() && fds.is_empty() && !p.site_dirty {
+            p.cured = true;
+            return Ok(());
+        }
+        // Blocked while the calls run, as in `infect`; `cure_inner` puts the mask back.
+        p.block_signals()?;
+        for &(start, end) in regions {
+            p.remote_syscall("munmap", libc::SYS_munmap, [start, end - start, 0, 0, 0, 0])?;
+        }
+        for &fd in fds {
+            p.remote_syscall("close", libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
+        }
+        p.cure_inner()
+    }
+
+    /// The process `seized` (frozen, no region of ours in it) ready for system calls through
+    /// its injection site: `site` is where a dead stasis had written and the bytes it found
+    /// there, if it got that far; otherwise the site is found afresh.
+    fn at_site(seized: &'s mut crate::Seized, site: Option<(u64, [u8; SITE_LEN])>) -> Result<Self> {
         let pid = seized.pid();
         let tid = Pid::from_raw(pid);
-        let ptrace_err = |op| {
-            move |errno| InfectError::Ptrace {
-                op,
-                tid: pid,
-                errno,
-            }
-        };
         let saved = Saved::read(tid)?;
         let mem = open_proc_rw(pid, "mem", "opening memory")?;
         let read_at = |addr: u64| -> Result<[u8; SITE_LEN]> {
@@ -319,10 +325,7 @@ impl<'s> Parasite<'s> {
                 (addr, read_at(addr)?, false)
             }
         };
-        if regions.is_empty() && fds.is_empty() && !site_dirty {
-            return Ok(());
-        }
-        let mut p = Parasite {
+        Ok(Parasite {
             pid,
             tid,
             _seized: seized,
@@ -337,14 +340,75 @@ impl<'s> Parasite<'s> {
             gone: false,
             cured: false,
             cloned: Vec::new(),
-        };
-        // Blocked while the calls run, as in `infect`; `cure_inner` puts the mask back.
-        sys::set_sigmask(tid, ALL_BUT_TRAP).map_err(ptrace_err("SETSIGMASK"))?;
-        for &(start, end) in regions {
-            p.remote_syscall("munmap", libc::SYS_munmap, [start, end - start, 0, 0, 0, 0])?;
-        }
-        for &fd in fds {
-            p.remote_syscall("close", libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
+        })
+    }
+
+    fn block_signals(&mut self) -> Result<()> {
+        let pid = self.pid;
+        sys::set_sigmask(self.tid, ALL_BUT_TRAP).map_err(|errno| InfectError::Ptrace {
+            op: "SETSIGMASK",
+            tid: pid,
+            errno,
+        })
+    }
+
+    /// Forks the frozen process into a copy-on-write snapshot of its memory, for the host to
+    /// read while the process itself runs on. The snapshot is the main thread's copy, made
+    /// with `clone(CLONE_FILES | CLONE_FS | CLONE_UNTRACED)` and no exit signal: it shares the
+    /// descriptor table (so it holds no file of the process open on its own), its death sends
+    /// the process no SIGCHLD, and only a `__WALL` wait sees it. It starts in the site's park
+    /// loop with every signal but SIGTRAP blocked, and waits there until it is killed; it maps
+    /// the region too, which is how a guardian finds it (`snapshots_of`). The caller kills it
+    /// and has the process reap it (`reap_children`).
+    pub fn fork_snapshot(&mut self) -> Result<i32> {
+        let pid = self.pid;
+        guardian::note(&Note::Snapshot { pid, child: 0 })?;
+        let flags = (libc::CLONE_FILES | libc::CLONE_FS | libc::CLONE_UNTRACED) as u64;
+        let child =
+            self.remote_syscall("clone (snapshot)", libc::SYS_clone, [flags, 0, 0, 0, 0, 0])?;
+        let child = i32::try_from(child).map_err(|_| InfectError::BadReply {
+            pid,
+            why: format!("clone returned {child:#x}"),
+        })?;
+        guardian::note(&Note::Snapshot { pid, child })?;
+        // Out of the site again: between commands no byte of the process's code is changed
+        // (the snapshot keeps its own copy of the site's page, with the park loop).
+        self.park_in_region()?;
+        Ok(child)
+    }
+
+    /// Has the frozen process `seized` reap its dead snapshot children `children` (each one a
+    /// zombie by now, or already reaped by the process itself: ECHILD is fine).
+    pub fn reap_children(seized: &'s mut crate::Seized, children: &[i32]) -> Result<()> {
+        let mut p = Self::at_site(seized, None)?;
+        let pid = p.pid;
+        guardian::note(&Note::Thread {
+            pid,
+            tid: pid,
+            saved: Box::new(p.saved.clone()),
+        })?;
+        guardian::note(&Note::Site {
+            pid,
+            addr: p.site,
+            orig: p.site_orig,
+        })?;
+        p.block_signals()?;
+        for &child in children {
+            match p.remote_syscall(
+                "wait4 (snapshot)",
+                libc::SYS_wait4,
+                [child as u64, 0, libc::__WALL as u64, 0, 0, 0],
+            ) {
+                Ok(_)
+                | Err(InfectError::RemoteSyscall {
+                    errno: Errno::ECHILD,
+                    ..
+                }) => {}
+                Err(e) => {
+                    let _ = p.cure_inner();
+                    return Err(e);
+                }
+            }
         }
         p.cure_inner()
     }
@@ -1020,6 +1084,29 @@ fn open_proc_rw(pid: i32, file: &str, what: &'static str) -> Result<File> {
 
 /// Where `Parasite::infect` will write its system-call instruction in `pid` (it puts the
 /// original bytes back after every call): the one page of the process a parasite changes.
+/// The live snapshot children of `pid` (see `Parasite::fork_snapshot`): its children that
+/// map the region's memfd.
+pub fn snapshots_of(pid: i32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for t in tasks.filter_map(|e| e.ok()) {
+        let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+        for c in children
+            .split_whitespace()
+            .filter_map(|c| c.parse::<i32>().ok())
+        {
+            let ours =
+                stasis_proc::maps(c).is_ok_and(|m| m.iter().any(|v| guardian::is_ours(&v.name)));
+            if ours && !out.contains(&c) {
+                out.push(c);
+            }
+        }
+    }
+    out
+}
+
 pub fn site_of(pid: i32) -> Result<u64> {
     injection_site(pid, None)
 }

@@ -375,6 +375,11 @@ impl Seized {
         Ok(())
     }
 
+    /// Whether the process is let go (or killed): it is no longer frozen by this `Seized`.
+    pub fn is_released(&self) -> bool {
+        self.released
+    }
+
     /// Detaches every thread, letting the process run on. Idempotent.
     pub fn release(&mut self) -> Result<()> {
         if self.released {

@@ -1,0 +1,97 @@
+//! Copy-on-write snapshot dumps: `dump --leave-running` freezes the process only while all
+//! but its memory is read, then lets it run on while its memory is read from a forked
+//! snapshot. The fixture (tests/fixtures/scribbler.c) writes its memory as fast as it can —
+//! private, shared, MADV_DONTFORK and MADV_WIPEONFORK memory — and checks every page
+//! against where its writer is: an image holding any page from after the freeze instant (or
+//! a page of the snapshot where the snapshot does not have the process's memory) makes the
+//! restored process fail its own check. The process dumped runs on unharmed, and no
+//! snapshot is left behind (alive or as a zombie child).
+
+mod common;
+
+use common::*;
+
+fn children(pid: i32) -> Vec<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|t| {
+            std::fs::read_to_string(t.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|c| c.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect()
+}
+
+/// `dump --leave-running` of `d` into image `n` with extra `args`; returns stasis's summary.
+fn dump_running(d: &Daemon, n: u32, args: &[&str]) -> String {
+    let img = d.image(n);
+    let pid = d.pid.to_string();
+    let img_s = img.to_string_lossy().into_owned();
+    let mut a = vec!["dump", "-t", &pid, "-D", &img_s, "--leave-running"];
+    a.extend(args);
+    let o = stasis(&a);
+    let e = stderr_of(&o);
+    assert!(o.status.success(), "dump {n}: {e}");
+    assert_eq!(tracer_of(d.pid), 0, "still traced after dump {n}");
+    assert!(
+        children(d.pid).is_empty(),
+        "dump {n} left children of pid {}: {:?}",
+        d.pid,
+        children(d.pid)
+    );
+    e
+}
+
+/// Frozen milliseconds from the summary line.
+fn frozen_ms(summary: &str) -> f64 {
+    summary
+        .split("frozen ")
+        .nth(1)
+        .and_then(|r| r.split(" ms").next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no freeze time in {summary:?}"))
+}
+
+#[test]
+fn a_snapshot_dump_is_the_freeze_instant_while_the_process_writes_on() {
+    if !require_root("a_snapshot_dump_is_the_freeze_instant_while_the_process_writes_on") {
+        return;
+    }
+    let d = Daemon::start("scribbler", &["--mib", "96", "--shared-mib", "8"]);
+    let mut summaries = Vec::new();
+    for n in 1..=3 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let e = dump_running(&d, n, &[]);
+        assert!(
+            e.contains("memory copied from a snapshot after"),
+            "dump {n} used no snapshot: {e}"
+        );
+        summaries.push(e);
+    }
+    // A dump that keeps the process frozen while its memory is copied, for comparison.
+    let plain = dump_running(&d, 4, &["--no-snapshot"]);
+    assert!(!plain.contains("snapshot"), "{plain}");
+    let snap_ms: Vec<f64> = summaries.iter().map(|e| frozen_ms(e)).collect();
+    eprintln!(
+        "frozen with a snapshot: {snap_ms:?} ms; without: {} ms",
+        frozen_ms(&plain)
+    );
+    // The process ran on through every dump, its memory as its writer expects.
+    let v = assert_pass(&d.finish_keep());
+    let ran = detail(&v, "passes");
+    wait_gone(d.pid);
+    // Each image is the process at its freeze: restored, it writes on from there and checks
+    // every page it comes to; then all of memory once more at its end.
+    for n in [1, 3, 4] {
+        d.restore(n);
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        let v = assert_pass(&d.finish_keep());
+        assert!(detail(&v, "passes") > 2, "image {n}: {v}");
+        wait_gone(d.pid);
+    }
+    assert!(ran > 3, "the original wrote {ran} passes");
+}
