@@ -85,6 +85,7 @@ fn dump_into(pid: i32, images: &ImageDir, opts: &DumpOptions, t0: Instant) -> Re
     // go as soon as all else is read, and the copies finish from the snapshots.
     let mut snapshots: Vec<(i32, i32)> = Vec::new();
     let dumped = std::thread::scope(|scope| -> Result<(Vec<TaskDump>, Tree)> {
+        let proc_locks = files::ProcLocks::start(scope);
         let mut pending = Vec::with_capacity(tasks.len());
         for t in tasks.iter_mut() {
             let dir = if t.pid == pid {
@@ -102,7 +103,7 @@ fn dump_into(pid: i32, images: &ImageDir, opts: &DumpOptions, t0: Instant) -> Re
         let mut dumps = Vec::with_capacity(pending.len());
         let mut copies = Vec::with_capacity(pending.len());
         for p in pending {
-            let (d, c) = finish_task(p)?;
+            let (d, c) = finish_task(p, &proc_locks)?;
             dumps.push(d);
             copies.push(c);
         }
@@ -300,6 +301,7 @@ struct PendingTask<'s> {
     images: ImageDir,
     files: Files,
     desc_keys: Vec<files::DescKey>,
+    locks_to_check: files::LocksToCheck,
     work: FrozenWork,
     job_stop: Option<i32>,
     model: mm::MemModel,
@@ -349,6 +351,7 @@ fn start_task<'s>(
     net: &mut files::NetLock,
 ) -> Result<PendingTask<'s>> {
     let threads = seized.threads().to_vec();
+    let t0 = Instant::now();
     // A thread inside a vDSO function is stepped out of it first (CRIU issue #512).
     if let Some(vdso) = stasis_vdso::VdsoLayout::of_pid(pid)?.vdso() {
         let moved = seized.step_out_of((vdso.start, vdso.end), 100_000)?;
@@ -359,10 +362,11 @@ fn start_task<'s>(
 
     // Everything that could refuse the dump comes first, before the process is changed.
     let vm_flags = preflight::check(pid, &threads)?;
+    let t_preflight = t0.elapsed();
     let mut pages = PageWriter::create(&images).context("creating pages.img")?;
     let mut files = Files::default();
     files::collect_mapped(pid, &stasis_proc::maps(pid)?, &mut files, &mut pages)?;
-    let (files, desc_keys) = files::collect(
+    let (files, desc_keys, locks_to_check) = files::collect(
         pid,
         &files::Options {
             shell_job: opts.shell_job,
@@ -378,6 +382,7 @@ fn start_task<'s>(
     // parasite does its work: neither changes the process's memory, but for the injection
     // site's page, which waits for the cure.
     let site = stasis_infect::injection_site(pid)?;
+    let t_files = t0.elapsed();
     let snapshot = opts.leave_running && opts.snapshot;
     let (copy_plan, model) = mm::plan(
         pid,
@@ -387,6 +392,7 @@ fn start_task<'s>(
         snapshot,
     )?
     .split();
+    tracing::info!(pid, preflight = ?t_preflight, files = ?t_files, planned = ?t0.elapsed(), "files read, memory planned");
     let (source_tx, source_rx) = std::sync::mpsc::channel::<Option<i32>>();
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let copier = scope.spawn(move || {
@@ -409,6 +415,7 @@ fn start_task<'s>(
         images,
         files,
         desc_keys,
+        locks_to_check,
         work,
         job_stop: seized.job_stop(),
         model,
@@ -421,19 +428,24 @@ fn start_task<'s>(
 }
 
 /// Completes what is read of a process (still frozen) but its memory, whose copy goes on.
-fn finish_task(p: PendingTask<'_>) -> Result<(TaskDump, PendingCopy<'_>)> {
+fn finish_task<'s>(
+    p: PendingTask<'s>,
+    proc_locks: &files::ProcLocks<'_>,
+) -> Result<(TaskDump, PendingCopy<'s>)> {
     let PendingTask {
         pid,
         root,
         images,
-        files,
+        mut files,
         desc_keys,
+        locks_to_check,
         work,
         job_stop,
         model,
         copy,
     } = p;
     let frozen_at = Instant::now();
+    locks_to_check.check(pid, &mut files, proc_locks)?;
     let threads: Vec<i32> = work.cores.iter().map(|c| c.tid).collect();
     let FrozenWork {
         mut cores,
@@ -600,8 +612,12 @@ fn frozen_work(
     }
     // Last, so that nothing the parasite does is in it (its region is, but not in the plan).
     let snapshot = if snapshot {
+        let t_fork = Instant::now();
         match parasite.fork_snapshot() {
-            Ok(child) => Some(child),
+            Ok(child) => {
+                tracing::info!(pid, child, took = ?t_fork.elapsed(), "snapshot forked");
+                Some(child)
+            }
             Err(e) => {
                 tracing::warn!(
                     pid,

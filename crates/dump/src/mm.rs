@@ -688,13 +688,13 @@ fn copy_chunks(
                     };
                     told = Some(snap);
                 }
-                let (from_pid, from_mem) = match (c.from_snapshot, &told) {
-                    (true, Some(Some((s, f)))) => {
+                let from_snapshot = match (c.from_snapshot, &told) {
+                    (true, Some(Some((_, f)))) => {
                         // Everything from the frozen process is read: it may go.
                         frozen_done.take();
-                        (*s, f)
+                        Some(f)
                     }
-                    _ => (pid, mem),
+                    _ => None,
                 };
                 let Ok(mut buf) = empty_rx.recv() else {
                     break; // the writer stopped early: its error is reported below
@@ -702,7 +702,17 @@ fn copy_chunks(
                 let (addr, len) = (c.addr, c.len);
                 let t = Instant::now();
                 let v = &plan.maps[c.map];
-                if let Err(e) = read_remote(from_pid, from_mem, v, addr, &mut buf[..len]) {
+                let read = match from_snapshot {
+                    // Through /proc/PID/mem, which takes page references: process_vm_readv
+                    // pins them, and a read-only pin of a page shared copy-on-write makes
+                    // the kernel copy it into the snapshot first (the whole snapshot would
+                    // be copied, and its memory doubled).
+                    Some(f) => f
+                        .read_exact_at(&mut buf[..len], addr)
+                        .with_context(|| format!("reading the snapshot at {addr:#x} of {v}")),
+                    None => read_remote(pid, mem, v, addr, &mut buf[..len]),
+                };
+                if let Err(e) = read {
                     result = Err(e);
                     break;
                 }

@@ -29,6 +29,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
+pub(crate) use lock::ProcLocks;
 pub(crate) use socket::autobound;
 pub(crate) use tcp::NetLock;
 pub(crate) use unnamed::{collect_mapped, is_unnamed_mapping};
@@ -142,7 +143,7 @@ pub(crate) fn collect(
     files: Files,
     pages: &mut PageWriter,
     net: &mut NetLock,
-) -> Result<(Files, Vec<DescKey>)> {
+) -> Result<(Files, Vec<DescKey>, LocksToCheck)> {
     let dir = format!("/proc/{pid}/fd");
     let mut fds: Vec<i32> = std::fs::read_dir(&dir)
         .with_context(|| format!("listing {dir}"))?
@@ -219,22 +220,48 @@ pub(crate) fn collect(
     }
     epoll::check_watches(pid, &cx.epoll_watches, &mut cx.files)?;
     tcp::settle(pid, &mut cx)?;
-    let maps = stasis_proc::maps(pid)?;
-    let mapped_locks = lock::check_unreached(pid, &locked, &maps)?;
-    if !opts.file_locks && !mapped_locks.is_empty() {
-        bail!(
-            "pid {pid} holds a flock on a file it maps (inode {}) and --no-file-locks was given",
-            mapped_locks[0].inode
-        );
-    }
-    cx.files.mapped_locks = mapped_locks;
     let mut files = cx.files;
     tty::settle_shell_job(pid, opts.shell_job, &mut files)?;
     let keys = reps
         .into_iter()
         .map(|(id, fd, file)| DescKey { id, fd, file })
         .collect();
-    Ok((files, keys))
+    Ok((
+        files,
+        keys,
+        LocksToCheck {
+            locked,
+            file_locks: opts.file_locks,
+        },
+    ))
+}
+
+/// The locks found through descriptors, to check /proc/locks against once it is read (see
+/// `ProcLocks`): done late in the freeze, while the parasite's work hides the read.
+pub(crate) struct LocksToCheck {
+    locked: Vec<(u32, u32, u64)>,
+    file_locks: bool,
+}
+
+impl LocksToCheck {
+    /// Adds the flocks only mappings hold to `files`, or refuses a lock nothing reaches.
+    pub(crate) fn check(
+        self,
+        pid: i32,
+        files: &mut Files,
+        proc_locks: &ProcLocks<'_>,
+    ) -> Result<()> {
+        let maps = stasis_proc::maps(pid)?;
+        let mapped_locks = lock::check_unreached(pid, &self.locked, &maps, proc_locks)?;
+        if !self.file_locks && !mapped_locks.is_empty() {
+            bail!(
+                "pid {pid} holds a flock on a file it maps (inode {}) and --no-file-locks was given",
+                mapped_locks[0].inode
+            );
+        }
+        files.mapped_locks = mapped_locks;
+        Ok(())
+    }
 }
 
 pub(crate) use pipe::{ends as pipe_ends, settle_outside_ends as settle_pipes};
