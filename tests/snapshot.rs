@@ -95,3 +95,60 @@ fn a_snapshot_dump_is_the_freeze_instant_while_the_process_writes_on() {
     }
     assert!(ran > 3, "the original wrote {ran} passes");
 }
+
+/// A process that cannot fork (its pids cgroup is full) is dumped as before: frozen while its
+/// memory is copied, with a warning saying so, and its image is as exact.
+#[test]
+fn a_process_that_cannot_fork_is_dumped_frozen_instead() {
+    if !require_root("a_process_that_cannot_fork_is_dumped_frozen_instead") {
+        return;
+    }
+    let base = std::path::Path::new("/sys/fs/cgroup/pids");
+    assert!(
+        base.join("cgroup.procs").exists(),
+        "this test needs the cgroup v1 pids controller at {}",
+        base.display()
+    );
+    let d = Daemon::start("scribbler", &["--mib", "16", "--shared-mib", "1"]);
+    let cg = base.join(format!("stasis-test-nofork-{}", d.pid));
+    std::fs::create_dir(&cg).expect("making a pids cgroup");
+    struct Remove(std::path::PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _cg = Remove(cg.clone());
+    // Both of its threads in the group, and not one task more allowed.
+    for tid in std::fs::read_dir(format!("/proc/{}/task", d.pid))
+        .expect("tasks")
+        .flatten()
+    {
+        std::fs::write(
+            cg.join("tasks"),
+            tid.file_name().to_string_lossy().as_bytes(),
+        )
+        .expect("moving a thread into the cgroup");
+    }
+    std::fs::write(cg.join("pids.max"), "2").expect("pids.max");
+    let e = dump_running(&d, 1, &[]);
+    assert!(
+        e.contains("no copy-on-write snapshot") && !e.contains("copied from a snapshot"),
+        "{e}"
+    );
+    // Out of the group again (its tasks go back to the root group) before it is removed.
+    for tid in std::fs::read_dir(format!("/proc/{}/task", d.pid))
+        .expect("tasks")
+        .flatten()
+    {
+        let _ = std::fs::write(
+            base.join("tasks"),
+            tid.file_name().to_string_lossy().as_bytes(),
+        );
+    }
+    assert_pass(&d.finish_keep());
+    wait_gone(d.pid);
+    d.restore(1);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_pass(&d.finish_keep());
+}

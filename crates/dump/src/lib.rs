@@ -218,11 +218,7 @@ fn end_snapshots(tasks: &mut [tree::Task], made: &[(i32, i32)]) -> Result<Durati
                     .map_err(anyhow::Error::from),
                 // It exited while its memory was copied: its children, the snapshot with
                 // them, went to its reaper.
-                Err(
-                    stasis_infect::InfectError::NoProcess(_)
-                    | stasis_infect::InfectError::Zombie(_)
-                    | stasis_infect::InfectError::TargetGone { .. },
-                ) => Ok(()),
+                Err(_) if stasis_proc::stat(t.pid).map_or(true, |st| st.is_zombie()) => Ok(()),
                 Err(e) => Err(e.into()),
             }
         } else {
@@ -360,8 +356,15 @@ fn start_task<'s>(
         }
     }
 
-    // Everything that could refuse the dump comes first, before the process is changed.
-    let vm_flags = preflight::check(pid, &threads)?;
+    // Everything that could refuse the dump comes first, before the process is changed. The
+    // memory map's flags (smaps, which walks every page table) are read beside the rest.
+    let smaps = scope.spawn(move || crate::mm::preflight(pid));
+    let vm_flags = || -> Result<mm::VmFlagsMap> {
+        smaps
+            .join()
+            .map_err(|_| anyhow::anyhow!("the smaps reader of pid {pid} panicked"))?
+    };
+    preflight::check(pid, &threads)?;
     let t_preflight = t0.elapsed();
     let mut pages = PageWriter::create(&images).context("creating pages.img")?;
     let mut files = Files::default();
@@ -386,7 +389,7 @@ fn start_task<'s>(
     let snapshot = opts.leave_running && opts.snapshot;
     let (copy_plan, model) = mm::plan(
         pid,
-        &vm_flags,
+        vm_flags,
         site,
         stasis_image::DATA_OFFSET + pages.data_len(),
         snapshot,

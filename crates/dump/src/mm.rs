@@ -325,6 +325,133 @@ fn wants_page(backing: &Backing, shared: bool, entry: u64, zero_pfn: Option<u64>
     }
 }
 
+/// Runs of pages [i, j) of a mapping, by page index.
+type PageRuns = Vec<(usize, usize)>;
+
+/// Whether any page of a mapping with this backing may need dumping (as `wants_page`).
+fn wants_any(backing: &Backing, shared: bool) -> bool {
+    match backing {
+        Backing::Anon | Backing::AnonShared { .. } => true,
+        Backing::File { .. } => !shared,
+        Backing::Vdso { .. } => false,
+    }
+}
+
+/// `PAGEMAP_SCAN` (Linux 6.7): the page table walked in the kernel, which hands back runs of
+/// pages alike instead of one pagemap entry per page.
+struct Scanner<'f> {
+    pagemap: &'f File,
+    regions: Vec<[u64; 3]>,
+    /// Cleared once the kernel says it has no such ioctl.
+    works: bool,
+}
+
+const PAGEMAP_SCAN: u64 = 0xc060_6610; // _IOWR('f', 16, struct pm_scan_arg): 96 bytes
+const PAGE_IS_FILE: u64 = 1 << 2;
+const PAGE_IS_PRESENT: u64 = 1 << 3;
+const PAGE_IS_SWAPPED: u64 = 1 << 4;
+const PAGE_IS_PFNZERO: u64 = 1 << 5;
+
+impl<'f> Scanner<'f> {
+    fn new(pagemap: &'f File) -> Self {
+        Scanner {
+            pagemap,
+            regions: vec![[0; 3]; 4096],
+            // STASIS_NO_PAGEMAP_SCAN: the older kernels' way, for tests on a kernel that has it.
+            works: std::env::var_os("STASIS_NO_PAGEMAP_SCAN").is_none(),
+        }
+    }
+
+    /// The page runs of `v` to dump, as `wants_page` decides for each page; `None` if the
+    /// kernel cannot scan (then pagemap is read instead).
+    fn runs(&mut self, v: &stasis_proc::Vma, backing: &Backing) -> Result<Option<PageRuns>> {
+        if !self.works {
+            return Ok(None);
+        }
+        let page = PAGE_SIZE as u64;
+        let mut out: PageRuns = Vec::new();
+        let mut at = v.start;
+        while at < v.end {
+            // struct pm_scan_arg: size, flags, start, end, walk_end, vec, vec_len, max_pages,
+            // category_inverted, category_mask, category_anyof_mask, return_mask.
+            let mut arg: [u64; 12] = [
+                96,
+                0,
+                at,
+                v.end,
+                0,
+                self.regions.as_mut_ptr() as u64,
+                self.regions.len() as u64,
+                0,
+                0,
+                0,
+                PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+                PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_FILE | PAGE_IS_PFNZERO,
+            ];
+            // SAFETY: PAGEMAP_SCAN reads `arg` and writes at most vec_len regions into
+            // `self.regions`, which has that many; `walk_end` into `arg`.
+            let n = unsafe {
+                libc::ioctl(
+                    std::os::fd::AsRawFd::as_raw_fd(self.pagemap),
+                    PAGEMAP_SCAN as _,
+                    arg.as_mut_ptr(),
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if matches!(e.raw_os_error(), Some(libc::ENOTTY | libc::EINVAL))
+                    && out.is_empty()
+                    && at == v.start
+                {
+                    tracing::debug!("no PAGEMAP_SCAN ({e}): pagemap is read page by page");
+                    self.works = false;
+                    return Ok(None);
+                }
+                return Err(e).with_context(|| format!("PAGEMAP_SCAN of {v}"));
+            }
+            let n = (n as usize).min(self.regions.len());
+            let mut seen = at;
+            for &[start, end, cat] in &self.regions[..n] {
+                if start < seen || end > v.end || start >= end {
+                    bail!("PAGEMAP_SCAN of {v} returned {start:#x}-{end:#x} after {seen:#x}");
+                }
+                seen = end;
+                let dump = cat & PAGE_IS_PFNZERO == 0
+                    && match backing {
+                        Backing::File { .. } => {
+                            cat & PAGE_IS_SWAPPED != 0
+                                || (cat & PAGE_IS_PRESENT != 0 && cat & PAGE_IS_FILE == 0)
+                        }
+                        _ => cat & (PAGE_IS_PRESENT | PAGE_IS_SWAPPED) != 0,
+                    };
+                if !dump {
+                    continue;
+                }
+                let (i, j) = (
+                    ((start - v.start) / page) as usize,
+                    ((end - v.start) / page) as usize,
+                );
+                match out.last_mut() {
+                    Some(last) if last.1 == i => last.1 = j,
+                    _ => out.push((i, j)),
+                }
+            }
+            // A buffer not filled means the walk got to the end. (`walk_end` is where it
+            // stopped only when it stopped early: after a walk the kernel resumed
+            // internally and finished, it still holds the earlier stop.)
+            if n < self.regions.len() {
+                break;
+            }
+            let walk_end = arg[4];
+            if walk_end <= at || walk_end > v.end || walk_end < seen {
+                bail!("PAGEMAP_SCAN of {v} stopped at {walk_end:#x}");
+            }
+            at = walk_end;
+        }
+        Ok(Some(out))
+    }
+}
+
 /// One stretch of pages to copy into pages.img, in file order.
 #[derive(Clone, Copy, Debug)]
 struct Chunk {
@@ -391,7 +518,7 @@ const PAGEMAP_WINDOW: usize = 64 * 1024;
 /// that can be will be read from a copy-on-write snapshot.
 pub(crate) fn plan(
     pid: i32,
-    flags: &VmFlagsMap,
+    flags: impl FnOnce() -> Result<VmFlagsMap>,
     hold_back: u64,
     data_start: u64,
     snapshot: bool,
@@ -406,19 +533,16 @@ pub(crate) fn plan(
     let mut chunks: Vec<Chunk> = Vec::new();
     let mut entries = vec![0u8; PAGEMAP_WINDOW * 8];
     let zero_pfn = zero_page_pfn();
+    let mut scanner = Scanner::new(&pagemap);
     let proxy = find_proxy(pid, &maps, &mem);
+    // Pass 1a: which pages of each mapping, from the page tables (what costs, in the kernel,
+    // in proportion to memory: done while smaps, which costs as much, is read beside it).
+    let mut found: Vec<(usize, Backing, PageRuns)> = Vec::with_capacity(maps.len());
     for (mi, v) in maps.iter().enumerate() {
         let Some(backing) = backing_of(pid, v, proxy.as_ref())? else {
             continue;
         };
-        let vf = flags
-            .get(&v.start)
-            .copied()
-            .with_context(|| format!("pid {pid}: mapping {v} has no entry in smaps"))?;
-        let vma = vmas.len();
         let npages = (v.len() / PAGE_SIZE as u64) as usize;
-        let in_snapshot =
-            snapshot && !v.shared && vf.advice & (ADVICE_DONTFORK | ADVICE_WIPEONFORK) == 0;
         let mut window = (0, 0); // pages [window.0, window.1) are in `entries`
         let mut entry = |k: usize| -> Result<u64> {
             if k < window.0 || k >= window.1 {
@@ -443,22 +567,58 @@ pub(crate) fn plan(
             Backing::AnonShared { .. } => Some(shmem_pages(pid, v, npages)?),
             _ => None,
         };
-        let mut want = |k: usize| -> Result<bool> {
-            match &in_object {
-                Some(bits) => Ok(bits[k]),
-                None => Ok(wants_page(&backing, v.shared, entry(k)?, zero_pfn)),
+        // The runs of pages to dump, [i, j) in pages: from PAGEMAP_SCAN where the kernel has
+        // it (runs come whole), else page by page from pagemap entries.
+        let scanned = match (&in_object, wants_any(&backing, v.shared)) {
+            (None, false) => Some(Vec::new()),
+            (None, true) => scanner.runs(v, &backing)?,
+            (Some(_), _) => None,
+        };
+        let runs = match scanned {
+            Some(runs) => runs,
+            None => {
+                let mut want = |k: usize| -> Result<bool> {
+                    match &in_object {
+                        Some(bits) => Ok(bits[k]),
+                        None => Ok(wants_page(&backing, v.shared, entry(k)?, zero_pfn)),
+                    }
+                };
+                let mut runs = Vec::new();
+                let mut i = 0;
+                while i < npages {
+                    if !want(i)? {
+                        i += 1;
+                        continue;
+                    }
+                    let mut j = i + 1;
+                    while j < npages && want(j)? {
+                        j += 1;
+                    }
+                    runs.push((i, j));
+                    i = j;
+                }
+                runs
             }
         };
-        let mut i = 0;
-        while i < npages {
-            if !want(i)? {
-                i += 1;
-                continue;
-            }
-            let mut j = i + 1;
-            while j < npages && j - i < CHUNK / PAGE_SIZE && want(j)? {
-                j += 1;
-            }
+        found.push((mi, backing, runs));
+    }
+    // Pass 1b: with the flags, the model VMAs and their chunks.
+    let flags = flags()?;
+    for (mi, backing, runs) in found {
+        let v = &maps[mi];
+        let vf = flags
+            .get(&v.start)
+            .copied()
+            .with_context(|| format!("pid {pid}: mapping {v} has no entry in smaps"))?;
+        let vma = vmas.len();
+        let in_snapshot =
+            snapshot && !v.shared && vf.advice & (ADVICE_DONTFORK | ADVICE_WIPEONFORK) == 0;
+        let pieces = runs.into_iter().flat_map(|(i, j)| {
+            (i..j)
+                .step_by(CHUNK / PAGE_SIZE)
+                .map(move |a| (a, (a + CHUNK / PAGE_SIZE).min(j)))
+        });
+        for (i, j) in pieces {
             let addr = v.start + (i * PAGE_SIZE) as u64;
             let end = v.start + (j * PAGE_SIZE) as u64;
             // The injection site's page becomes a chunk of its own, copied after the cure.
@@ -480,7 +640,6 @@ pub(crate) fn plan(
                     from_snapshot: in_snapshot && w[0] != held_page,
                 });
             }
-            i = j;
         }
         vmas.push(Vma {
             start: v.start,
