@@ -152,3 +152,100 @@ fn a_process_that_cannot_fork_is_dumped_frozen_instead() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_pass(&d.finish_keep());
 }
+
+/// A real interpreter whose heap never holds still: Python rewrites a dict of 200 000 entries
+/// in a loop and keeps a running total of its values. It is dumped `--leave-running` twice
+/// while it does; each image, restored, must be one consistent instant of it — the dict's
+/// values sum to the total (checked on its next 100 000th step and at the end) — and the
+/// original runs on unharmed through both dumps.
+#[test]
+fn python_rewriting_its_heap_is_dumped_at_one_instant() {
+    if !require_root("python_rewriting_its_heap_is_dumped_at_one_instant") {
+        return;
+    }
+    let dir = tempdir::Dir::new("snapshot-python");
+    let pidfile = dir.path().join("pid");
+    let verdict = dir.path().join("verdict");
+    let script = format!(
+        r#"import os, signal
+stop = False
+def term(*a):
+    global stop
+    stop = True
+signal.signal(signal.SIGTERM, term)
+d = {{}}
+total = 0
+n = 0
+bad = 0
+open('{p}.tmp', 'w').write(str(os.getpid())); os.rename('{p}.tmp', '{p}')
+while not stop:
+    k = n % 200000
+    v = (n * 7919) % 1000003
+    total += v - d.get(k, 0)
+    d[k] = v
+    n += 1
+    if n % 100000 == 0 and sum(d.values()) != total:
+        bad += 1
+ok = not bad and sum(d.values()) == total and len(d) == min(n, 200000)
+open('{v}.tmp', 'w').write('%s n=%d bad=%d\n' % ('OK' if ok else 'BAD', n, bad))
+os.rename('{v}.tmp', '{v}')
+"#,
+        p = pidfile.display(),
+        v = verdict.display()
+    );
+    let mut child = python(&script, &pidfile, None, true);
+    let pid = child.id() as i32;
+    let finish = |what: &str| -> u64 {
+        let _ = std::fs::remove_file(&verdict);
+        // SAFETY: signalling the interpreter this test started (or restored).
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let v = loop {
+            if let Ok(v) = std::fs::read_to_string(&verdict) {
+                break v;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: no verdict (state {})",
+                stasis_state(pid)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        assert!(v.starts_with("OK"), "{what}: {v}");
+        v.split("n=")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    // Until its dict is whole: 200 000 entries (and the first checks done).
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    for n in 1..=2 {
+        let img = dir.path().join(format!("img{n}"));
+        let o = stasis(&[
+            "dump",
+            "-t",
+            &pid.to_string(),
+            "-D",
+            &img.to_string_lossy(),
+            "--leave-running",
+        ]);
+        let e = stderr_of(&o);
+        assert!(o.status.success(), "dump {n}: {e}");
+        assert!(e.contains("copied from a snapshot"), "dump {n}: {e}");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let ran = finish("the original");
+    let _ = child.wait();
+    for n in 1..=2 {
+        let img = dir.path().join(format!("img{n}"));
+        let o = stasis(&["restore", "-D", &img.to_string_lossy(), "--detach"]);
+        assert!(o.status.success(), "restore {n}: {}", stderr_of(&o));
+        // Long enough for several checks of the whole dict.
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let got = finish(&format!("image {n}, restored"));
+        assert!(got > 200_000, "image {n} ran {got} steps");
+        wait_gone(pid);
+    }
+    assert!(ran > 200_000, "the original ran {ran} steps");
+}
