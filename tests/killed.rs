@@ -566,3 +566,70 @@ fn a_killed_tree_dump_leaves_every_process_unharmed() {
     let v = assert_pass(&d.finish());
     assert_eq!(detail(&v, "procs"), 5, "{v} after {n} kills");
 }
+
+/// The same tree dumped in kill mode, stasis killed at every step: after each kill either
+/// every process lives on unharmed (the dump had not got to killing them), or every one is
+/// dead and the image is whole — it restores, and the walk goes on with the restored tree.
+/// Never some of each: a stasis killed half-way through killing them leaves the rest to the
+/// guardian.
+#[test]
+fn a_killed_kill_mode_tree_dump_leaves_all_or_none() {
+    if !require_root("a_killed_kill_mode_tree_dump_leaves_all_or_none") {
+        return;
+    }
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) has no memory effects.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let d = Daemon::start("tree", &[]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tree_pids(d.pid).len() < 5 {
+        assert!(Instant::now() < deadline, "the tree did not grow to 5");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pids = tree_pids(d.pid);
+    let mut before: Vec<Shape> = pids.iter().map(|&p| settled_shape(p)).collect();
+    let img = d.image(1);
+    let img_s = img.to_string_lossy().to_string();
+    let p = d.pid.to_string();
+    let mut restored = 0;
+    let alive = |pid: i32| !matches!(stasis_state(pid), '?' | 'Z' | 'X');
+    let n = walk(
+        &["dump", "-t", &p, "-D", &img_s],
+        |at, o| {
+            let what = format!("killed at step {at}: {}", stderr_of(o));
+            let living: Vec<i32> = pids.iter().copied().filter(|&q| alive(q)).collect();
+            if living.is_empty() {
+                for &q in &pids {
+                    reap_gone(q, &what);
+                }
+                let r = stasis(&["restore", "-D", &img_s, "--detach"]);
+                assert!(r.status.success(), "{what}: restore: {}", stderr_of(&r));
+                assert_eq!(tree_pids(d.pid), pids, "{what}: the restored tree");
+                before = pids.iter().map(|&q| settled_shape(q)).collect();
+                restored += 1;
+            } else {
+                assert_eq!(living, pids, "{what}: some of the tree killed, some not");
+                for (pid, b) in pids.iter().zip(&before) {
+                    check_unharmed(*pid, b, &what);
+                }
+            }
+            let _ = std::fs::remove_dir_all(&img);
+        },
+        |o| assert!(o.status.success(), "dump: {}", stderr_of(o)),
+    );
+    for &q in &pids {
+        reap_gone(q, "after the dump");
+    }
+    let r = stasis(&["restore", "-D", &img_s, "--detach"]);
+    assert!(r.status.success(), "restore: {}", stderr_of(&r));
+    assert!(
+        restored >= 5,
+        "only {restored} kills came after the kill loop began"
+    );
+    assert!(n > 50, "only {n} steps");
+    let v = assert_pass(&d.finish());
+    assert_eq!(
+        detail(&v, "procs"),
+        5,
+        "{v} after {n} kills ({restored} restored)"
+    );
+}

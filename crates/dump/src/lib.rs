@@ -168,6 +168,16 @@ fn dump_into(pid: i32, images: &ImageDir, opts: &DumpOptions, t0: Instant) -> Re
         // Killed while still frozen: none of them runs past the moment the image describes.
         // They are reaped (as their tracer) while they die.
         s.frozen = frozen_at.elapsed();
+        // If this stasis dies in the loop below, the guardian kills the rest.
+        let procs = tasks
+            .iter()
+            .map(|t| {
+                let st = stasis_proc::stat(t.pid)
+                    .with_context(|| format!("reading the state of dumped pid {}", t.pid))?;
+                Ok((t.pid, st.start_time))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        stasis_infect::guardian::note_killing(procs)?;
         for t in tasks.iter_mut() {
             t.seized
                 .kill()

@@ -69,6 +69,9 @@ pub(crate) enum Note {
     Snapshot { pid: i32, child: i32 },
     /// The snapshots of `pid` are dead and reaped.
     SnapshotGone { pid: i32 },
+    /// The image of a kill-mode dump is whole and sealed, and its processes (pid, start
+    /// time) are about to be killed: if this stasis dies now, the guardian kills the rest.
+    Killing { procs: Vec<(i32, u64)> },
     /// This stasis is finishing normally.
     End,
 }
@@ -127,6 +130,13 @@ impl Note {
             Note::NetReleased => head(&mut b, 11, 0, 0),
             Note::Snapshot { pid, child } => head(&mut b, 12, *pid, *child),
             Note::SnapshotGone { pid } => head(&mut b, 13, *pid, 0),
+            Note::Killing { procs } => {
+                head(&mut b, 14, 0, procs.len() as i32);
+                for (pid, start) in procs {
+                    b.extend_from_slice(&pid.to_le_bytes());
+                    b.extend_from_slice(&start.to_le_bytes());
+                }
+            }
         }
         let len = (b.len() - 4) as u32;
         b[..4].copy_from_slice(&len.to_le_bytes());
@@ -189,6 +199,16 @@ impl Note {
             11 => Note::NetReleased,
             12 => Note::Snapshot { pid, child: tid },
             13 => Note::SnapshotGone { pid },
+            14 => {
+                let n = usize::try_from(tid).ok()?;
+                if f.len() != body + n.checked_mul(12)? {
+                    return None;
+                }
+                let procs = (0..n)
+                    .map(|k| Some((int(body + 12 * k)?, u64_at(body + 12 * k + 4)?)))
+                    .collect::<Option<Vec<_>>>()?;
+                Note::Killing { procs }
+            }
             _ => return None,
         })
     }
@@ -255,6 +275,11 @@ pub fn note_repair(pid: i32, fd: i32, inode: u64) -> Result<()> {
 }
 
 /// The dump took every socket out of repair mode and removed its lock.
+/// The processes `procs` (pid, start time) of a whole, sealed image are about to be killed.
+pub fn note_killing(procs: Vec<(i32, u64)>) -> Result<()> {
+    note(&Note::Killing { procs })
+}
+
 /// The snapshots of `pid` are dead and reaped.
 pub fn note_snapshot_gone(pid: i32) -> Result<()> {
     note(&Note::SnapshotGone { pid })
@@ -322,6 +347,7 @@ pub fn serve() -> i32 {
     let mut watched: BTreeMap<i32, Watch> = BTreeMap::new();
     let mut net = Net::default();
     let mut snapshots: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
+    let mut killing: Vec<(i32, u64)> = Vec::new();
     let mut input = std::io::stdin().lock();
     loop {
         let mut len = [0u8; 4];
@@ -384,10 +410,17 @@ pub fn serve() -> i32 {
             Some(Note::SnapshotGone { pid }) => {
                 snapshots.remove(&pid);
             }
+            Some(Note::Killing { procs }) => killing = procs,
             None => break,
         }
     }
     let mut code = 0;
+    // First of all (the dead stasis's tracees are let go a moment after its pipe closes):
+    // the processes of a whole image that it was killing.
+    let killed = kill_the_rest(&killing);
+    if killed > 0 {
+        eprintln!("stasis guardian: stasis died while killing the processes it had dumped (the image is whole); killed the {killed} left");
+    }
     net.undo();
     for (pid, w) in watched {
         match cure(pid, &w) {
@@ -410,6 +443,28 @@ pub fn serve() -> i32 {
         }
     }
     code
+}
+
+/// SIGKILLs each of `procs` still alive (the same process: pid and start time), and waits
+/// until each has died. Returns how many it killed.
+fn kill_the_rest(procs: &[(i32, u64)]) -> usize {
+    let same = |pid: i32, start: u64| {
+        stasis_proc::stat(pid).is_ok_and(|st| st.start_time == start && !st.is_zombie())
+    };
+    let left: Vec<i32> = procs
+        .iter()
+        .filter(|&&(pid, start)| same(pid, start))
+        .map(|&(pid, _)| pid)
+        .collect();
+    for &pid in &left {
+        // SAFETY: kill(2) on a pid checked just above; no memory is involved.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && procs.iter().any(|&(pid, start)| same(pid, start)) {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    left.len()
 }
 
 /// Kills the snapshot children of `pid` (those that map our region, and the ones noted that

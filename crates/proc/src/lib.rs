@@ -174,6 +174,9 @@ pub struct Stat {
     pub ppid: i32,
     /// `task->flags` (PF_*).
     pub flags: u64,
+    /// When it started, in clock ticks since boot: with the pid, names one process for good
+    /// (a pid is used again once its process is reaped).
+    pub start_time: u64,
 }
 
 /// Set in `Stat::flags` for kernel threads.
@@ -203,12 +206,14 @@ fn parse_stat(text: &str) -> Option<Stat> {
     let close = text.rfind(')')?;
     let comm = text.get(open + 1..close)?.to_string();
     let rest: Vec<&str> = text.get(close + 2..)?.split(' ').collect();
-    // rest[0] = state (field 3), rest[1] = ppid (4), rest[6] = flags (9)
+    // rest[0] = state (field 3), rest[1] = ppid (4), rest[6] = flags (9), rest[19] =
+    // starttime (22)
     Some(Stat {
         comm,
         state: rest.first()?.chars().next()?,
         ppid: rest.get(1)?.parse().ok()?,
         flags: rest.get(6)?.parse().ok()?,
+        start_time: rest.get(19)?.parse().ok()?,
     })
 }
 
