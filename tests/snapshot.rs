@@ -249,3 +249,96 @@ os.rename('{v}.tmp', '{v}')
     }
     assert!(ran > 200_000, "the original ran {ran} steps");
 }
+
+/// While a snapshot lives, every page the process writes is copied. When that runs a memory
+/// cgroup out of memory, the snapshot is the one the kernel kills (its OOM score is the
+/// highest there is): the dump fails, saying so, and the process runs on unharmed.
+#[test]
+fn a_snapshot_out_of_memory_fails_the_dump_not_the_process() {
+    if !require_root("a_snapshot_out_of_memory_fails_the_dump_not_the_process") {
+        return;
+    }
+    let base = std::path::Path::new("/sys/fs/cgroup/memory");
+    assert!(
+        base.join("cgroup.procs").exists(),
+        "this test needs the cgroup v1 memory controller at {}",
+        base.display()
+    );
+    let cg = base.join(format!("stasis-test-oom-{}", std::process::id()));
+    std::fs::create_dir(&cg).expect("making a memory cgroup");
+    struct Leave(std::path::PathBuf);
+    impl Drop for Leave {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _cg = Leave(cg.clone());
+    // Started inside the group, so that all its memory is charged there (charges do not move
+    // with a process); then the limit is what it uses and 32 MiB more.
+    let dir = tempdir::Dir::new("snapshot-oom");
+    let pidfile = dir.path().join("pid");
+    let status = {
+        use std::os::unix::process::CommandExt;
+        let mut c = std::process::Command::new("sh");
+        c.arg("-c")
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs && exec \"$0\" \"$@\"",
+                cg.display()
+            ))
+            .arg(fixture_bin("scribbler"))
+            .args(["--pidfile", &pidfile.to_string_lossy()])
+            .args(["--out", &dir.path().join("out").to_string_lossy()])
+            .args(["--daemon", "--mib", "192", "--shared-mib", "0"]);
+        // SAFETY: close_range is async-signal-safe; it runs in the child before exec.
+        unsafe {
+            c.pre_exec(|| {
+                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+                Ok(())
+            });
+        }
+        c.status().expect("starting scribbler in the cgroup")
+    };
+    assert!(status.success(), "scribbler did not get ready");
+    let d = Daemon {
+        pid: std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+            .expect("scribbler's pid"),
+        dir,
+        name: "scribbler".into(),
+    };
+    let used: u64 = std::fs::read_to_string(cg.join("memory.usage_in_bytes"))
+        .ok()
+        .and_then(|u| u.trim().parse().ok())
+        .expect("memory.usage_in_bytes");
+    assert!(used > 190 << 20, "only {used} bytes charged to the group");
+    std::fs::write(
+        cg.join("memory.limit_in_bytes"),
+        (used + (32 << 20)).to_string(),
+    )
+    .expect("memory.limit_in_bytes");
+    let pid = d.pid.to_string();
+    let img = d.image(1);
+    let o = stasis(&[
+        "dump",
+        "-t",
+        &pid,
+        "-D",
+        &img.to_string_lossy(),
+        "--leave-running",
+    ]);
+    let e = stderr_of(&o);
+    assert_eq!(o.status.code(), Some(1), "the dump went through: {e}");
+    eprintln!("the dump: {}", e.trim());
+    assert!(e.contains("snapshot"), "{e}");
+    assert!(!img.exists(), "a failed dump left {}", img.display());
+    assert_eq!(tracer_of(d.pid), 0, "still traced");
+    assert!(
+        children(d.pid).is_empty(),
+        "children left: {:?}",
+        children(d.pid)
+    );
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_pass(&d.finish_keep());
+    wait_gone(d.pid);
+}

@@ -629,6 +629,15 @@ fn frozen_work(
         match parasite.fork_snapshot() {
             Ok(child) => {
                 tracing::info!(pid, child, took = ?t_fork.elapsed(), "snapshot forked");
+                // While it lives, every page the process writes is copied: if memory runs
+                // short, the copy is the one to go (the dump then fails; the process runs on).
+                if let Err(e) = std::fs::write(format!("/proc/{child}/oom_score_adj"), "1000") {
+                    tracing::warn!(
+                        pid,
+                        child,
+                        "making the snapshot the first to go on OOM: {e}"
+                    );
+                }
                 Some(child)
             }
             Err(e) => {

@@ -866,9 +866,24 @@ fn copy_chunks(
                     // pins them, and a read-only pin of a page shared copy-on-write makes
                     // the kernel copy it into the snapshot first (the whole snapshot would
                     // be copied, and its memory doubled).
-                    Some(f) => f
-                        .read_exact_at(&mut buf[..len], addr)
-                        .with_context(|| format!("reading the snapshot at {addr:#x} of {v}")),
+                    Some(f) => f.read_exact_at(&mut buf[..len], addr).with_context(|| {
+                        let snap = told.as_ref().and_then(|t| t.as_ref()).map_or(0, |t| t.0);
+                        // A snapshot killed (by the OOM killer) takes a moment to die.
+                        let gone = || stasis_proc::stat(snap).map_or(true, |st| st.is_zombie());
+                        let t = Instant::now();
+                        while !gone() && t.elapsed() < Duration::from_millis(200) {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        let dead = gone();
+                        format!(
+                            "reading pid {pid}'s memory snapshot {snap} at {addr:#x} of {v}{}",
+                            if dead {
+                                " (it was killed: out of memory? it is the first the kernel kills)"
+                            } else {
+                                ""
+                            }
+                        )
+                    }),
                     None => read_remote(pid, mem, v, addr, &mut buf[..len]),
                 };
                 if let Err(e) = read {

@@ -355,11 +355,15 @@ mod tests {
 
     #[test]
     fn parses_stat_with_odd_comm() {
-        let s = parse_stat("42 (a) b (c)) S 1 42 42 0 -1 4194560 0 0").unwrap();
+        let s = parse_stat(
+            "42 (a) b (c)) S 1 42 42 0 -1 4194560 0 0 0 0 5 6 0 0 20 0 1 0 987654 1000 100",
+        )
+        .unwrap();
         assert_eq!(s.comm, "a) b (c)");
         assert_eq!(s.state, 'S');
         assert_eq!(s.ppid, 1);
         assert_eq!(s.flags, 4194560);
+        assert_eq!(s.start_time, 987654);
         assert!(parse_stat("garbage").is_none());
     }
 
