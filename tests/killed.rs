@@ -281,6 +281,14 @@ fn kill_everywhere(threads: &str) -> (u32, String) {
                     "dump killed at step {at} killed the target without a whole image: {}",
                     stderr_of(&r)
                 );
+                let st = stasis_state(pid);
+                assert!(
+                    matches!(st, 'S' | 'R' | 'D'),
+                    "DEBUG restored after step {at} is in state {st}: dump said {:?}; restore said {:?}; verdict {:?}",
+                    stderr_of(o),
+                    stderr_of(&r),
+                    std::fs::read_to_string(d.dir.path().join("out")).unwrap_or_default()
+                );
                 restored += 1;
             } else {
                 check_unharmed(

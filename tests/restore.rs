@@ -757,3 +757,78 @@ while True:
     assert!(status.contains("Uid:\t65534"), "{status}");
     kill(pid);
 }
+
+/// A timed futex wait that an earlier stop interrupted is resumed by the kernel through
+/// `restart_syscall`, whose state dies with the task. Dumped while it waits there (after
+/// `stasis vdso` stopped it once), the restored thread must wait again and time out
+/// (ETIMEDOUT), not fail with EINTR.
+#[test]
+fn a_wait_resumed_after_an_earlier_stop_waits_again_after_restore() {
+    if !require_root("a_wait_resumed_after_an_earlier_stop_waits_again_after_restore") {
+        return;
+    }
+    let dir = tempdir::Dir::new("restart-syscall");
+    let pidfile = dir.path().join("pid");
+    let verdict = dir.path().join("verdict");
+    let script = format!(
+        r#"import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+class TS(ctypes.Structure):
+    _fields_ = [("s", ctypes.c_long), ("ns", ctypes.c_long)]
+word = ctypes.c_int(0)
+ts = TS(3, 0)
+open('{p}.tmp', 'w').write(str(os.getpid())); os.rename('{p}.tmp', '{p}')
+r = libc.syscall(202, ctypes.byref(word), 0, 0, ctypes.byref(ts), 0, 0)
+e = ctypes.get_errno()
+open('{v}.tmp', 'w').write('%d %d\n' % (r, e)); os.rename('{v}.tmp', '{v}')
+"#,
+        p = pidfile.display(),
+        v = verdict.display()
+    );
+    let mut child = python(&script, &pidfile, None, true);
+    let pid = child.id() as i32;
+    let syscall = || std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !syscall().starts_with("202 ") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "it never waited: {}",
+            syscall()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // Stopped and let go once: the wait goes on in restart_syscall.
+    let o = stasis(&["vdso", "-t", &pid.to_string()]);
+    assert!(o.status.success(), "vdso: {}", stderr_of(&o));
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(
+        syscall().starts_with("219 "),
+        "not in restart_syscall: {}",
+        syscall()
+    );
+    let img = dir.path().join("img");
+    let o = stasis(&["dump", "-t", &pid.to_string(), "-D", &img.to_string_lossy()]);
+    assert!(o.status.success(), "dump: {}", stderr_of(&o));
+    let _ = child.wait();
+    wait_gone(pid);
+    let o = stasis(&["restore", "-D", &img.to_string_lossy(), "--detach"]);
+    assert!(o.status.success(), "restore: {}", stderr_of(&o));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let v = loop {
+        if let Ok(v) = std::fs::read_to_string(&verdict) {
+            break v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no verdict (state {})",
+            stasis_state(pid)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(
+        v.trim(),
+        format!("-1 {}", libc::ETIMEDOUT),
+        "the restored wait's end"
+    );
+    wait_gone(pid);
+}

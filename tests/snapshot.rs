@@ -11,21 +11,6 @@ mod common;
 
 use common::*;
 
-fn children(pid: i32) -> Vec<i32> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .flat_map(|t| {
-            std::fs::read_to_string(t.path().join("children"))
-                .unwrap_or_default()
-                .split_whitespace()
-                .filter_map(|c| c.parse().ok())
-                .collect::<Vec<i32>>()
-        })
-        .collect()
-}
-
 /// `dump --leave-running` of `d` into image `n` with extra `args`; returns stasis's summary.
 fn dump_running(d: &Daemon, n: u32, args: &[&str]) -> String {
     let img = d.image(n);
@@ -38,10 +23,10 @@ fn dump_running(d: &Daemon, n: u32, args: &[&str]) -> String {
     assert!(o.status.success(), "dump {n}: {e}");
     assert_eq!(tracer_of(d.pid), 0, "still traced after dump {n}");
     assert!(
-        children(d.pid).is_empty(),
+        children_of(d.pid).is_empty(),
         "dump {n} left children of pid {}: {:?}",
         d.pid,
-        children(d.pid)
+        children_of(d.pid)
     );
     e
 }
@@ -334,9 +319,9 @@ fn a_snapshot_out_of_memory_fails_the_dump_not_the_process() {
     assert!(!img.exists(), "a failed dump left {}", img.display());
     assert_eq!(tracer_of(d.pid), 0, "still traced");
     assert!(
-        children(d.pid).is_empty(),
+        children_of(d.pid).is_empty(),
         "children left: {:?}",
-        children(d.pid)
+        children_of(d.pid)
     );
     std::thread::sleep(std::time::Duration::from_millis(200));
     assert_pass(&d.finish_keep());

@@ -177,6 +177,24 @@ pub fn stasis_state(pid: i32) -> char {
         .unwrap_or('?')
 }
 
+/// The children of every thread of `pid`, dead or alive, sorted.
+pub fn children_of(pid: i32) -> Vec<i32> {
+    let mut out: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|t| {
+            std::fs::read_to_string(t.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|c| c.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 pub fn tracer_of(pid: i32) -> i32 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()

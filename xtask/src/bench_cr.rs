@@ -94,18 +94,24 @@ fn ticker_gap(pid: i32, state: &Path) -> Result<Duration> {
     Ok(Duration::from_micros(us))
 }
 
+/// `cargo build --release --bin stasis`: what every benchmark measures.
+fn build_release_stasis(root: &Path) -> Result<()> {
+    let mut b = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    b.current_dir(root)
+        .args(["build", "--release", "--quiet", "--bin", "stasis"]);
+    if !b.status()?.success() {
+        bail!("building stasis");
+    }
+    Ok(())
+}
+
 /// `cargo xtask bench leave-running`: see `Which::LeaveRunning`.
 pub fn leave_running(sizes: &[u64], runs: usize, criu: Option<PathBuf>) -> Result<()> {
     if runs == 0 {
         bail!("--runs must be at least 1");
     }
     let root = crate::repo_root();
-    let mut b = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    b.current_dir(&root)
-        .args(["build", "--release", "--quiet", "--bin", "stasis"]);
-    if !b.status()?.success() {
-        bail!("building stasis");
-    }
+    build_release_stasis(&root)?;
     let stasis = root.join("target/release/stasis");
     let work = root.join("target/bench");
     std::fs::create_dir_all(&work)?;
@@ -422,12 +428,7 @@ pub fn run(sizes: &[u64], runs: usize, shape: Shape, criu: Option<PathBuf>) -> R
         bail!("--runs must be at least 1");
     }
     let root = crate::repo_root();
-    let mut b = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    b.current_dir(&root)
-        .args(["build", "--release", "--quiet", "--bin", "stasis"]);
-    if !b.status()?.success() {
-        bail!("building stasis");
-    }
+    build_release_stasis(&root)?;
     let work = root.join("target/bench");
     std::fs::create_dir_all(&work)?;
     let memhold = memhold(&work)?;
@@ -520,12 +521,7 @@ pub fn freeze(thread_counts: &[usize], runs: usize) -> Result<()> {
         bail!("--runs and --threads must not be empty");
     }
     let root = crate::repo_root();
-    let mut b = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    b.current_dir(&root)
-        .args(["build", "--release", "--quiet", "--bin", "stasis"]);
-    if !b.status()?.success() {
-        bail!("building stasis");
-    }
+    build_release_stasis(&root)?;
     let stasis = root.join("target/release/stasis");
     let work = root.join("target/bench");
     std::fs::create_dir_all(&work)?;

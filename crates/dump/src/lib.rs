@@ -583,7 +583,7 @@ fn frozen_work(
     let t0 = Instant::now();
     let cores = threads
         .iter()
-        .map(|&tid| thread::collect_core(pid, tid))
+        .map(|&tid| thread::collect_core(pid, tid, seized))
         .collect::<Result<Vec<Core>>>()?;
     let shared_pending = thread::pending(nix::unistd::Pid::from_raw(pid), true)
         .context("reading pending signals")?;

@@ -6,6 +6,7 @@
 
 use anyhow::{bail, Context, Result};
 use stasis_image::model::*;
+use stasis_infect::Seized;
 use stasis_sys::ptrace as sys;
 
 pub(crate) fn pending(tid: nix::unistd::Pid, shared: bool) -> Result<Vec<PendingSignal>> {
@@ -175,9 +176,37 @@ fn os_error(call: &str, tid: i32, e: nix::errno::Errno) -> anyhow::Error {
     anyhow::anyhow!("{call} of thread {tid}: {}", std::io::Error::from(e))
 }
 
-pub(crate) fn collect_core(pid: i32, tid: i32) -> Result<Core> {
+/// A thread stopped inside `restart_syscall` — a timed wait (futex, nanosleep, poll) an earlier
+/// stop interrupted and the kernel resumed — has only `restart_syscall` in `orig_rax`, which in
+/// a new task fails with EINTR: its restart state (`restart_block`) is the kernel's and dies
+/// with the task. The call it restarts was read from its kernel stack as it was seized; its
+/// arguments are still in the registers, so the restore issues that call again from the start
+/// (a relative timeout starts over, as for a thread caught in the first wait). A call stasis
+/// cannot tell is refused, naming the thread.
+fn restarted_call(pid: i32, tid: i32, seized: &Seized) -> Result<u64> {
+    match seized.restarting_call(tid) {
+        Some(Ok(nr)) => {
+            tracing::debug!(pid, tid, nr, "a restarted call, issued again on restore");
+            Ok(*nr as u64)
+        }
+        Some(Err(frames)) => bail!(
+            "thread {tid} of pid {pid} waits in restart_syscall for a call stasis cannot tell ({frames}); not supported"
+        ),
+        None => bail!(
+            "thread {tid} of pid {pid} waits in restart_syscall, entered as it was being stopped: the call it restarts is unknown; try again"
+        ),
+    }
+}
+
+pub(crate) fn collect_core(pid: i32, tid: i32, seized: &Seized) -> Result<Core> {
+    const ERESTART_RESTARTBLOCK: i64 = -516;
     let t = nix::unistd::Pid::from_raw(tid);
     let regs = sys::get_regs(t).with_context(|| format!("registers of thread {tid}"))?;
+    let mut gpr = gpr_of(&regs);
+    if gpr.orig_rax == stasis_infect::SYS_RESTART_SYSCALL && gpr.rax as i64 == ERESTART_RESTARTBLOCK
+    {
+        gpr.orig_rax = restarted_call(pid, tid, seized)?;
+    }
     let rseq = sys::rseq_config(t)
         .with_context(|| format!("rseq of thread {tid}"))?
         .map(|(addr, len, sig)| Rseq { addr, len, sig });
@@ -191,7 +220,7 @@ pub(crate) fn collect_core(pid: i32, tid: i32) -> Result<Core> {
     }
     Ok(Core {
         tid,
-        gpr: gpr_of(&regs),
+        gpr,
         xsave: sys::get_xstate(t).with_context(|| format!("XSAVE state of thread {tid}"))?,
         sigmask: sys::get_sigmask(t).with_context(|| format!("signal mask of thread {tid}"))?,
         pending: pending(t, false)?,

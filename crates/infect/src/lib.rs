@@ -15,4 +15,4 @@ pub mod xsave;
 pub use blob::Blob;
 pub use error::{InfectError, Result};
 pub use parasite::{site_of as injection_site, snapshots_of, Parasite, RegionSize};
-pub use seize::{check_target, Seized};
+pub use seize::{check_target, Seized, SYS_RESTART_SYSCALL};

@@ -245,16 +245,7 @@ impl<'s> Parasite<'s> {
         };
         blob.check_park()?;
         // From here on, Drop undoes whatever was done; the guardian is told first.
-        guardian::note(&Note::Thread {
-            pid,
-            tid: pid,
-            saved: Box::new(p.saved.clone()),
-        })?;
-        guardian::note(&Note::Site {
-            pid,
-            addr: p.site,
-            orig: p.site_orig,
-        })?;
+        p.tell_guardian()?;
         p.block_signals()?;
         p.map_region(blob, size)?;
         if let Some(r) = p.region.as_ref() {
@@ -343,6 +334,22 @@ impl<'s> Parasite<'s> {
         })
     }
 
+    /// Tells the guardian what undoes the changes about to be made: the main thread's state
+    /// and the site's own bytes.
+    fn tell_guardian(&self) -> Result<()> {
+        let pid = self.pid;
+        guardian::note(&Note::Thread {
+            pid,
+            tid: pid,
+            saved: Box::new(self.saved.clone()),
+        })?;
+        guardian::note(&Note::Site {
+            pid,
+            addr: self.site,
+            orig: self.site_orig,
+        })
+    }
+
     fn block_signals(&mut self) -> Result<()> {
         let pid = self.pid;
         sys::set_sigmask(self.tid, ALL_BUT_TRAP).map_err(|errno| InfectError::Ptrace {
@@ -381,17 +388,7 @@ impl<'s> Parasite<'s> {
     /// zombie by now, or already reaped by the process itself: ECHILD is fine).
     pub fn reap_children(seized: &'s mut crate::Seized, children: &[i32]) -> Result<()> {
         let mut p = Self::at_site(seized, None)?;
-        let pid = p.pid;
-        guardian::note(&Note::Thread {
-            pid,
-            tid: pid,
-            saved: Box::new(p.saved.clone()),
-        })?;
-        guardian::note(&Note::Site {
-            pid,
-            addr: p.site,
-            orig: p.site_orig,
-        })?;
+        p.tell_guardian()?;
         p.block_signals()?;
         for &child in children {
             match p.remote_syscall(

@@ -28,6 +28,72 @@ pub struct Seized {
     released: bool,
     /// The kernel kills the process if we die while it is seized (see `seize_owned`).
     exit_kill: bool,
+    /// Threads found waiting in `restart_syscall` just before they were stopped, with the
+    /// call it restarts (`Err`: the kernel stack's frames, no call stasis knows).
+    restarting: Vec<(i32, std::result::Result<i64, String>)>,
+}
+
+/// `restart_syscall` on x86_64.
+pub const SYS_RESTART_SYSCALL: u64 = 219;
+
+/// A thread waiting in `restart_syscall` (a timed wait an earlier stop interrupted, resumed by
+/// the kernel from its `restart_block`): the call it restarts, from the restart function on its
+/// kernel stack — readable only while it waits there; once stopped, its stack is the stop's.
+/// `None`: not in `restart_syscall` (or gone).
+fn restarting_call(pid: i32, tid: i32) -> Option<std::result::Result<i64, String>> {
+    let task = format!("/proc/{pid}/task/{tid}");
+    let mut last = String::new();
+    // A thread that is not asleep shows no frames: look again a few times.
+    for _ in 0..20 {
+        let syscall = std::fs::read_to_string(format!("{task}/syscall")).ok()?;
+        let mut words = syscall.split_whitespace();
+        if words.next() != Some("219") {
+            return None;
+        }
+        let rdi_is_pointer = words
+            .next()
+            .and_then(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).ok())
+            .is_some_and(|a| a >= 4096);
+        let stack = match std::fs::read_to_string(format!("{task}/stack")) {
+            Ok(s) => s,
+            Err(e) => return Some(Err(format!("its kernel stack cannot be read: {e}"))),
+        };
+        let frames: Vec<&str> = stack
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .map(|f| f.split('+').next().unwrap_or(f))
+            .collect();
+        let asleep = stasis_proc::stat(tid).is_ok_and(|st| st.state == 'S');
+        // nanosleep(req, rem) or clock_nanosleep(clock, flags, req, rem): a clock id is small.
+        let nanosleep = if rdi_is_pointer {
+            libc::SYS_nanosleep
+        } else {
+            libc::SYS_clock_nanosleep
+        };
+        let named = frames.iter().find_map(|&f| match f {
+            "futex_wait_restart" => Some(libc::SYS_futex),
+            "do_restart_poll" => Some(libc::SYS_poll),
+            "hrtimer_nanosleep_restart" => Some(nanosleep),
+            "posix_cpu_nsleep_restart" | "alarm_timer_nsleep_restart" => {
+                Some(libc::SYS_clock_nanosleep)
+            }
+            _ => None,
+        });
+        if let Some(nr) = named {
+            return Some(Ok(nr));
+        }
+        // The nanosleep restart leaves no frame of its own (it sleeps straight from the
+        // restart call): asleep with nothing above the system-call entry, it is that one.
+        let bare = frames
+            .iter()
+            .all(|f| matches!(*f, "do_syscall_64" | "entry_SYSCALL_64_after_hwframe"));
+        if asleep && bare && !frames.is_empty() {
+            return Some(Ok(nanosleep));
+        }
+        last = frames.join(" < ");
+        std::thread::sleep(std::time::Duration::from_micros(100));
+    }
+    Some(Err(last))
 }
 
 /// Signals whose default action stops a process (job control).
@@ -107,6 +173,7 @@ impl Seized {
             job_stop: None,
             released: false,
             exit_kill,
+            restarting: Vec::new(),
         };
         // Until every thread is stopped, any of them may create more; rescan until stable.
         loop {
@@ -160,6 +227,9 @@ impl Seized {
                     errno,
                 })
             }
+        }
+        if let Some(call) = restarting_call(self.pid, tid) {
+            self.restarting.push((tid, call));
         }
         if let Err(errno) = sys::interrupt(t) {
             let _ = sys::detach(t);
@@ -373,6 +443,15 @@ impl Seized {
             }
         }
         Ok(())
+    }
+
+    /// For a thread that was waiting in `restart_syscall` when it was stopped: the call it
+    /// restarts (`Err`: what its kernel stack showed instead). `None`: it was not seen there.
+    pub fn restarting_call(&self, tid: i32) -> Option<&std::result::Result<i64, String>> {
+        self.restarting
+            .iter()
+            .find(|(t, _)| *t == tid)
+            .map(|(_, c)| c)
     }
 
     /// Whether the process is let go (or killed): it is no longer frozen by this `Seized`.
