@@ -284,7 +284,7 @@ fn kill_everywhere(threads: &str) -> (u32, String) {
                 let st = stasis_state(pid);
                 assert!(
                     matches!(st, 'S' | 'R' | 'D'),
-                    "DEBUG restored after step {at} is in state {st}: dump said {:?}; restore said {:?}; verdict {:?}",
+                    "the image of a dump killed at step {at}, restored, is in state {st}: the dump said {:?}; the restore said {:?}; its verdict: {:?}",
                     stderr_of(o),
                     stderr_of(&r),
                     std::fs::read_to_string(d.dir.path().join("out")).unwrap_or_default()

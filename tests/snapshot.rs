@@ -314,7 +314,6 @@ fn a_snapshot_out_of_memory_fails_the_dump_not_the_process() {
     ]);
     let e = stderr_of(&o);
     assert_eq!(o.status.code(), Some(1), "the dump went through: {e}");
-    eprintln!("the dump: {}", e.trim());
     assert!(e.contains("snapshot"), "{e}");
     assert!(!img.exists(), "a failed dump left {}", img.display());
     assert_eq!(tracer_of(d.pid), 0, "still traced");
