@@ -59,19 +59,7 @@ fn shape(pid: i32) -> Shape {
             code.push((start, page));
         }
     }
-    let mut children: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .flat_map(|t| {
-            std::fs::read_to_string(t.path().join("children"))
-                .unwrap_or_default()
-                .split_whitespace()
-                .filter_map(|c| c.parse().ok())
-                .collect::<Vec<i32>>()
-        })
-        .collect();
-    children.sort();
+    let children = children_of(pid);
     Shape {
         masks,
         code,

@@ -208,41 +208,16 @@ impl<'s> Parasite<'s> {
     /// Puts `blob` into the frozen process `seized`.
     pub fn infect(seized: &'s mut crate::Seized, blob: &Blob, size: RegionSize) -> Result<Self> {
         let pid = seized.pid();
-        let tid = Pid::from_raw(pid);
-        let saved = Saved::read(tid)?;
-        if saved.regs.cs != crate::seize::USER_CS_64 {
+        let regs = Saved::read(Pid::from_raw(pid))?.regs;
+        if regs.cs != crate::seize::USER_CS_64 {
             // Nothing is changed yet: the process is let go as it was.
             return Err(InfectError::NotX86_64 {
                 pid,
-                what: format!("runs 32-bit code (code segment {:#x})", saved.regs.cs),
+                what: format!("runs 32-bit code (code segment {:#x})", regs.cs),
             });
         }
-        let mem = open_proc_rw(pid, "mem", "opening memory")?;
-        let site = injection_site(pid, None)?;
-        let mut site_orig = [0u8; SITE_LEN];
-        mem.read_exact_at(&mut site_orig, site)
-            .map_err(|err| InfectError::Io {
-                pid,
-                what: "reading code at the injection site",
-                err,
-            })?;
-
-        let mut p = Parasite {
-            pid,
-            tid,
-            _seized: seized,
-            mem,
-            saved,
-            site,
-            site_orig,
-            remote_fd: None,
-            region: None,
-            entry: blob.entry(),
-            site_dirty: false,
-            gone: false,
-            cured: false,
-            cloned: Vec::new(),
-        };
+        let mut p = Self::at_site(seized, None)?;
+        p.entry = blob.entry();
         blob.check_park()?;
         // From here on, Drop undoes whatever was done; the guardian is told first.
         p.tell_guardian()?;
