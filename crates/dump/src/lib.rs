@@ -471,6 +471,7 @@ fn finish_task<'s>(
         t_collected,
         t_parasite,
         snapshot: _,
+        first_pending,
     } = work;
     let vdso_info = asked.verify()?;
     let task = decode_task_state(pid, &task_raw)?;
@@ -504,6 +505,12 @@ fn finish_task<'s>(
     process.job_stop = job_stop;
     tracing::debug!(elapsed = ?frozen_at.elapsed(), "process state collected");
     process.posix_timers = task::posix_timers(pid, &proc_timers, &times)?;
+    let now: Vec<&PendingSignal> = cores
+        .iter()
+        .flat_map(|c| c.pending.iter())
+        .chain(process.shared_pending.iter())
+        .collect();
+    task::settle_timers(&mut process.posix_timers, &first_pending, &now);
     let (monotonic_ns, boottime_ns) = task::clocks_seen_by(pid)?;
     tracing::info!(
         pid,
@@ -570,6 +577,8 @@ struct FrozenWork {
     t_collected: Duration,
     /// The copy-on-write snapshot child, if one was made.
     snapshot: Option<i32>,
+    /// The signal queues as first read, before the timers (see `task::settle_timers`).
+    first_pending: Vec<PendingSignal>,
     t_parasite: Duration,
 }
 
@@ -612,6 +621,25 @@ fn frozen_work(
             vdso_report::COMMAND_TIMEOUT,
         )?
     };
+    // Timers run on while the process is frozen: one may have expired between the first
+    // read of the signal queues (above) and the timers' (just now), its signal in no read.
+    // The queues are read again; `task::settle_timers` counts each expiry once.
+    let mut cores = cores;
+    let mut shared_pending = shared_pending;
+    let mut first_pending = Vec::new();
+    if !ids.is_empty() {
+        first_pending = cores
+            .iter()
+            .flat_map(|c| c.pending.iter().cloned())
+            .chain(shared_pending.iter().cloned())
+            .collect();
+        for c in cores.iter_mut() {
+            c.pending = thread::pending(nix::unistd::Pid::from_raw(c.tid), false)
+                .with_context(|| format!("reading the pending signals of thread {}", c.tid))?;
+        }
+        shared_pending = thread::pending(nix::unistd::Pid::from_raw(pid), true)
+            .context("reading pending signals")?;
+    }
     // What only each thread can tell about itself: the parasite runs in every one of them.
     let mut thread_raw = Vec::with_capacity(threads.len());
     for &tid in threads {
@@ -666,6 +694,7 @@ fn frozen_work(
         t_collected,
         t_parasite: t0.elapsed(),
         snapshot,
+        first_pending,
     })
 }
 

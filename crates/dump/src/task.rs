@@ -147,6 +147,48 @@ fn deleted_cwd_mode(pid: i32, cwd: &Bytes) -> Result<Option<u32>> {
 }
 
 /// POSIX timers: what /proc says about each, with the times the parasite read.
+/// The timer whose expiry queued `sig`, if it is a timer's signal (`SI_TIMER`: the timer id
+/// at offset 16 of the siginfo).
+fn timer_of(sig: &PendingSignal) -> Option<i32> {
+    const SI_TIMER: i32 = -2;
+    let int = |at: usize| {
+        sig.siginfo
+            .get(at..at + 4)
+            .and_then(|b| b.try_into().ok())
+            .map(i32::from_le_bytes)
+    };
+    (int(8)? == SI_TIMER).then_some(int(16)?)
+}
+
+/// A timer that expired while the process was frozen — after the signal queues were first read
+/// (`before`) and after the timers were — shows armed, and its signal is in the second read of
+/// the queues (`after`) only: restored as it is, that expiry would come twice. A one-shot
+/// timer is then disarmed; a periodic one is put one interval later. (A signal of the timer
+/// queued before is merged by the kernel, overrun counted: then the count does not grow.)
+pub(crate) fn settle_timers(
+    timers: &mut [PosixTimer],
+    before: &[PendingSignal],
+    after: &[&PendingSignal],
+) {
+    for t in timers.iter_mut() {
+        let armed = t.value_sec != 0 || t.value_nsec != 0;
+        let was = before.iter().filter(|s| timer_of(s) == Some(t.id)).count();
+        let is = after.iter().filter(|s| timer_of(s) == Some(t.id)).count();
+        if !armed || is <= was {
+            continue;
+        }
+        if t.interval_sec == 0 && t.interval_nsec == 0 {
+            t.value_sec = 0;
+            t.value_nsec = 0;
+        } else {
+            let ns = t.value_nsec + t.interval_nsec;
+            t.value_sec += t.interval_sec + ns / 1_000_000_000;
+            t.value_nsec = ns % 1_000_000_000;
+        }
+        tracing::debug!(timer = t.id, "expired while frozen, after it was read");
+    }
+}
+
 pub(crate) fn posix_timers(
     pid: i32,
     timers: &[stasis_proc::ProcTimer],
@@ -179,4 +221,51 @@ pub(crate) fn posix_timers(
             }
         })
         .collect())
+}
+
+#[cfg(test)]
+mod timer_tests {
+    use super::*;
+
+    fn timer(id: i32, value: (i64, i64), interval: (i64, i64)) -> PosixTimer {
+        PosixTimer {
+            id,
+            clock: 1,
+            signo: 34,
+            sigval: 0,
+            notify: 4,
+            tid: 1,
+            interval_sec: interval.0,
+            interval_nsec: interval.1,
+            value_sec: value.0,
+            value_nsec: value.1,
+        }
+    }
+
+    fn signal_of(id: i32) -> PendingSignal {
+        let mut siginfo = vec![0u8; 128];
+        siginfo[0..4].copy_from_slice(&34i32.to_le_bytes());
+        siginfo[8..12].copy_from_slice(&(-2i32).to_le_bytes());
+        siginfo[16..20].copy_from_slice(&id.to_le_bytes());
+        PendingSignal { signo: 34, siginfo }
+    }
+
+    #[test]
+    fn an_expiry_between_the_reads_counts_once() {
+        let mut ts = vec![
+            timer(0, (0, 500), (0, 0)),
+            timer(1, (0, 900_000_000), (0, 200_000_000)),
+            timer(2, (0, 500), (0, 0)),
+            timer(3, (1, 0), (0, 0)),
+        ];
+        let old = signal_of(2);
+        let (s0, s1, s2) = (signal_of(0), signal_of(1), signal_of(2));
+        settle_timers(&mut ts, std::slice::from_ref(&old), &[&s0, &s1, &s2]);
+        // 0: one-shot, newly queued: disarmed. 1: periodic, newly queued: one interval on.
+        assert_eq!((ts[0].value_sec, ts[0].value_nsec), (0, 0));
+        assert_eq!((ts[1].value_sec, ts[1].value_nsec), (1, 100_000_000));
+        // 2: its signal was queued before too (re-armed since): left armed. 3: no signal.
+        assert_eq!((ts[2].value_sec, ts[2].value_nsec), (0, 500));
+        assert_eq!((ts[3].value_sec, ts[3].value_nsec), (1, 0));
+    }
 }
