@@ -175,7 +175,15 @@ fn a_shared_fd_table_or_a_root_parent_death_signal_refuses_the_dump() {
         let before = tree_of(pid);
         let o = stasis(&["dump", "-t", &pid.to_string(), "-D", &dir.path().join("img").to_string_lossy()]);
         let e = stderr_of(&o);
-        let after = tree_of(pid);
+        // A sleeper let go by ptrace runs for a moment (its sleep restarts): the tree must be
+        // back as it was soon, not at the very instant the dump exits. A task left stopped,
+        // traced or gone never matches.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut after = tree_of(pid);
+        while after != before && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            after = tree_of(pid);
+        }
         let traced: Vec<(i32, i32)> = after
             .iter()
             .filter(|(_, v)| v.3 != 'Z')

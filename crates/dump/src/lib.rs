@@ -107,7 +107,7 @@ fn dump_into(pid: i32, images: &ImageDir, opts: &DumpOptions, t0: Instant) -> Re
             dumps.push(d);
             copies.push(c);
         }
-        let tree = tree::settle(&tasks, zombies, &mut dumps)?;
+        let tree = tree::settle(&tasks, zombies, &mut dumps, opts.shell_job)?;
         if opts.leave_running {
             for c in &copies {
                 c.frozen_part_done();
@@ -382,7 +382,6 @@ fn start_task<'s>(
     let (files, desc_keys, locks_to_check) = files::collect(
         pid,
         &files::Options {
-            shell_job: opts.shell_job,
             file_locks: opts.file_locks,
             tcp_established: opts.tcp_established,
             tcp_close: opts.tcp_close,

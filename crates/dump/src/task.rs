@@ -134,6 +134,8 @@ pub(crate) fn collect_process(
         sid: f.get(5).copied().unwrap_or(0) as i32,
         job_stop: None,
         child_subreaper: task.child_subreaper != 0,
+        tty_nr: f.get(6).copied().unwrap_or(0),
+        ctty_pty: None,
     })
 }
 

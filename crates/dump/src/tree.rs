@@ -151,8 +151,10 @@ pub(crate) fn settle(
     tasks: &[Task],
     zombies: Vec<TreeZombie>,
     dumps: &mut [TaskDump],
+    shell_job: bool,
 ) -> Result<Tree> {
     separate(dumps)?;
+    settle_ptys(dumps, shell_job)?;
     settle_pipes(dumps)?;
     settle_sockets(dumps)?;
     accepted_ends(dumps)?;
@@ -203,6 +205,99 @@ fn separate(dumps: &[TaskDump]) -> Result<()> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// Terminals, once the whole tree is known. A slave of a pty whose master is in the tree is
+/// that pty's (it comes back with it); any other terminal is a shell job's, or refused. Every
+/// controlling terminal must come back: a pty of the tree (its session in the tree, led by a
+/// process holding its slave, its foreground group one of the tree's), or with `--shell-job`
+/// the job's terminal for the root's session; anything else is refused.
+fn settle_ptys(dumps: &mut [TaskDump], shell_job: bool) -> Result<()> {
+    let mut ptys: HashMap<u32, (Option<i32>, i32)> = HashMap::new();
+    for d in dumps.iter() {
+        for p in &d.files.ptys {
+            ptys.insert(p.index, (p.session, p.foreground));
+        }
+    }
+    for d in dumps.iter_mut() {
+        for desc in d.files.descs.iter_mut() {
+            if let FileKind::Tty { rdev, .. } = desc.kind {
+                if let Some(index) =
+                    crate::files::slave_index(rdev).filter(|i| ptys.contains_key(i))
+                {
+                    desc.kind = FileKind::Pty {
+                        index,
+                        master: false,
+                    };
+                }
+            }
+        }
+        crate::files::settle_shell_job(d.pid, shell_job, &mut d.files)?;
+    }
+    let root_sid = dumps.first().map_or(0, |d| d.process.sid);
+    for (&index, &(session, fg)) in &ptys {
+        let Some(s) = session else { continue };
+        let Some(leader) = dumps.iter().find(|d| d.pid == s && d.process.sid == s) else {
+            bail!("pty {index} is the controlling terminal of session {s}, whose leader is not among the dumped processes; not supported yet");
+        };
+        if fg != 0
+            && !dumps
+                .iter()
+                .any(|d| d.process.pgid == fg && d.process.sid == s)
+        {
+            bail!("the foreground process group {fg} of pty {index} has no member among the dumped processes; not supported yet");
+        }
+        if shell_job && s == root_sid {
+            bail!("pid {s} leads a session with pty {index} as its terminal, and --shell-job would give it the job's; not supported together");
+        }
+        let holds_slave = leader.files.descs.iter().any(|x| {
+            matches!(x.kind, FileKind::Pty { index: i, master: false } if i == index)
+                && leader.files.fds.iter().any(|f| f.desc == x.id)
+        });
+        if !holds_slave {
+            bail!("pid {s} has pty {index} as its controlling terminal but holds no descriptor of its slave; not supported yet");
+        }
+    }
+    for d in dumps.iter_mut() {
+        let pr = &mut d.process;
+        if pr.tty_nr == 0 {
+            continue;
+        }
+        let t = pr.tty_nr;
+        let (major, minor) = ((t >> 8) & 0xfff, (t & 0xff) | ((t >> 12) & 0xfff00));
+        let rdev = libc::makedev(major as u32, minor as u32);
+        if let Some(index) = crate::files::slave_index(rdev) {
+            if let Some(&(session, fg)) = ptys.get(&index) {
+                if session != Some(pr.sid) {
+                    bail!(
+                        "pid {} has pty {index} as its controlling terminal, but the pty says session {session:?}, not {}",
+                        d.pid,
+                        pr.sid
+                    );
+                }
+                pr.ctty_pty = Some(CttyPty {
+                    index,
+                    foreground: fg,
+                });
+                continue;
+            }
+        }
+        if shell_job && pr.sid == root_sid {
+            // The job's terminal: the root's session is the restoring stasis's, with its
+            // terminal.
+            continue;
+        }
+        bail!(
+            "pid {} has a controlling terminal (device {major}:{minor}) that would not come back: {}",
+            d.pid,
+            if shell_job {
+                "it is not the shell job's (the root's session's) nor a pty of the dumped processes; not supported yet"
+            } else {
+                "dump it as a shell job (--shell-job) if it is the terminal it was started from"
+            }
+        );
     }
     Ok(())
 }
@@ -366,6 +461,26 @@ fn share_descriptions(dumps: &mut [TaskDump]) -> Result<()> {
             } = desc.kind
             {
                 if desc.tree_id.is_none() && holders.get(&inode).is_some_and(|h| h.len() > 1) {
+                    desc.tree_id = Some(next);
+                    next += 1;
+                }
+            }
+        }
+    }
+    // A pty used by more than one process: every end of it is made by the restoring stasis,
+    // so all belong to one pty.
+    let mut holders: HashMap<u32, HashSet<usize>> = HashMap::new();
+    for (i, d) in dumps.iter().enumerate() {
+        for desc in &d.files.descs {
+            if let FileKind::Pty { index, .. } = desc.kind {
+                holders.entry(index).or_default().insert(i);
+            }
+        }
+    }
+    for d in dumps.iter_mut() {
+        for desc in d.files.descs.iter_mut() {
+            if let FileKind::Pty { index, .. } = desc.kind {
+                if desc.tree_id.is_none() && holders.get(&index).is_some_and(|h| h.len() > 1) {
                     desc.tree_id = Some(next);
                     next += 1;
                 }

@@ -359,6 +359,20 @@ pub struct Process {
     pub job_stop: Option<i32>,
     /// `PR_SET_CHILD_SUBREAPER`.
     pub child_subreaper: bool,
+    /// The controlling terminal (`tty_nr` of /proc/PID/stat: its device, 0 for none).
+    #[serde(default)]
+    pub tty_nr: u64,
+    /// The controlling terminal is pty `index` of the image (not the shell job's terminal):
+    /// the session leader makes it so again, a member of group `foreground` makes that the
+    /// foreground group.
+    #[serde(default)]
+    pub ctty_pty: Option<CttyPty>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CttyPty {
+    pub index: u32,
+    pub foreground: i32,
 }
 
 /// What backs a VMA.
@@ -489,6 +503,10 @@ pub enum FileKind {
         #[serde(with = "hex_bytes")]
         termios: Vec<u8>,
     },
+    /// A pseudo-terminal end the process opened itself: the master (`/dev/ptmx`) or the
+    /// slave (`/dev/pts/N`) of pty `index` (N at the dump); the pty's modes and queues are in
+    /// `Files::ptys` of the process holding its master.
+    Pty { index: u32, master: bool },
     /// A socket: its family, type, addresses, state, options and receive queue.
     Socket(Box<Socket>),
     /// `timerfd_create(clockid)`: `value` is what was left to run at the dump (an absolute
@@ -930,6 +948,38 @@ pub struct Files {
     pub mapped_locks: Vec<MappedLock>,
     #[serde(default)]
     pub fifos: Vec<FifoBuf>,
+    /// The ptys whose master this process holds.
+    #[serde(default)]
+    pub ptys: Vec<PtyState>,
+}
+
+/// A pty as it was: the slave's modes and window size, packet mode, and both queues (in
+/// pages.img): the slave's unread input, its complete canonical lines first (`lines`), and
+/// the master's unread input (what the slave's program wrote). `session`: the session whose
+/// controlling terminal it is, `foreground` its foreground process group (0: none).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PtyState {
+    pub index: u32,
+    #[serde(with = "hex_bytes")]
+    pub termios: Vec<u8>,
+    pub winsize: [u16; 4],
+    pub packet: bool,
+    pub slave_exclusive: bool,
+    pub input_off: u64,
+    pub input_len: u64,
+    pub lines: Vec<PtyLine>,
+    pub output_off: u64,
+    pub output_len: u64,
+    pub session: Option<i32>,
+    pub foreground: i32,
+}
+
+/// A complete line of a pty's canonical input: `len` bytes (with the character that ended
+/// it), or ended by the end-of-file character (`eof`, not among its bytes).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PtyLine {
+    pub len: u32,
+    pub eof: bool,
 }
 
 /// A flock on a mapped file (`dev` as `Backing::File` has it), held by the mapping's

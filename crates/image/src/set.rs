@@ -6,6 +6,11 @@
 use crate::model::*;
 use crate::{read_record, ImageDir, ImageError, PageReader, Result, PAGE_SIZE};
 
+/// The kernel's `struct termios` on x86_64 (as `TCGETS` gives it).
+const KERNEL_TERMIOS_LEN: usize = 36;
+/// Most a pty may hold queued each way in an image (its line discipline holds 4 KiB).
+const MAX_PTY_QUEUE: usize = 64 * 1024;
+
 fn inconsistent(dir: &ImageDir, why: String) -> ImageError {
     ImageError::Inconsistent {
         dir: dir.path().to_path_buf(),
@@ -245,6 +250,7 @@ pub fn load_tree(dir: &std::path::Path) -> Result<TreeImage> {
                     FileKind::Path { .. }
                         | FileKind::CharDev { .. }
                         | FileKind::Pipe { inherit: None, .. }
+                        | FileKind::Pty { .. }
                         | FileKind::EventFd { .. }
                         | FileKind::Socket(_)
                         | FileKind::TimerFd { .. }
@@ -255,6 +261,30 @@ pub fn load_tree(dir: &std::path::Path) -> Result<TreeImage> {
                         "shared description {id} is of a kind that cannot be shared, or of two kinds"
                     )));
                 }
+            }
+        }
+    }
+    // Every pty a description or a controlling terminal names is in the set.
+    let mut ptys = std::collections::HashSet::new();
+    for img in all.images() {
+        ptys.extend(img.files.ptys.iter().map(|p| p.index));
+    }
+    for img in all.images() {
+        let named = img
+            .files
+            .descs
+            .iter()
+            .filter_map(|d| match d.kind {
+                FileKind::Pty { index, .. } => Some(index),
+                _ => None,
+            })
+            .chain(img.process.ctty_pty.map(|c| c.index));
+        for index in named {
+            if !ptys.contains(&index) {
+                return Err(bad(format!(
+                    "pid {} uses pty {index}, whose master's state is in no image of the set",
+                    img.inventory.pid
+                )));
             }
         }
     }
@@ -469,6 +499,46 @@ fn check_consistency(img: &Image) -> Result<()> {
             return Err(bad(format!(
                 "the data of FIFO {} lies outside pages.img or exceeds its size",
                 p.inode
+            )));
+        }
+    }
+    let mut pty_numbers = std::collections::HashSet::new();
+    for p in &f.ptys {
+        let lines: u64 = p.lines.iter().map(|l| l.len as u64).sum();
+        let bounded = |len: u64| len <= MAX_PTY_QUEUE as u64;
+        if !pty_numbers.insert(p.index)
+            || p.termios.len() != KERNEL_TERMIOS_LEN
+            || !bounded(p.input_len)
+            || !bounded(p.output_len)
+            || !data_ok(p.input_off, p.input_len)
+            || !data_ok(p.output_off, p.output_len)
+            || lines > p.input_len
+            || p.lines.len() > MAX_PTY_QUEUE
+        {
+            return Err(bad(format!(
+                "pty {}: repeated, its modes malformed, or its queues too large or outside pages.img",
+                p.index
+            )));
+        }
+    }
+    for d in &f.descs {
+        if let FileKind::Pty { index, .. } = d.kind {
+            if d.tree_id.is_none() && !pty_numbers.contains(&index) {
+                return Err(bad(format!(
+                    "pty {index} is used but its master's state is not in this image"
+                )));
+            }
+        }
+    }
+    if let Some(c) = img.process.ctty_pty {
+        let holds = f
+            .descs
+            .iter()
+            .any(|d| matches!(d.kind, FileKind::Pty { index, .. } if index == c.index));
+        if img.process.sid == img.inventory.pid && !holds {
+            return Err(bad(format!(
+                "the session leader has pty {} as its terminal but no descriptor of it",
+                c.index
             )));
         }
     }

@@ -341,6 +341,9 @@ fn prepare(spawn: &Spawn<'_>, i: usize, ready: RawFd, hold: RawFd) -> Result<()>
             format!("joining process group {}", pr.pgid)
         })?;
     }
+    if let Some(c) = pr.ctty_pty {
+        take_terminal(img, pid, c)?;
+    }
     if pr.root.as_bytes() != b"/" {
         bail!("the process ran chrooted in {}; not supported yet", pr.root);
     }
@@ -407,5 +410,48 @@ fn enter_cwd(pr: &Process) -> Result<()> {
         );
     }
     let _ = std::fs::set_permissions(".", std::fs::Permissions::from_mode(mode));
+    Ok(())
+}
+
+/// The pty `c` is this task's controlling terminal again: its session leader makes it so
+/// (through a slave descriptor it holds; its children, made after this, inherit it), and a
+/// member of its foreground group makes that group the foreground one.
+fn take_terminal(img: &stasis_image::Image, pid: i32, c: CttyPty) -> Result<()> {
+    let pr = &img.process;
+    if pr.sid == pid {
+        let slave = img.files.fds.iter().find(|f| {
+            img.files.desc(f.desc).is_some_and(
+                |d| matches!(d.kind, FileKind::Pty { index, master: false } if index == c.index),
+            )
+        });
+        let Some(slave) = slave else {
+            bail!(
+                "pid {pid} leads the session of pty {} but holds no slave of it",
+                c.index
+            );
+        };
+        check(stasis_sys::pty::make_controlling(slave.fd), || {
+            format!(
+                "making pty {} the controlling terminal of session {pid}",
+                c.index
+            )
+        })?;
+    }
+    if c.foreground != 0 && c.foreground == pr.pgid {
+        let tty = open_path(
+            b"/dev/tty",
+            (libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) as u32,
+        )
+        .with_context(|| {
+            format!(
+                "pid {pid}: opening its controlling terminal (pty {})",
+                c.index
+            )
+        })?;
+        check(
+            stasis_sys::pty::set_foreground(tty.as_raw_fd(), pr.pgid),
+            || format!("making group {} the foreground of pty {}", pr.pgid, c.index),
+        )?;
+    }
     Ok(())
 }

@@ -8,6 +8,7 @@ pub mod fs;
 pub mod netlock;
 pub mod process;
 pub mod ptrace;
+pub mod pty;
 pub mod sched;
 pub mod signal;
 pub mod sock;

@@ -115,8 +115,6 @@ pub(crate) struct Cx<'a> {
 }
 
 pub(crate) struct Options {
-    /// Terminals are allowed (taken over from the restoring stasis: `--shell-job`).
-    pub shell_job: bool,
     /// File locks are dumped (else a lock refuses the dump: `--no-file-locks`).
     pub file_locks: bool,
     /// Established TCP connections are dumped (`--tcp-established`).
@@ -136,7 +134,8 @@ pub(crate) struct DescKey {
 
 /// Dumps every descriptor of `pid` into `files` (which may already hold unnamed files found
 /// in the memory map). Refuses what cannot be restored faithfully. Pipes whose other end is
-/// elsewhere are settled by the caller, who knows the whole tree (`settle_pipes`).
+/// elsewhere, and terminals, are settled by the caller, who knows the whole tree
+/// (`settle_pipes`, `settle_shell_job`).
 pub(crate) fn collect(
     pid: i32,
     opts: &Options,
@@ -220,8 +219,7 @@ pub(crate) fn collect(
     }
     epoll::check_watches(pid, &cx.epoll_watches, &mut cx.files)?;
     tcp::settle(pid, &mut cx)?;
-    let mut files = cx.files;
-    tty::settle_shell_job(pid, opts.shell_job, &mut files)?;
+    let files = cx.files;
     let keys = reps
         .into_iter()
         .map(|(id, fd, file)| DescKey { id, fd, file })
@@ -265,6 +263,7 @@ impl LocksToCheck {
 }
 
 pub(crate) use pipe::{ends as pipe_ends, settle_outside_ends as settle_pipes};
+pub(crate) use tty::{settle_shell_job, slave_index};
 
 /// The parts of `/proc/PID/fdinfo/N` the dump uses.
 struct FdInfo {

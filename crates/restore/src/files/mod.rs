@@ -21,6 +21,7 @@ mod inotify;
 pub(crate) mod lock;
 mod path;
 mod pipe;
+mod pty;
 mod socket;
 mod timers;
 mod tty;
@@ -57,6 +58,7 @@ fn ops(kind: &FileKind) -> &'static dyn Open {
         FileKind::CharDev { .. } => &chardev::CHARDEV,
         FileKind::Pipe { .. } => &pipe::PIPE,
         FileKind::Tty { .. } => &tty::TTY,
+        FileKind::Pty { .. } => &pty::PTY,
         FileKind::EventFd { .. } => &eventfd::EVENTFD,
         FileKind::Epoll { .. } => &epoll::EPOLL,
         FileKind::Socket(_) => &socket::SOCKET,
@@ -80,6 +82,8 @@ pub struct FileData {
     pub fifos: HashMap<(u64, u64), Vec<u8>>,
     /// TCP connections' send queues, by inode.
     pub tcp_send: HashMap<u64, Vec<u8>>,
+    /// Ptys' queues (slave's input, master's input), by pty number.
+    pub ptys: HashMap<u32, (Vec<u8>, Vec<u8>)>,
 }
 
 impl FileData {
@@ -102,6 +106,15 @@ impl FileData {
         }
         for f in &img.files.fifos {
             out.fifos.insert((f.dev, f.inode), read(f.data_off, f.len)?);
+        }
+        for p in &img.files.ptys {
+            out.ptys.insert(
+                p.index,
+                (
+                    read(p.input_off, p.input_len)?,
+                    read(p.output_off, p.output_len)?,
+                ),
+            );
         }
         for d in &img.files.descs {
             if let FileKind::Socket(s) = &d.kind {
@@ -133,6 +146,10 @@ pub(crate) struct OpenCx<'a> {
     pub socks: HashMap<u64, OwnedFd>,
     /// Each named pipe's anchor (open for reading and writing), by (dev, inode).
     pub fifos: HashMap<(u64, u64), OwnedFd>,
+    /// Ptys made so far, by their number at the dump.
+    pub ptys: HashMap<u32, pty::Made>,
+    /// What each pty this engine may make is made from, by its number at the dump.
+    pub pty_sources: HashMap<u32, pty::Source>,
 }
 
 impl<'a> OpenCx<'a> {
@@ -174,6 +191,8 @@ pub(crate) fn open_all<'a>(
         pipes: HashMap::new(),
         socks: HashMap::new(),
         fifos: HashMap::new(),
+        ptys: HashMap::new(),
+        pty_sources: pty_sources(&[(img, data)]),
     };
     for d in &img.files.descs {
         if let Some(n) = inherited_from(&d.kind) {
@@ -244,6 +263,8 @@ pub(crate) fn open_shared(
     let mut out: Vec<(u32, OwnedFd)> = Vec::new();
     let mut pipes = HashMap::new();
     let mut socks = HashMap::new();
+    let mut ptys = HashMap::new();
+    let mut sources = pty_sources(imgs);
     for &(img, data) in imgs {
         let mut cx = OpenCx {
             img,
@@ -254,6 +275,8 @@ pub(crate) fn open_shared(
             pipes: std::mem::take(&mut pipes),
             socks: std::mem::take(&mut socks),
             fifos: HashMap::new(),
+            ptys: std::mem::take(&mut ptys),
+            pty_sources: std::mem::take(&mut sources),
         };
         for d in &img.files.descs {
             let Some(t) = d.tree_id else { continue };
@@ -267,8 +290,29 @@ pub(crate) fn open_shared(
         }
         pipes = std::mem::take(&mut cx.pipes);
         socks = std::mem::take(&mut cx.socks);
+        ptys = std::mem::take(&mut cx.ptys);
+        sources = std::mem::take(&mut cx.pty_sources);
     }
     Ok(out)
+}
+
+/// The ptys whose masters these images hold, with their queues.
+fn pty_sources(imgs: &[(&Image, &FileData)]) -> HashMap<u32, pty::Source> {
+    let mut out = HashMap::new();
+    for &(img, data) in imgs {
+        for p in &img.files.ptys {
+            let (input, output) = data.ptys.get(&p.index).cloned().unwrap_or_default();
+            out.insert(
+                p.index,
+                pty::Source {
+                    state: p.clone(),
+                    input,
+                    output,
+                },
+            );
+        }
+    }
+    out
 }
 
 /// The restoring stasis's descriptor a description is taken over from, if it is.
@@ -337,6 +381,9 @@ fn describe(img: &Image, d: &FileDesc) -> String {
         }
         FileKind::CharDev { path, .. } | FileKind::Tty { path, .. } => path.to_string(),
         FileKind::Pipe { inode, .. } => format!("pipe:[{inode}]"),
+        FileKind::Pty { index, master } => {
+            format!("pty {index}'s {}", if *master { "master" } else { "slave" })
+        }
         FileKind::EventFd { .. } => "eventfd".into(),
         FileKind::Epoll { .. } => "epoll".into(),
         FileKind::Socket(s) => format!("socket {}", sockaddr_text(&s.local)),
