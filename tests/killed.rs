@@ -629,3 +629,40 @@ fn a_killed_kill_mode_tree_dump_leaves_all_or_none() {
         "{v} after {n} kills ({restored} restored)"
     );
 }
+
+/// A thread caught inside the vDSO is moved out of it before the dump reads it. A stasis killed
+/// at each of the first steps of that, many times over (the fixture is inside the vDSO most of
+/// the time), leaves the process alive and unharmed: moving it out never leaves it in a
+/// single-step trap, whose SIGTRAP the kernel would deliver once stasis is gone.
+#[test]
+fn a_killed_stasis_moving_a_thread_out_of_the_vdso_leaves_it_alive() {
+    if !require_root("a_killed_stasis_moving_a_thread_out_of_the_vdso_leaves_it_alive") {
+        return;
+    }
+    let d = Daemon::start("vdso_spin", &[]);
+    let pid = d.pid;
+    let p = pid.to_string();
+    let before = settled_shape(pid);
+    let img = d.image(1);
+    let img_s = img.to_string_lossy().to_string();
+    let mut caught = 0;
+    for round in 0..12 {
+        for at in 1..=4 {
+            let o = stasis_killed_at(&["dump", "-t", &p, "-D", &img_s, "--leave-running"], at);
+            check_unharmed(pid, &before, &format!("round {round}, killed at step {at}"));
+            let _ = std::fs::remove_dir_all(&img);
+            if !was_killed(&o) {
+                break;
+            }
+        }
+        let o = stasis(&["dump", "-t", &p, "-D", &img_s, "--leave-running", "-v"]);
+        assert!(o.status.success(), "{}", stderr_of(&o));
+        caught += stderr_of(&o).contains("stepped out of the vDSO") as u32;
+        let _ = std::fs::remove_dir_all(&img);
+    }
+    assert!(
+        caught > 0,
+        "the thread was never caught inside the vDSO: the case was not exercised"
+    );
+    assert_pass(&d.finish());
+}

@@ -313,14 +313,19 @@ impl Seized {
         self.pid
     }
 
-    /// Single-steps every thread whose rip lies in `range` (the vDSO) until it has left it,
-    /// at most `max_steps` instructions each. A thread frozen in the middle of a vDSO function
-    /// would otherwise resume in the middle of that code after a restore, which is wrong when
-    /// the vDSO is proxied (its old code would read placeholder vvar pages). Returns the
-    /// threads moved. Signals that arrive meanwhile are passed on with the next step.
-    pub fn step_out_of(&mut self, range: (u64, u64), max_steps: u32) -> Result<Vec<i32>> {
+    /// Moves every thread whose rip lies in `range` (the vDSO) out of it, at most `max_rounds`
+    /// rounds each. A thread frozen in the middle of a vDSO function would otherwise resume in
+    /// the middle of that code after a restore, which is wrong when the vDSO is proxied (its
+    /// old code would read placeholder vvar pages). Returns the threads moved.
+    ///
+    /// Each round lets the thread run and stops it again at once (`PTRACE_INTERRUPT`): vDSO
+    /// functions take nanoseconds. Not single steps: a stasis that dies while a thread sits in
+    /// a single-step trap leaves the trap's SIGTRAP to the kernel, which delivers it to the
+    /// process once untraced, and kills it. Signals that arrive meanwhile are delivered (see
+    /// `wait_interrupt_stop`).
+    pub fn step_out_of(&mut self, range: (u64, u64), max_rounds: u32) -> Result<Vec<i32>> {
         let mut moved = Vec::new();
-        for &tid in &self.threads {
+        for tid in self.threads.clone() {
             let t = Pid::from_raw(tid);
             let perr = |op| move |errno| InfectError::Ptrace { op, tid, errno };
             let inside = |t| -> Result<bool> {
@@ -330,37 +335,26 @@ impl Seized {
             if !inside(t)? {
                 continue;
             }
-            let mut steps = 0;
-            let mut pending = 0;
+            let mut rounds = 0;
             while inside(t)? {
-                if steps == max_steps {
+                if rounds == max_rounds {
                     return Err(InfectError::TargetGone {
                         pid: self.pid,
-                        how: format!(
-                            "thread {tid} did not leave the vDSO within {max_steps} instructions"
-                        ),
+                        how: format!("thread {tid} did not leave the vDSO in {max_rounds} tries"),
                     });
                 }
-                let r = if pending != 0 {
-                    // Deliver the signal that arrived; its handler runs outside the vDSO.
-                    let sig = std::mem::take(&mut pending);
-                    sys::cont(t, sig).and_then(|()| sys::interrupt(t))
-                } else {
-                    sys::singlestep(t)
-                };
-                r.map_err(perr("SINGLESTEP"))?;
-                match sys::wait(t, false).map_err(perr("wait"))? {
-                    Wait::Stopped { sig, event: 0 } if sig != libc::SIGTRAP => pending = sig,
-                    Wait::Stopped { .. } => {}
-                    Wait::Exited(_) | Wait::Killed(_) => {
-                        return Err(InfectError::TargetGone {
-                            pid: self.pid,
-                            how: format!("thread {tid} exited"),
-                        })
-                    }
-                    Wait::Running => {}
+                sys::cont(t, 0).map_err(perr("CONT"))?;
+                match sys::interrupt(t) {
+                    Ok(()) | Err(Errno::ESRCH) => {}
+                    Err(errno) => return Err(perr("INTERRUPT")(errno)),
                 }
-                steps += 1;
+                if !self.wait_interrupt_stop(tid)? {
+                    return Err(InfectError::TargetGone {
+                        pid: self.pid,
+                        how: format!("thread {tid} exited"),
+                    });
+                }
+                rounds += 1;
             }
             moved.push(tid);
         }
