@@ -724,3 +724,71 @@ fn an_image_directory_another_user_controls_is_refused() {
     assert!(!their_parent.join("img").exists());
     assert_pass(&d.finish());
 }
+
+/// Python's `tempfile.TemporaryFile` (O_TMPFILE, opened with O_NOFOLLOW, which the kernel keeps
+/// in the description's flags) and a `NamedTemporaryFile` deleted while open come back with
+/// their contents and offsets: the restore opens them again through /proc/self/fd, a magic
+/// link that O_NOFOLLOW would refuse (ELOOP).
+#[test]
+fn python_temporary_files_come_back() {
+    if !require_root("python_temporary_files_come_back") {
+        return;
+    }
+    let dir = tempdir::Dir::new("tempfile");
+    let pidfile = dir.path().join("pid");
+    let state = dir.path().join("state");
+    let script = format!(
+        r#"
+import os, tempfile, time
+a = tempfile.TemporaryFile(dir='{d}')
+a.write(b'a' * 10000); a.seek(123)
+b = tempfile.NamedTemporaryFile(dir='{d}', delete=False)
+b.write(b'b' * 5000); b.flush(); os.unlink(b.name); b.seek(77)
+open('{p}.tmp', 'w').write(str(os.getpid())); os.rename('{p}.tmp', '{p}')
+n = 0
+while True:
+    ok = (a.tell() == 123 and os.pread(a.fileno(), 20000, 0) == b'a' * 10000
+          and b.tell() == 77 and os.pread(b.fileno(), 20000, 0) == b'b' * 5000)
+    n += 1
+    open('{s}.tmp', 'w').write('%s %d' % ('ok' if ok else 'BAD', n)); os.rename('{s}.tmp', '{s}')
+    time.sleep(0.02)
+"#,
+        d = dir.path().display(),
+        p = pidfile.display(),
+        s = state.display()
+    );
+    let mut child = python(&script, &pidfile, None, false);
+    let pid = child.id() as i32;
+    let read = || std::fs::read_to_string(&state).unwrap_or_default();
+    let checks_after = |n: u64| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let s = read();
+            let mut it = s.split_whitespace();
+            let (verdict, k) = (
+                it.next().unwrap_or("").to_string(),
+                it.next().and_then(|k| k.parse::<u64>().ok()).unwrap_or(0),
+            );
+            if k > n {
+                assert_eq!(verdict, "ok", "the files as the process sees them");
+                return k;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no check after {n}: {s:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    let n = checks_after(0);
+    let img = dir.path().join("img");
+    let o = stasis(&["dump", "-t", &pid.to_string(), "-D", &img.to_string_lossy()]);
+    assert!(o.status.success(), "dump: {}", stderr_of(&o));
+    let _ = child.wait();
+    let o = stasis(&["restore", "-D", &img.to_string_lossy(), "-d"]);
+    assert!(o.status.success(), "restore: {}", stderr_of(&o));
+    let m = checks_after(n + 1);
+    checks_after(m + 2);
+    // SAFETY: the restored copy is not our child; stop it.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+}

@@ -463,3 +463,95 @@ fn comparable(
     }
     t
 }
+
+/// Python's multiprocessing (fork): two workers count in a `Value` under a `Lock`, each also
+/// in its own slot of an `Array`. Both live in deleted files in /dev/shm that all three
+/// processes map (the heap arena, the semaphore). After a dump (killed) and a restore the
+/// three share them again: the count goes on, and under the lock it is always the sum of the
+/// workers' slots (a copy per process would stop the count the parent sees; a lock that no
+/// longer excludes would lose increments).
+#[test]
+fn python_multiprocessing_shares_its_value_and_lock_again_after_restore() {
+    if !require_root("python_multiprocessing_shares_its_value_and_lock_again_after_restore") {
+        return;
+    }
+    let dir = tempdir::Dir::new("mp");
+    let pidfile = dir.path().join("pid");
+    let state = dir.path().join("state");
+    let script = format!(
+        r#"
+import multiprocessing as mp, os, time
+def work(k, v, a, lock):
+    while True:
+        with lock:
+            v.value += 1
+            a[k] += 1
+        time.sleep(0.002)
+mp.set_start_method('fork')
+v = mp.Value('q', 0, lock=False)
+a = mp.Array('q', 2, lock=False)
+lock = mp.Lock()
+for k in range(2):
+    mp.Process(target=work, args=(k, v, a, lock), daemon=True).start()
+open('{p}.tmp', 'w').write(str(os.getpid())); os.rename('{p}.tmp', '{p}')
+while True:
+    time.sleep(0.05)
+    with lock:
+        n, s = v.value, a[0] + a[1]
+    open('{s}.tmp', 'w').write('%d %d' % (n, s)); os.rename('{s}.tmp', '{s}')
+"#,
+        p = pidfile.display(),
+        s = state.display()
+    );
+    let mut child = python(&script, &pidfile, None, true);
+    let pid = child.id() as i32;
+    let _reap = KillTree(pid);
+    let read = || -> (u64, u64) {
+        let t = std::fs::read_to_string(&state).unwrap_or_default();
+        let mut it = t.split_whitespace().map(|x| x.parse().unwrap_or(0));
+        (it.next().unwrap_or(0), it.next().unwrap_or(0))
+    };
+    let wait_past = |n: u64| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let (v, s) = read();
+            assert_eq!(v, s, "the count is the sum of the workers' counts");
+            if v > n {
+                return v;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the count stays at {v}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    wait_past(50);
+    let workers = children_of(pid);
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    let img = dir.path().join("img");
+    let o = stasis(&["dump", "-t", &pid.to_string(), "-D", &img.to_string_lossy()]);
+    assert!(o.status.success(), "dump: {}", stderr_of(&o));
+    let _ = child.wait();
+    for w in &workers {
+        wait_gone(*w);
+    }
+    let (at_dump, _) = read();
+    let o = stasis(&["restore", "-D", &img.to_string_lossy(), "--detach"]);
+    assert!(o.status.success(), "restore: {}", stderr_of(&o));
+    assert_eq!(children_of(pid), workers, "both workers are back");
+    let maps = |p: i32| -> Vec<String> {
+        std::fs::read_to_string(format!("/proc/{p}/maps"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("/dev/shm/"))
+            .map(|l| l.split_whitespace().skip(4).collect::<Vec<_>>().join(" "))
+            .collect()
+    };
+    let shared = maps(pid);
+    assert_eq!(shared.len(), 2, "the arena and the semaphore: {shared:?}");
+    for w in &workers {
+        assert_eq!(maps(*w), shared, "worker {w} maps the very same files");
+    }
+    wait_past(at_dump + 200);
+}

@@ -692,7 +692,6 @@ fn refuse_shared(dumps: &[TaskDump]) -> Result<()> {
                     "a unix listener with connections waiting, or a client waiting on one,"
                 }
                 FileKind::Epoll { .. } => "an epoll instance",
-                FileKind::Unnamed { .. } => "a deleted file or memfd",
                 FileKind::Tty { .. } => "a terminal opened again",
                 _ => continue,
             };
@@ -703,14 +702,6 @@ fn refuse_shared(dumps: &[TaskDump]) -> Result<()> {
                 .find(|f| f.desc == desc.id)
                 .map_or(-1, |f| f.fd);
             bail!("fd {fd} of pid {} is {what} shared with another process of the tree; not supported yet", d.pid);
-        }
-    }
-    let mut unnamed: HashMap<(u64, u64), i32> = HashMap::new();
-    for d in dumps {
-        for u in &d.files.unnamed {
-            if let Some(other) = unnamed.insert((u.dev, u.inode), d.pid) {
-                bail!("pids {other} and {} both use the deleted file or memfd with inode {}; sharing one between processes is not supported yet", d.pid, u.inode);
-            }
         }
     }
     Ok(())

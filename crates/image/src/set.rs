@@ -251,6 +251,7 @@ pub fn load_tree(dir: &std::path::Path) -> Result<TreeImage> {
                         | FileKind::CharDev { .. }
                         | FileKind::Pipe { inherit: None, .. }
                         | FileKind::Pty { .. }
+                        | FileKind::Unnamed { .. }
                         | FileKind::EventFd { .. }
                         | FileKind::Socket(_)
                         | FileKind::TimerFd { .. }

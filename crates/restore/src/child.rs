@@ -312,6 +312,7 @@ fn prepare(spawn: &Spawn<'_>, i: usize, ready: RawFd, hold: RawFd) -> Result<()>
         keep.extend(spawn.plumbing.shared.values());
         keep.extend(spawn.plumbing.lent.values());
         keep.extend(spawn.plumbing.shm.values());
+        keep.extend(spawn.plumbing.unnamed.values());
         for (j, e) in spawn.plumbing.ends.iter().enumerate() {
             if j != i {
                 keep.extend([e.0, e.1]);

@@ -64,6 +64,9 @@ pub(crate) struct Plumbing {
     pub ends: Vec<(RawFd, RawFd)>,
     /// Shared anonymous memory several processes map: object id → a descriptor of it.
     pub shm: HashMap<u64, RawFd>,
+    /// Deleted files and memfds more than one process uses, by (dev, inode): made once here,
+    /// so the processes share one file again.
+    pub unnamed: HashMap<(u64, u64), RawFd>,
     /// All of the above, held until the root has inherited them.
     owned: Vec<OwnedFd>,
 }
@@ -119,6 +122,7 @@ impl Plumbing {
             lent: HashMap::new(),
             ends: Vec::new(),
             shm: HashMap::new(),
+            unnamed: HashMap::new(),
             owned: Vec::new(),
         };
         let imgs: Vec<&Image> = tasks.iter().map(|t| t.img).collect();
@@ -128,7 +132,11 @@ impl Plumbing {
             p.owned.push(fd);
         }
         let with_data: Vec<(&Image, &FileData)> = tasks.iter().map(|t| (t.img, t.data)).collect();
-        for (id, fd) in crate::files::open_shared(&with_data, base)? {
+        for (key, fd) in crate::files::make_shared_unnamed(&with_data, base)? {
+            p.unnamed.insert(key, fd.as_raw_fd());
+            p.owned.push(fd);
+        }
+        for (id, fd) in crate::files::open_shared(&with_data, base, &p.unnamed)? {
             p.shared.insert(id, fd.as_raw_fd());
             p.owned.push(fd);
         }

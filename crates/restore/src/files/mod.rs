@@ -194,6 +194,7 @@ pub(crate) fn open_all<'a>(
         ptys: HashMap::new(),
         pty_sources: pty_sources(&[(img, data)]),
     };
+    seed_unnamed(&mut cx, &plumbing.unnamed)?;
     for d in &img.files.descs {
         if let Some(n) = inherited_from(&d.kind) {
             let Some(&copy) = plumbing.lent.get(&n) else {
@@ -259,6 +260,7 @@ pub(crate) fn open_all<'a>(
 pub(crate) fn open_shared(
     imgs: &[(&Image, &FileData)],
     base: RawFd,
+    unnamed: &HashMap<(u64, u64), RawFd>,
 ) -> Result<Vec<(u32, OwnedFd)>> {
     let mut out: Vec<(u32, OwnedFd)> = Vec::new();
     let mut pipes = HashMap::new();
@@ -278,6 +280,7 @@ pub(crate) fn open_shared(
             ptys: std::mem::take(&mut ptys),
             pty_sources: std::mem::take(&mut sources),
         };
+        seed_unnamed(&mut cx, unnamed)?;
         for d in &img.files.descs {
             let Some(t) = d.tree_id else { continue };
             if out.iter().any(|(id, _)| *id == t) {
@@ -294,6 +297,45 @@ pub(crate) fn open_shared(
         sources = std::mem::take(&mut cx.pty_sources);
     }
     Ok(out)
+}
+
+/// Makes, in the restoring stasis, every deleted file or memfd that more than one process of
+/// the tree uses (by descriptor or mapping), once, from the first image holding it.
+pub(crate) fn make_shared_unnamed(
+    imgs: &[(&Image, &FileData)],
+    base: RawFd,
+) -> Result<Vec<((u64, u64), OwnedFd)>> {
+    let mut users: HashMap<(u64, u64), usize> = HashMap::new();
+    for (img, _) in imgs {
+        for u in &img.files.unnamed {
+            *users.entry((u.dev, u.inode)).or_default() += 1;
+        }
+    }
+    let mut out = Vec::new();
+    for &(img, data) in imgs {
+        for u in &img.files.unnamed {
+            let key = (u.dev, u.inode);
+            if users.get(&key).is_some_and(|&n| n > 1) && !out.iter().any(|(k, _)| *k == key) {
+                let fd = unnamed::recreate_from(img, data, u.dev, u.inode)
+                    .with_context(|| format!("making the shared unnamed file {}", u.inode))?;
+                out.push((key, dup_at_least(&fd, base)?));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Gives the engine the tree's shared unnamed files that its image uses (duplicates, staged).
+fn seed_unnamed(cx: &mut OpenCx, shared: &HashMap<(u64, u64), RawFd>) -> Result<()> {
+    for u in &cx.img.files.unnamed {
+        if let Some(&fd) = shared.get(&(u.dev, u.inode)) {
+            // SAFETY: made by the restoring stasis for the tree (`Plumbing`), open until the
+            // tree is made.
+            let copy = dup_at_least(unsafe { BorrowedFd::borrow_raw(fd) }, cx.stage_base)?;
+            cx.unnamed.insert((u.dev, u.inode), copy);
+        }
+    }
+    Ok(())
 }
 
 /// The ptys whose masters these images hold, with their queues.
@@ -502,9 +544,22 @@ pub(crate) fn open_identified(path: &[u8], flags: u32, dev: u64, inode: u64) -> 
     })
 }
 
-/// A new description of the file behind `fd` (through /proc/self/fd), with `flags`.
+/// A new description of the file behind `fd` (through /proc/self/fd), with `flags`. Of the
+/// flags the kernel keeps in a description, those that only say how it was opened are left
+/// out: O_NOFOLLOW (Python's tempfile uses it) would refuse the magic link (ELOOP), O_TMPFILE
+/// (with its O_DIRECTORY) would ask for a directory (ENOTDIR); O_CREAT, O_EXCL and O_TRUNC
+/// (never kept, never wanted here) to be sure.
 pub(crate) fn reopen(fd: RawFd, flags: u32) -> Result<OwnedFd> {
-    open_path(format!("/proc/self/fd/{fd}").as_bytes(), flags)
+    let how = libc::O_NOFOLLOW
+        | libc::O_TMPFILE
+        | libc::O_DIRECTORY
+        | libc::O_CREAT
+        | libc::O_EXCL
+        | libc::O_TRUNC;
+    open_path(
+        format!("/proc/self/fd/{fd}").as_bytes(),
+        flags & !(how as u32),
+    )
 }
 
 pub(crate) fn seek(fd: impl AsFd, pos: u64) -> Result<()> {

@@ -30,11 +30,20 @@ impl Open for UnnamedKind {
 
 /// Makes the file (dev, inode) again, read-write, filled with its saved contents.
 pub(crate) fn recreate(cx: &OpenCx, dev: u64, inode: u64) -> Result<OwnedFd> {
-    let Some(u) = cx.img.files.unnamed(dev, inode) else {
+    recreate_from(cx.img, cx.data, dev, inode)
+}
+
+/// `recreate`, from an image and its file data.
+pub(crate) fn recreate_from(
+    img: &stasis_image::Image,
+    data: &super::FileData,
+    dev: u64,
+    inode: u64,
+) -> Result<OwnedFd> {
+    let Some(u) = img.files.unnamed(dev, inode) else {
         bail!("no saved contents for unnamed file {inode}");
     };
-    let contents = cx
-        .data
+    let contents = data
         .unnamed
         .get(&(dev, inode))
         .map_or(&[][..], Vec::as_slice);
