@@ -53,6 +53,14 @@
 //! close the run; any failure makes it an error. Work files are in `target/programs/<name>/`
 //! (removed after a pass).
 //!
+//! **Programs on terminals.** vim with an unsaved buffer, `top`, the `sqlite3` shell with an
+//! open transaction and a bash pipeline, each in a tmux pane, are dumped as shell jobs and
+//! restored on another pane, then driven by keystrokes sent through tmux; `script` runs a
+//! counter on a pty of its own and is dumped and restored with it. These are the tests of
+//! `tests/terminals.rs` and `tests/pty.rs` (`TERMINAL_PROGRAMS`), run here one by one, each a
+//! row of the table; their tools (tmux, vim, sqlite3, procps, bsdutils) are installed with
+//! `apt-get` as root when missing.
+//!
 //! Self-tests of the harness, not for normal use: `STASIS_PROGRAMS=python,go` runs only those;
 //! `STASIS_PROGRAMS_SINGLE_THREAD=1` runs the Python workload without its worker thread (to
 //! exercise the whole cycle on a stasis that only handles single-threaded processes);
@@ -378,7 +386,7 @@ pub fn run() -> Result<()> {
         let ctx = Ctx {
             stasis: repo.join("target/release/stasis"),
             sources: repo.join("xtask/programs"),
-            work,
+            work: work.clone(),
             self_test,
         };
         for p in runnable {
@@ -387,10 +395,18 @@ pub fn run() -> Result<()> {
         }
     }
 
-    // In the order of PROGRAMS, whatever became of each.
-    outcomes.sort_by_key(|(name, _)| PROGRAMS.iter().position(|p| p.name == *name));
+    outcomes.extend(run_terminal_programs(root, ci, &work));
+    // In the order of PROGRAMS, then TERMINAL_PROGRAMS, whatever became of each.
+    outcomes.sort_by_key(|(name, _)| {
+        PROGRAMS.iter().position(|p| p.name == *name).or_else(|| {
+            TERMINAL_PROGRAMS
+                .iter()
+                .position(|t| t.0 == *name)
+                .map(|i| 1000 + i)
+        })
+    });
     println!();
-    println!("{:<8} {:<8} detail", "program", "result");
+    println!("{:<9} {:<8} detail", "program", "result");
     let (mut passed, mut failed, mut skipped) = (0, 0, 0);
     for (name, o) in &outcomes {
         let (result, detail) = match o {
@@ -407,7 +423,7 @@ pub fn run() -> Result<()> {
                 ("SKIPPED", d)
             }
         };
-        println!("{name:<8} {result:<8} {detail}");
+        println!("{name:<9} {result:<8} {detail}");
     }
     println!("(whole run {:.1} s)", t_all.elapsed().as_secs_f64());
     println!("programs: {passed} passed, {failed} failed, {skipped} skipped");
@@ -417,6 +433,151 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
+/// Programs on terminals, run as the integration tests that drive them: (name in the table,
+/// test file, test function, tools).
+const TERMINAL_PROGRAMS: &[(&str, &str, &str, &[Tool])] = &[
+    (
+        "vim",
+        "terminals",
+        "vim_in_tmux_keeps_its_unsaved_buffer_and_saves_it_after_restore",
+        &[
+            TMUX,
+            Tool {
+                bin: "vim",
+                package: "vim",
+                min_major: None,
+            },
+        ],
+    ),
+    (
+        "top",
+        "terminals",
+        "top_in_tmux_comes_back_on_another_pane_and_takes_keystrokes_at_once",
+        &[
+            TMUX,
+            Tool {
+                bin: "top",
+                package: "procps",
+                min_major: None,
+            },
+        ],
+    ),
+    (
+        "sqlite3",
+        "terminals",
+        "sqlite3_in_tmux_keeps_its_transaction_and_commits_after_restore",
+        &[
+            TMUX,
+            Tool {
+                bin: "sqlite3",
+                package: "sqlite3",
+                min_major: None,
+            },
+        ],
+    ),
+    (
+        "tmux-pipe",
+        "terminals",
+        "a_shell_pipeline_in_tmux_carries_on_on_another_pane",
+        &[TMUX],
+    ),
+    (
+        "script",
+        "pty",
+        "script_running_a_counter_carries_on_after_restore",
+        &[Tool {
+            bin: "script",
+            package: "bsdutils",
+            min_major: None,
+        }],
+    ),
+];
+
+const TMUX: Tool = Tool {
+    bin: "tmux",
+    package: "tmux",
+    min_major: None,
+};
+
+/// Runs the terminal programs that `STASIS_PROGRAMS` selects (all without it).
+fn run_terminal_programs(root: bool, ci: bool, work: &Path) -> Vec<(&'static str, Outcome)> {
+    let wanted: Option<Vec<String>> = std::env::var("STASIS_PROGRAMS")
+        .ok()
+        .map(|l| l.split(',').map(|s| s.trim().to_string()).collect());
+    let mut out = Vec::new();
+    for &(name, file, test, tools) in TERMINAL_PROGRAMS {
+        if wanted
+            .as_ref()
+            .is_some_and(|w| !w.iter().any(|n| n == name))
+        {
+            continue;
+        }
+        let missing: Vec<&str> = tools
+            .iter()
+            .filter(|t| usable(t).is_err())
+            .map(|t| t.package)
+            .collect();
+        if !missing.is_empty() && root {
+            let log = work.join(format!("{name}-apt.log"));
+            if let Err(e) = apt_install(&missing, &log) {
+                out.push((
+                    name,
+                    Outcome::Fail(format!("installing {missing:?}: {e:#}")),
+                ));
+                continue;
+            }
+        }
+        if let Some(t) = tools.iter().find(|t| usable(t).is_err()) {
+            let why = format!("{} is not installed", t.bin);
+            out.push((
+                name,
+                if ci {
+                    Outcome::Fail(why)
+                } else {
+                    Outcome::Skipped(why)
+                },
+            ));
+            continue;
+        }
+        let t0 = Instant::now();
+        let o = crate::cargo()
+            .args(["test", "--quiet", "--test", file, test, "--", "--exact"])
+            .stdin(Stdio::null())
+            .output();
+        let outcome = match o {
+            Err(e) => Outcome::Fail(format!("running cargo test: {e}")),
+            Ok(o) => {
+                let text = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                );
+                let ran = text.contains("test result: ok. 1 passed");
+                if let Some(line) = text.lines().find(|l| l.starts_with("SKIPPED")) {
+                    if ci {
+                        Outcome::Fail(line.to_string())
+                    } else {
+                        Outcome::Skipped(line.to_string())
+                    }
+                } else if o.status.success() && ran {
+                    Outcome::Pass(format!(
+                        "tests/{file}.rs {test} ({:.1} s)",
+                        t0.elapsed().as_secs_f64()
+                    ))
+                } else {
+                    print_indented(&tail(&text, 30));
+                    Outcome::Fail(format!("tests/{file}.rs {test} failed ({})", o.status))
+                }
+            }
+        };
+        if let Outcome::Fail(why) = &outcome {
+            println!("FAILED {name}: {why}");
+        }
+        out.push((name, outcome));
+    }
+    out
+}
+
 /// The workloads to run: all, or those named in `STASIS_PROGRAMS` (comma-separated).
 fn select() -> Result<Vec<&'static Program>> {
     let Ok(list) = std::env::var("STASIS_PROGRAMS") else {
@@ -424,7 +585,7 @@ fn select() -> Result<Vec<&'static Program>> {
     };
     list.split(',')
         .map(str::trim)
-        .filter(|s| !s.is_empty())
+        .filter(|s| !s.is_empty() && !TERMINAL_PROGRAMS.iter().any(|t| t.0 == *s))
         .map(|name| {
             PROGRAMS.iter().find(|p| p.name == name).with_context(|| {
                 let known: Vec<_> = PROGRAMS.iter().map(|p| p.name).collect();
