@@ -234,7 +234,10 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                 snapshot: !no_snapshot,
             };
             let _guardian = guardian()?;
-            let s = stasis_dump::dump(pid, &images_dir, &opts)?;
+            stasis_image::progress::enable("dump");
+            let s = stasis_dump::dump(pid, &images_dir, &opts);
+            stasis_image::progress::finish();
+            let s = s?;
             eprintln!(
                 "dumped pid {pid} into {}: {}{} thread{}, {} VMAs, {} pages ({:.1} MiB), {} fds; frozen {:.1} ms{}, total {:.1} ms",
                 images_dir.display(),
@@ -277,7 +280,10 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                 shell_job,
                 vdso: vdso.into(),
             };
-            let status = stasis_restore::restore(&images_dir, &opts)?;
+            stasis_image::progress::enable("restore");
+            let status = stasis_restore::restore(&images_dir, &opts);
+            stasis_image::progress::finish();
+            let status = status?;
             Ok(ExitCode::from(status.clamp(0, 255) as u8))
         }
         Command::Show { dir, json } => {

@@ -326,3 +326,78 @@ fn a_snapshot_out_of_memory_fails_the_dump_not_the_process() {
     assert_pass(&d.finish_keep());
     wait_gone(d.pid);
 }
+
+/// On a terminal, a dump and a restore of 400 MiB draw a progress bar of the page bytes (and
+/// clear it before the summary line); with stderr not a terminal, no bar. `script` gives
+/// stasis its terminal.
+#[test]
+fn a_big_dump_and_restore_show_progress_on_a_terminal_only() {
+    if !require_root("a_big_dump_and_restore_show_progress_on_a_terminal_only") {
+        return;
+    }
+    let dir = tempdir::Dir::new("progress");
+    let pidfile = dir.path().join("pid");
+    let script = format!(
+        "import os, time\nb = bytearray(b'\\x01') * (400 << 20)\nopen('{p}.tmp', 'w').write(str(os.getpid())); os.rename('{p}.tmp', '{p}')\ntime.sleep(120)\n",
+        p = pidfile.display()
+    );
+    let mut child = python(&script, &pidfile, None, true);
+    let pid = child.id() as i32;
+    let img = dir.path().join("img");
+    let on_terminal = |args: String, typescript: &std::path::Path| -> String {
+        let o = std::process::Command::new("script")
+            .args(["-q", "-e", "-c", &args])
+            .arg(typescript)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("running script");
+        assert!(
+            o.status.success(),
+            "{args}: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        String::from_utf8_lossy(&std::fs::read(typescript).expect("the typescript")).into_owned()
+    };
+    let bin = stasis_bin();
+    let shown = on_terminal(
+        format!("{bin} dump -t {pid} -D {}", img.display()),
+        &dir.path().join("dump.ts"),
+    );
+    let _ = child.wait();
+    assert!(
+        shown.contains("dump [") && shown.contains(" MiB/40"),
+        "a bar of about 400 MiB: {}",
+        &shown[..shown.len().min(400)]
+    );
+    assert!(
+        shown.contains("\u{1b}[2Kdumped pid"),
+        "cleared before the summary"
+    );
+    let shown = on_terminal(
+        format!("{bin} restore -D {} -d", img.display()),
+        &dir.path().join("restore.ts"),
+    );
+    assert!(
+        shown.contains("restore ["),
+        "{}",
+        &shown[..shown.len().min(400)]
+    );
+    // SAFETY: the restored copy is not our child; stop it.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_gone(pid);
+    // Not a terminal: no bar.
+    let mut child = python(&script, &pidfile, None, true);
+    let pid = child.id() as i32;
+    let img2 = dir.path().join("img2");
+    let o = stasis(&[
+        "dump",
+        "-t",
+        &pid.to_string(),
+        "-D",
+        &img2.to_string_lossy(),
+    ]);
+    let _ = child.wait();
+    let e = stderr_of(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(!e.contains('['), "no bar off a terminal: {e}");
+}

@@ -798,6 +798,7 @@ fn copy_chunks(
     use std::sync::mpsc::sync_channel;
     const BUFFERS: usize = 3;
     let total: u64 = plan.chunks.iter().map(|c| c.len as u64).sum();
+    stasis_image::progress::grow(total);
     let first_off = stasis_image::DATA_OFFSET + pages.data_len();
     // The first part of each chunk is hashed by the reader, the rest by the writer.
     let split = |len: usize| (len / 2).next_multiple_of(PAGE_SIZE).min(len);
@@ -817,6 +818,7 @@ fn copy_chunks(
                     let h = split(len);
                     digests.hash(at + h as u64, &buf[h..len]);
                     sink.append(&buf[..len])?;
+                    stasis_image::progress::advance(len as u64);
                     busy += t.elapsed();
                     // The reader may have finished and dropped its end: nothing to recycle.
                     let _ = empty_tx.send(buf);

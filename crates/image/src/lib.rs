@@ -66,6 +66,7 @@ mod error;
 mod header;
 pub mod model;
 mod pages;
+pub mod progress;
 mod record;
 mod set;
 #[cfg(test)]

@@ -92,6 +92,7 @@ pub(crate) fn fill(uffd: &OwnedFd, pages: &PageReader, runs: &[PageRun]) -> Resu
     if batches.iter().any(|&(_, off, n)| off + n > len) {
         bail!("a page run lies outside pages.img");
     }
+    stasis_image::progress::grow(batches.iter().map(|b| b.2).sum());
     let next = AtomicUsize::new(0);
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
@@ -108,6 +109,7 @@ pub(crate) fn fill(uffd: &OwnedFd, pages: &PageReader, runs: &[PageRun]) -> Resu
             let map = FileMap::new(file, off, n as usize)?;
             stasis_sys::uffd::copy(uffd.as_raw_fd(), dst, map.ptr, n)
                 .with_context(|| format!("UFFDIO_COPY of {n} bytes to {dst:#x}"))?;
+            stasis_image::progress::advance(n);
         }
     };
     std::thread::scope(|s| -> Result<()> {

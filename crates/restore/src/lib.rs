@@ -188,6 +188,8 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
         }
         let _ = s;
     }
+    // The bar goes before any process runs (a shell job's writes to this same terminal).
+    stasis_image::progress::finish();
     // The terminal's modes before any process runs: a key typed at once is read in them.
     for img in &imgs {
         set_terminal_modes(img);
