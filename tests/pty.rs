@@ -109,17 +109,3 @@ fn script_running_a_counter_carries_on_after_restore() {
     // SAFETY: ending the restored script.
     unsafe { libc::kill(pid, libc::SIGTERM) };
 }
-
-/// Kills a whole process tree on drop.
-struct KillTree(i32);
-
-impl Drop for KillTree {
-    fn drop(&mut self) {
-        let mut todo = vec![self.0];
-        while let Some(p) = todo.pop() {
-            todo.extend(children_of(p));
-            // SAFETY: killing processes this test started.
-            unsafe { libc::kill(p, libc::SIGKILL) };
-        }
-    }
-}

@@ -365,18 +365,6 @@ fn image_pids(img: &std::path::Path) -> Vec<i32> {
         .collect()
 }
 
-/// Kills a test's process and all its descendants, however the test ends.
-struct KillTree(i32);
-
-impl Drop for KillTree {
-    fn drop(&mut self) {
-        for p in tree_of(self.0).keys() {
-            // SAFETY: killing processes this test started.
-            unsafe { libc::kill(*p, libc::SIGKILL) };
-        }
-    }
-}
-
 /// A process group whose leader has exited (the first of a pipeline), and a session whose
 /// leader has exited (its member came back to the root, a child subreaper): both are made again
 /// by helper tasks with the old numbers, and every member comes back in them, with its parent.

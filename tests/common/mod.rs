@@ -195,6 +195,20 @@ pub fn children_of(pid: i32) -> Vec<i32> {
     out
 }
 
+/// Kills a process and all its descendants (as they are when dropped) on drop.
+pub struct KillTree(pub i32);
+
+impl Drop for KillTree {
+    fn drop(&mut self) {
+        let mut todo = vec![self.0];
+        while let Some(p) = todo.pop() {
+            todo.extend(children_of(p));
+            // SAFETY: killing processes the test started.
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
+    }
+}
+
 pub fn tracer_of(pid: i32) -> i32 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()

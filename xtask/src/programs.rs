@@ -505,6 +505,11 @@ fn run_terminal_programs(root: bool, ci: bool, work: &Path) -> Vec<(&'static str
         .ok()
         .map(|l| l.split(',').map(|s| s.trim().to_string()).collect());
     let mut out = Vec::new();
+    // The tests wait for their dumped processes to be reaped by init (or their own parents):
+    // orphans must not come to this process (a subreaper for the workloads above), which
+    // would not reap them while it waits for the test.
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0) };
     for &(name, file, test, tools) in TERMINAL_PROGRAMS {
         if wanted
             .as_ref()
