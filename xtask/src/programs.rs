@@ -1201,7 +1201,13 @@ impl Running {
     fn wait_ticks(&self, n: usize, timeout: Duration) -> Result<()> {
         let t = Instant::now();
         loop {
-            let have = read_ticks(&self.ticks, false)?.len();
+            // The pipeline's `cat > TICKS` may open the file only after the shell wrote its
+            // pid file: not there yet is no ticks yet.
+            let have = if self.ticks.exists() {
+                read_ticks(&self.ticks, false)?.len()
+            } else {
+                0
+            };
             if have >= n {
                 return Ok(());
             }
