@@ -1,19 +1,28 @@
 //! Pseudo-terminals a program made itself (as script, tmux and expect do): the pty comes back
 //! with its number, modes, window size and every queued byte, in both directions, and a
 //! child session has it as its controlling terminal again, in the foreground. The fixture
-//! checks itself (tests/fixtures/pty.c); `script` is the real program. Only one test here
-//! makes ptys at a time, so a number freed by a dump is free for its restore.
+//! checks itself (tests/fixtures/pty.c); `script` is the real program. The tests here run one
+//! at a time (`one_at_a_time`), so a number freed by a dump is free for its restore.
 
 mod common;
 
 use common::*;
 use std::time::{Duration, Instant};
 
+/// The tests here make ptys and check their numbers: one at a time, so that no test's pty
+/// takes a number another one's restore wants back.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 #[test]
 fn a_pty_pair_with_data_both_ways_and_a_session_on_it_comes_back() {
     if !require_root("a_pty_pair_with_data_both_ways_and_a_session_on_it_comes_back") {
         return;
     }
+    let _one = one_at_a_time();
     let d = Daemon::start("pty", &[]);
     let kids = children_of(d.pid);
     assert_eq!(kids.len(), 1, "the fixture's child session: {kids:?}");
@@ -37,6 +46,7 @@ fn script_running_a_counter_carries_on_after_restore() {
     if !require_root("script_running_a_counter_carries_on_after_restore") {
         return;
     }
+    let _one = one_at_a_time();
     let dir = tempdir::Dir::new("script");
     let out = dir.path().join("out");
     let img = dir.path().join("img");

@@ -466,3 +466,81 @@ fn a_shell_pipeline_in_tmux_carries_on_on_another_pane() {
     );
     assert!(after.windows(2).all(|w| w[1] == w[0] + 1), "{after:?}");
 }
+
+/// A process whose controlling terminal would not come back — here `sleep` under `script`,
+/// with its standard descriptors away from the terminal, so only the controlling terminal
+/// ties it to the pty — is refused in one line, naming the pid, and runs on untraced; as a
+/// shell job it is dumped (the job's terminal, the restoring stasis's, takes the place).
+#[test]
+fn a_controlling_terminal_that_would_not_come_back_refuses_the_dump() {
+    if !needs(
+        &["script"],
+        "a_controlling_terminal_that_would_not_come_back_refuses_the_dump",
+    ) {
+        return;
+    }
+    let dir = tempdir::Dir::new("ctty");
+    let pidfile = dir.path().join("pid");
+    let mut script = Command::new("script");
+    // SAFETY: close_range is async-signal-safe; it runs in the child before exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        script.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    let mut script = script
+        .args([
+            "-q",
+            "-c",
+            &format!(
+                "sh -c 'echo $$ > {p}.tmp; mv {p}.tmp {p}; exec sleep 60' </dev/null >/dev/null 2>&1",
+                p = pidfile.display()
+            ),
+            "/dev/null",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("running script");
+    wait_for("the sleeper under script", Duration::from_secs(10), || {
+        pidfile.exists()
+    });
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .expect("the sleeper's pid");
+    wait_for("the sleeper to exec", Duration::from_secs(10), || {
+        comm(pid) == "sleep"
+    });
+    let img = dir.path().join("img");
+    let o = stasis(&["dump", "-t", &pid.to_string(), "-D", &img.to_string_lossy()]);
+    let e = stderr_of(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert_eq!(e.trim().lines().count(), 1, "one line: {e}");
+    assert!(
+        e.contains(&pid.to_string())
+            && e.contains("controlling terminal")
+            && e.contains("--shell-job"),
+        "{e}"
+    );
+    assert!(!img.exists(), "no image left");
+    assert_eq!(tracer_of(pid), 0, "untraced");
+    assert!(matches!(stasis_state(pid), 'S' | 'R'), "runs on");
+    let o = stasis(&[
+        "dump",
+        "-t",
+        &pid.to_string(),
+        "-D",
+        &img.to_string_lossy(),
+        "--shell-job",
+        "--leave-running",
+    ]);
+    assert!(o.status.success(), "as a shell job: {}", stderr_of(&o));
+    let _ = script.kill();
+    let _ = script.wait();
+    // SAFETY: ending the sleeper this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+}
