@@ -53,14 +53,7 @@ fn script_running_a_counter_carries_on_after_restore() {
     let counter = "i=0; while :; do i=$((i+1)); echo n$i; sleep 0.05; done";
     // setsid: a session of its own, away from whatever terminal the tests run on.
     let mut cmd = std::process::Command::new("setsid");
-    // SAFETY: close_range is async-signal-safe; it runs in the child before exec.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        cmd.pre_exec(|| {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        });
-    }
+    only_stdio(&mut cmd);
     cmd.args([
         "script",
         "-q",

@@ -263,7 +263,6 @@ fn a_snapshot_out_of_memory_fails_the_dump_not_the_process() {
     let dir = tempdir::Dir::new("snapshot-oom");
     let pidfile = dir.path().join("pid");
     let status = {
-        use std::os::unix::process::CommandExt;
         let mut c = std::process::Command::new("sh");
         c.arg("-c")
             .arg(format!(
@@ -274,13 +273,7 @@ fn a_snapshot_out_of_memory_fails_the_dump_not_the_process() {
             .args(["--pidfile", &pidfile.to_string_lossy()])
             .args(["--out", &dir.path().join("out").to_string_lossy()])
             .args(["--daemon", "--mib", "192", "--shared-mib", "0"]);
-        // SAFETY: close_range is async-signal-safe; it runs in the child before exec.
-        unsafe {
-            c.pre_exec(|| {
-                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-                Ok(())
-            });
-        }
+        only_stdio(&mut c);
         c.status().expect("starting scribbler in the cgroup")
     };
     assert!(status.success(), "scribbler did not get ready");

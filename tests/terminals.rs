@@ -36,16 +36,9 @@ impl Tmux {
     }
 
     fn cmd(&self) -> Command {
-        use std::os::unix::process::CommandExt;
         let mut c = Command::new("tmux");
         c.args(["-L", &self.socket]).env("TERM", "xterm");
-        // SAFETY: close_range is async-signal-safe; it runs between fork and exec.
-        unsafe {
-            c.pre_exec(|| {
-                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-                Ok(())
-            });
-        }
+        only_stdio(&mut c);
         c
     }
 
@@ -482,15 +475,7 @@ fn a_controlling_terminal_that_would_not_come_back_refuses_the_dump() {
     let dir = tempdir::Dir::new("ctty");
     let pidfile = dir.path().join("pid");
     let mut script = Command::new("script");
-    // SAFETY: close_range is async-signal-safe; it runs in the child before exec.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        script.pre_exec(|| {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        });
-    }
-    let mut script = script
+    let mut script = only_stdio(&mut script)
         .args([
             "-q",
             "-c",

@@ -195,6 +195,19 @@ pub fn children_of(pid: i32) -> Vec<i32> {
     out
 }
 
+/// Makes `cmd` start its program with only the standard descriptors: nothing the test (or the
+/// environment it runs in) has open reaches a process that may be dumped.
+pub fn only_stdio(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: close_range is async-signal-safe; it runs in the child before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        })
+    }
+}
+
 /// Kills a process and all its descendants (as they are when dropped) on drop.
 pub struct KillTree(pub i32);
 
