@@ -46,6 +46,26 @@ enum Command {
     /// Started by `dump` and `vdso`: cures the process they work on if they die mid-way.
     #[command(hide = true, name = "guardian")]
     Guardian,
+    /// Started by a dump that tracks memory: holds the process's userfaultfd (descriptor 3)
+    /// until the process ends.
+    #[command(hide = true, name = "__hold-uffd")]
+    HoldUffd { pid: i32, start: u64 },
+    /// Save a running process's memory (only) and track its writes from then on, so the dump
+    /// after it (`dump --prev-images-dir`) writes only what changed. The process runs on.
+    PreDump {
+        /// The process (and its descendants) to pre-dump.
+        #[arg(short = 't', long = "pid", allow_negative_numbers = true)]
+        pid: i32,
+        /// Where to write the image (created, or an existing empty directory).
+        #[arg(short = 'D', long = "images-dir")]
+        images_dir: PathBuf,
+        /// An earlier pre-dump this one follows (relative to --images-dir, as in CRIU).
+        #[arg(long, value_name = "DIR")]
+        prev_images_dir: Option<PathBuf>,
+        /// Keep the process frozen until its memory is copied (no copy-on-write snapshot).
+        #[arg(long)]
+        no_snapshot: bool,
+    },
     /// Checkpoint a process into an image directory (the process is killed afterwards unless
     /// --leave-running).
     Dump {
@@ -80,6 +100,15 @@ enum Command {
         /// gone; the peers see them closed at the dump).
         #[arg(long, conflicts_with = "tcp_established")]
         tcp_close: bool,
+        /// An earlier image of the process (a pre-dump, or a dump with --track-mem), relative
+        /// to --images-dir as in CRIU: pages not written since it are not written again, the
+        /// new image takes them from it (a restore needs both).
+        #[arg(long, value_name = "DIR")]
+        prev_images_dir: Option<PathBuf>,
+        /// With --leave-running: track the process's writes from this dump on, for the next
+        /// incremental dump.
+        #[arg(long, requires = "leave_running")]
+        track_mem: bool,
     },
     /// Bring a dumped process back, with its pid, memory, registers and files.
     Restore {
@@ -158,14 +187,14 @@ fn main() -> ExitCode {
     }
 }
 
-/// An error line at most `MAX_ERROR` characters long: names and paths come from images and
-/// targets, and may be of any length; the middle of a longer line is left out, saying so.
 /// Starts the guardian that cures the target if this stasis is killed mid-way.
 fn guardian() -> anyhow::Result<stasis_infect::guardian::Guardian> {
     let exe = std::env::current_exe().context("finding the stasis binary for its guardian")?;
     Ok(stasis_infect::guardian::start(&exe)?)
 }
 
+/// An error line at most `MAX_ERROR` characters long: names and paths come from images and
+/// targets, and may be of any length; the middle of a longer line is left out, saying so.
 fn cut(line: &str) -> String {
     const MAX_ERROR: usize = 2000;
     let chars: Vec<char> = line.chars().collect();
@@ -224,6 +253,8 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             file_locks: _,
             tcp_established,
             tcp_close,
+            prev_images_dir,
+            track_mem,
         } => {
             let opts = stasis_dump::DumpOptions {
                 leave_running,
@@ -232,37 +263,33 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                 tcp_established,
                 tcp_close,
                 snapshot: !no_snapshot,
+                pre_dump: false,
+                prev_images_dir,
+                track_mem,
             };
-            let _guardian = guardian()?;
-            stasis_image::progress::enable("dump");
-            let s = stasis_dump::dump(pid, &images_dir, &opts);
-            stasis_image::progress::finish();
-            let s = s?;
-            eprintln!(
-                "dumped pid {pid} into {}: {}{} thread{}, {} VMAs, {} pages ({:.1} MiB), {} fds; frozen {:.1} ms{}, total {:.1} ms",
-                images_dir.display(),
-                if s.processes > 1 {
-                    format!("{} processes, ", s.processes)
-                } else {
-                    String::new()
-                },
-                s.threads,
-                if s.threads == 1 { "" } else { "s" },
-                s.vmas,
-                s.pages,
-                s.bytes as f64 / (1 << 20) as f64,
-                s.fds,
-                s.frozen.as_secs_f64() * 1e3,
-                if s.snapshots > 0 {
-                    format!(
-                        " (memory copied from a snapshot after; {:.1} ms more to reap it)",
-                        s.reap_frozen.as_secs_f64() * 1e3
-                    )
-                } else {
-                    String::new()
-                },
-                s.total.as_secs_f64() * 1e3
-            );
+            dump(pid, &images_dir, &opts)
+        }
+        Command::PreDump {
+            pid,
+            images_dir,
+            prev_images_dir,
+            no_snapshot,
+        } => {
+            let opts = stasis_dump::DumpOptions {
+                leave_running: true,
+                shell_job: true,
+                file_locks: true,
+                tcp_established: false,
+                tcp_close: false,
+                snapshot: !no_snapshot,
+                pre_dump: true,
+                prev_images_dir,
+                track_mem: true,
+            };
+            dump(pid, &images_dir, &opts)
+        }
+        Command::HoldUffd { pid, start } => {
+            stasis_dump::track::hold(pid, start)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Restore {
@@ -391,4 +418,58 @@ fn init_logging(verbose: u8, file: Option<&std::path::Path>) -> anyhow::Result<(
         None => builder.with_writer(std::io::stderr).init(),
     }
     Ok(())
+}
+
+/// `dump` and `pre-dump`: the dump, and its summary line.
+fn dump(
+    pid: i32,
+    images_dir: &std::path::Path,
+    opts: &stasis_dump::DumpOptions,
+) -> anyhow::Result<ExitCode> {
+    let _guardian = guardian()?;
+    stasis_image::progress::enable("dump");
+    let s = stasis_dump::dump(pid, images_dir, opts);
+    stasis_image::progress::finish();
+    let s = s?;
+    let mib = |pages: u64| (pages * 4096) as f64 / (1 << 20) as f64;
+    eprintln!(
+        "{} pid {pid} into {}: {}{} thread{}, {} VMAs, {} pages ({:.1} MiB){}{}; frozen {:.1} ms{}, total {:.1} ms",
+        if opts.pre_dump { "pre-dumped" } else { "dumped" },
+        images_dir.display(),
+        if s.processes > 1 {
+            format!("{} processes, ", s.processes)
+        } else {
+            String::new()
+        },
+        s.threads,
+        if s.threads == 1 { "" } else { "s" },
+        s.vmas,
+        s.pages,
+        s.bytes as f64 / (1 << 20) as f64,
+        if s.parent_pages > 0 {
+            format!(
+                " written, {} unchanged ({:.1} MiB) in the parent images",
+                s.parent_pages,
+                mib(s.parent_pages)
+            )
+        } else {
+            String::new()
+        },
+        if opts.pre_dump {
+            String::new()
+        } else {
+            format!(", {} fds", s.fds)
+        },
+        s.frozen.as_secs_f64() * 1e3,
+        if s.snapshots > 0 {
+            format!(
+                " (memory copied from a snapshot after; {:.1} ms more to reap it)",
+                s.reap_frozen.as_secs_f64() * 1e3
+            )
+        } else {
+            String::new()
+        },
+        s.total.as_secs_f64() * 1e3
+    );
+    Ok(ExitCode::SUCCESS)
 }

@@ -12,6 +12,7 @@ mod mm;
 mod preflight;
 mod task;
 mod thread;
+pub mod track;
 mod tree;
 pub mod vdso_report;
 
@@ -37,6 +38,15 @@ pub struct DumpOptions {
     /// With `leave_running`: copy memory from a copy-on-write snapshot after the process runs
     /// on, so the freeze does not grow with memory (`--no-snapshot`: copy while frozen).
     pub snapshot: bool,
+    /// `stasis pre-dump`: memory only, the process left running, its writes tracked from
+    /// now on (implies `leave_running`).
+    pub pre_dump: bool,
+    /// An earlier image of the process (relative to the new image's directory, as CRIU's
+    /// `--prev-images-dir`): pages the memory tracker saw unwritten since it are taken from it.
+    pub prev_images_dir: Option<std::path::PathBuf>,
+    /// With `leave_running`: track the process's writes from this dump on, for the next
+    /// incremental one.
+    pub track_mem: bool,
 }
 
 /// What a dump did, for the user and the benchmark.
@@ -55,6 +65,8 @@ pub struct DumpSummary {
     pub snapshots: usize,
     /// The longest second freeze of one of them, to reap its snapshot.
     pub reap_frozen: Duration,
+    /// Pages an incremental image takes from its parents (not written again).
+    pub parent_pages: u64,
     pub total: Duration,
 }
 
@@ -70,6 +82,13 @@ pub fn dump(pid: i32, dir: &std::path::Path, opts: &DumpOptions) -> Result<DumpS
 
 fn dump_into(pid: i32, images: &ImageDir, opts: &DumpOptions, t0: Instant) -> Result<DumpSummary> {
     let dir = images.path();
+    if opts.pre_dump && !opts.leave_running {
+        bail!("a pre-dump leaves the process running");
+    }
+    // SAFETY: geteuid has no failure mode.
+    if (opts.pre_dump || opts.track_mem) && unsafe { libc::geteuid() } != 0 {
+        bail!("tracking memory between dumps (pre-dump, --track-mem) needs root: its state is root's alone");
+    }
     if opts.leave_running && opts.tcp_established {
         bail!("--tcp-established cannot be used with --leave-running: the connections would carry on past the image");
     }
@@ -107,7 +126,12 @@ fn dump_into(pid: i32, images: &ImageDir, opts: &DumpOptions, t0: Instant) -> Re
             dumps.push(d);
             copies.push(c);
         }
-        let tree = tree::settle(&tasks, zombies, &mut dumps, opts.shell_job)?;
+        // A pre-dump has no descriptors, sessions or terminals to settle: only memory.
+        let tree = if opts.pre_dump {
+            Tree::default()
+        } else {
+            tree::settle(&tasks, zombies, &mut dumps, opts.shell_job)?
+        };
         if opts.leave_running {
             for c in &copies {
                 c.frozen_part_done();
@@ -145,6 +169,7 @@ fn dump_into(pid: i32, images: &ImageDir, opts: &DumpOptions, t0: Instant) -> Re
         s.vmas += written.vmas;
         s.fds += written.fds;
         s.threads += written.threads;
+        s.parent_pages += d.parent_pages;
         if d.pid != pid {
             d.write_inventory()?;
             continue;
@@ -194,6 +219,22 @@ fn dump_into(pid: i32, images: &ImageDir, opts: &DumpOptions, t0: Instant) -> Re
         }
     }
     drop(tasks);
+    // The image is whole: the trackers armed for it track it now; one this dump does not go
+    // on with ends (a kill-mode dump's end with their processes).
+    for d in dumps.iter_mut() {
+        match d.tracking.take() {
+            Some((t, true)) => {
+                if let Err(e) = t.commit(&d.inventory.image_id) {
+                    tracing::warn!(
+                        pid = d.pid,
+                        "the image is whole, but its memory tracking cannot go on: {e:#}"
+                    );
+                }
+            }
+            Some((t, false)) if opts.leave_running => t.stop(),
+            _ => {}
+        }
+    }
     s.processes = dumps.len();
     s.total = t0.elapsed();
     tracing::info!(pid, ?s, "dumped");
@@ -264,6 +305,9 @@ pub(crate) struct TaskDump {
     pub desc_keys: Vec<files::DescKey>,
     vdso: VdsoRecord,
     inventory: Inventory,
+    parent_pages: u64,
+    /// Its memory tracker, and whether it goes on tracking from this image (else it ends).
+    tracking: Option<(track::Tracker, bool)>,
 }
 
 struct Written {
@@ -304,6 +348,7 @@ impl TaskDump {
 struct PendingTask<'s> {
     pid: i32,
     root: bool,
+    pre_dump: bool,
     images: ImageDir,
     files: Files,
     desc_keys: Vec<files::DescKey>,
@@ -312,6 +357,7 @@ struct PendingTask<'s> {
     job_stop: Option<i32>,
     model: mm::MemModel,
     copy: PendingCopy<'s>,
+    tracking: Option<(track::Tracker, bool)>,
 }
 
 /// A process's memory copy, running in the background.
@@ -366,9 +412,49 @@ fn start_task<'s>(
         }
     }
 
+    // A memory tracker of an earlier dump, and the image it was armed for.
+    let tracker = track::Tracker::find(pid)?;
+    let tracked = tracker.is_some();
+    let parent = match &opts.prev_images_dir {
+        Some(prev) => {
+            // Relative to the root's image directory, as CRIU has it; a descendant's parent
+            // is the image of the same pid in it.
+            let rel = if root {
+                prev.clone()
+            } else if prev.is_absolute() {
+                prev.join(task_dir_name(pid))
+            } else {
+                std::path::Path::new("..")
+                    .join(prev)
+                    .join(task_dir_name(pid))
+            };
+            match track::Parent::load(images.path(), &rel, pid) {
+                Ok(p) => Some((p, rel)),
+                // A process of the tree the earlier image did not have.
+                Err(e) if !root => {
+                    tracing::info!(pid, "no parent image: {e:#}");
+                    None
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        None => None,
+    };
+    // Pages come from the parent only if the tracker protected them for it.
+    let parent = parent.and_then(|(p, rel)| {
+        if tracker.as_ref().and_then(|t| t.baseline()) == Some(p.image_id.as_str()) {
+            return Some(p);
+        }
+        tracing::warn!(
+            pid,
+            "pid {pid}'s memory was not tracked since {} (stasis pre-dump, or dump --leave-running --track-mem, arms the tracker): every page is dumped",
+            rel.display()
+        );
+        None
+    });
     // Everything that could refuse the dump comes first, before the process is changed. The
     // memory map's flags (smaps, which walks every page table) are read beside the rest.
-    let smaps = scope.spawn(move || crate::mm::preflight(pid));
+    let smaps = scope.spawn(move || crate::mm::preflight(pid, tracked));
     let vm_flags = || -> Result<mm::VmFlagsMap> {
         smaps
             .join()
@@ -379,17 +465,21 @@ fn start_task<'s>(
     let mut pages = PageWriter::create(&images).context("creating pages.img")?;
     let mut files = Files::default();
     files::collect_mapped(pid, &stasis_proc::maps(pid)?, &mut files, &mut pages)?;
-    let (files, desc_keys, locks_to_check) = files::collect(
-        pid,
-        &files::Options {
-            file_locks: opts.file_locks,
-            tcp_established: opts.tcp_established,
-            tcp_close: opts.tcp_close,
-        },
-        files,
-        &mut pages,
-        net,
-    )?;
+    let (files, desc_keys, locks_to_check) = if opts.pre_dump {
+        (files, Vec::new(), files::LocksToCheck::none())
+    } else {
+        files::collect(
+            pid,
+            &files::Options {
+                file_locks: opts.file_locks,
+                tcp_established: opts.tcp_established,
+                tcp_close: opts.tcp_close,
+            },
+            files,
+            &mut pages,
+            net,
+        )?
+    };
     // Memory is planned now and copied in the background while the threads are read and the
     // parasite does its work: neither changes the process's memory, but for the injection
     // site's page, which waits for the cure.
@@ -402,8 +492,24 @@ fn start_task<'s>(
         site,
         stasis_image::DATA_OFFSET + pages.data_len(),
         snapshot,
+        parent.as_ref(),
     )?
     .split();
+    // Tracking goes on from this image (armed while frozen, by `frozen_work`), or ends.
+    let arms = opts.leave_running && (opts.pre_dump || opts.track_mem);
+    let (arm, tracker) = if arms {
+        let (vmas, pages) = model.tracked_ranges();
+        (
+            Some(ArmJob {
+                tracker,
+                vmas,
+                pages,
+            }),
+            None,
+        )
+    } else {
+        (None, tracker)
+    };
     tracing::info!(pid, preflight = ?t_preflight, files = ?t_files, planned = ?t0.elapsed(), "files read, memory planned");
     let (source_tx, source_rx) = std::sync::mpsc::channel::<Option<i32>>();
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
@@ -411,19 +517,26 @@ fn start_task<'s>(
         let r = mm::copy(pid, &copy_plan, &mut pages, &source_rx, done_tx);
         (pages, r)
     });
-    let work = frozen_work(pid, &threads, seized, &source_tx, snapshot);
+    let work = frozen_work(pid, &threads, seized, &source_tx, snapshot, arm);
     // If the work failed, the copier learns it when the channel closes.
     drop(source_tx);
-    let work = match work {
+    let mut work = match work {
         Ok(w) => w,
         Err(e) => {
             let _ = copier.join();
             return Err(e);
         }
     };
+    let tracking = match (work.tracker.take(), tracker) {
+        (Some(armed), _) => Some((armed, true)),
+        (None, Some(found)) => Some((found, false)),
+        (None, None) => None,
+    };
     Ok(PendingTask {
         pid,
         root,
+        pre_dump: opts.pre_dump,
+        tracking,
         images,
         files,
         desc_keys,
@@ -447,6 +560,8 @@ fn finish_task<'s>(
     let PendingTask {
         pid,
         root,
+        pre_dump,
+        tracking,
         images,
         mut files,
         desc_keys,
@@ -457,7 +572,9 @@ fn finish_task<'s>(
         copy,
     } = p;
     let frozen_at = Instant::now();
-    locks_to_check.check(pid, &mut files, proc_locks)?;
+    if !pre_dump {
+        locks_to_check.check(pid, &mut files, proc_locks)?;
+    }
     let threads: Vec<i32> = work.cores.iter().map(|c| c.tid).collect();
     let FrozenWork {
         mut cores,
@@ -471,6 +588,7 @@ fn finish_task<'s>(
         t_parasite,
         snapshot: _,
         first_pending,
+        tracker: _,
     } = work;
     let vdso_info = asked.verify()?;
     let task = decode_task_state(pid, &task_raw)?;
@@ -492,6 +610,8 @@ fn finish_task<'s>(
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
     let stat = task::stat_fields(&stat).with_context(|| format!("parsing /proc/{pid}/stat"))?;
+    let parents = model.parents();
+    let parent_pages = model.parent_pages();
     let (mm, vdso) = mm::finish(pid, model, &task, &vdso_info, &stat)?;
     let t_mm_done = frozen_at.elapsed();
     if mm.exe.ends_with(DELETED_SUFFIX) && files.unnamed(mm.exe_dev, mm.exe_inode).is_none() {
@@ -546,6 +666,9 @@ fn finish_task<'s>(
         page_data_len: 0,
         page_data_xxh3: 0,
         netlock: None,
+        image_id: track::new_image_id(),
+        pre_dump,
+        parents,
     };
     Ok((
         TaskDump {
@@ -558,6 +681,8 @@ fn finish_task<'s>(
             desc_keys,
             vdso,
             inventory,
+            parent_pages,
+            tracking,
         },
         copy,
     ))
@@ -579,6 +704,16 @@ struct FrozenWork {
     /// The signal queues as first read, before the timers (see `task::settle_timers`).
     first_pending: Vec<PendingSignal>,
     t_parasite: Duration,
+    /// The memory tracker, armed for this image.
+    tracker: Option<track::Tracker>,
+}
+
+/// What arms the memory tracker of a process (a new one if it has none): its private
+/// anonymous VMAs and the ranges of them the image holds.
+struct ArmJob {
+    tracker: Option<track::Tracker>,
+    vmas: Vec<(u64, u64)>,
+    pages: Vec<(u64, u64)>,
 }
 
 fn frozen_work(
@@ -587,6 +722,7 @@ fn frozen_work(
     seized: &mut Seized,
     source: &std::sync::mpsc::Sender<Option<i32>>,
     snapshot: bool,
+    arm: Option<ArmJob>,
 ) -> Result<FrozenWork> {
     let t0 = Instant::now();
     let cores = threads
@@ -650,6 +786,19 @@ fn frozen_work(
             vdso_report::COMMAND_TIMEOUT,
         )?);
     }
+    // Armed while frozen, after the pages were planned (the scan read what the last arming
+    // tracked) and before the process runs on: every write from the freeze on is seen.
+    let tracker = match arm {
+        Some(job) => {
+            let mut t = match job.tracker {
+                Some(t) => t,
+                None => track::Tracker::new(pid, parasite.make_userfaultfd()?)?,
+            };
+            t.arm(&job.vmas, &job.pages)?;
+            Some(t)
+        }
+        None => None,
+    };
     // Last, so that nothing the parasite does is in it (its region is, but not in the plan).
     let snapshot = if snapshot {
         let t_fork = Instant::now();
@@ -694,6 +843,7 @@ fn frozen_work(
         t_parasite: t0.elapsed(),
         snapshot,
         first_pending,
+        tracker,
     })
 }
 

@@ -26,9 +26,12 @@ pub(crate) struct VmFlags {
     growsdown: bool,
     maywrite: bool,
     advice: u32,
-    /// hugetlbfs memory (`ht`), device memory (`io`, `pf`), userfaultfd-registered (`um`,
-    /// `uw`, `ui`): kinds stasis does not restore.
+    /// hugetlbfs memory (`ht`), device memory (`io`, `pf`), userfaultfd-registered for
+    /// missing or minor faults (`um`, `ui`): kinds stasis does not restore.
     unsupported: Option<&'static str>,
+    /// Registered for write protection (`uw`): by stasis's memory tracker, if the process
+    /// has one (`track.rs`), else something stasis does not restore.
+    uffd_wp: bool,
 }
 
 fn parse_vm_flags(flags: &str) -> VmFlags {
@@ -46,7 +49,8 @@ fn parse_vm_flags(flags: &str) -> VmFlags {
             "lo" => f.advice |= ADVICE_LOCKED,
             "ht" => f.unsupported = Some("hugetlbfs memory"),
             "io" | "pf" => f.unsupported = Some("a device mapping (VM_IO/VM_PFNMAP)"),
-            "um" | "uw" | "ui" => f.unsupported = Some("memory registered with userfaultfd"),
+            "um" | "ui" => f.unsupported = Some("memory registered with userfaultfd"),
+            "uw" => f.uffd_wp = true,
             _ => {}
         }
     }
@@ -84,8 +88,9 @@ pub(crate) type VmFlagsMap = std::collections::HashMap<u64, VmFlags>;
 
 /// Everything about the memory map that would make the dump refuse, checked before the
 /// process is touched: every VMA must have a backing stasis restores faithfully. Returns the
-/// smaps flags, which the memory map of the process keeps while it is frozen.
-pub(crate) fn preflight(pid: i32) -> Result<VmFlagsMap> {
+/// smaps flags, which the memory map of the process keeps while it is frozen. `tracked`: the
+/// process has a memory tracker of stasis's, whose registrations (`uw`) are no obstacle.
+pub(crate) fn preflight(pid: i32, tracked: bool) -> Result<VmFlagsMap> {
     let vmas = stasis_proc::maps(pid)?;
     let flags = vm_flags(pid)?;
     let mem = File::open(format!("/proc/{pid}/mem"))
@@ -95,7 +100,11 @@ pub(crate) fn preflight(pid: i32) -> Result<VmFlagsMap> {
         let backing = backing_of(pid, v, proxy.as_ref())?;
         // The kernel's own special mappings (vvar is VM_PFNMAP) are rebuilt, not restored.
         let special = matches!(backing, None | Some(Backing::Vdso { .. }));
-        if let Some(what) = flags.get(&v.start).and_then(|f| f.unsupported) {
+        let what = flags.get(&v.start).and_then(|f| {
+            f.unsupported.or((f.uffd_wp && !tracked)
+                .then_some("memory registered with userfaultfd (write protection)"))
+        });
+        if let Some(what) = what {
             if !special {
                 bail!("pid {pid}: mapping {v} is {what}; not supported yet");
             }
@@ -325,8 +334,9 @@ fn wants_page(backing: &Backing, shared: bool, entry: u64, zero_pfn: Option<u64>
     }
 }
 
-/// Runs of pages [i, j) of a mapping, by page index.
-type PageRuns = Vec<(usize, usize)>;
+/// Runs of pages [i, j) of a mapping, by page index, and whether they may have been written
+/// since the memory tracker protected them (always, for a mapping not tracked).
+type PageRuns = Vec<(usize, usize, bool)>;
 
 /// Whether any page of a mapping with this backing may need dumping (as `wants_page`).
 fn wants_any(backing: &Backing, shared: bool) -> bool {
@@ -347,6 +357,7 @@ struct Scanner<'f> {
 }
 
 const PAGEMAP_SCAN: u64 = 0xc060_6610; // _IOWR('f', 16, struct pm_scan_arg): 96 bytes
+const PAGE_IS_WRITTEN: u64 = 1 << 1;
 const PAGE_IS_FILE: u64 = 1 << 2;
 const PAGE_IS_PRESENT: u64 = 1 << 3;
 const PAGE_IS_SWAPPED: u64 = 1 << 4;
@@ -363,8 +374,14 @@ impl<'f> Scanner<'f> {
     }
 
     /// The page runs of `v` to dump, as `wants_page` decides for each page; `None` if the
-    /// kernel cannot scan (then pagemap is read instead).
-    fn runs(&mut self, v: &stasis_proc::Vma, backing: &Backing) -> Result<Option<PageRuns>> {
+    /// kernel cannot scan (then pagemap is read instead). `written`: runs are cut where
+    /// `PAGE_IS_WRITTEN` changes, and say it (else every run counts as written).
+    fn runs(
+        &mut self,
+        v: &stasis_proc::Vma,
+        backing: &Backing,
+        written: bool,
+    ) -> Result<Option<PageRuns>> {
         if !self.works {
             return Ok(None);
         }
@@ -386,7 +403,11 @@ impl<'f> Scanner<'f> {
                 0,
                 0,
                 PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-                PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_FILE | PAGE_IS_PFNZERO,
+                PAGE_IS_PRESENT
+                    | PAGE_IS_SWAPPED
+                    | PAGE_IS_FILE
+                    | PAGE_IS_PFNZERO
+                    | if written { PAGE_IS_WRITTEN } else { 0 },
             ];
             // SAFETY: PAGEMAP_SCAN reads `arg` and writes at most vec_len regions into
             // `self.regions`, which has that many; `walk_end` into `arg`.
@@ -431,22 +452,26 @@ impl<'f> Scanner<'f> {
                     ((start - v.start) / page) as usize,
                     ((end - v.start) / page) as usize,
                 );
+                let w = !written || cat & PAGE_IS_WRITTEN != 0;
                 match out.last_mut() {
-                    Some(last) if last.1 == i => last.1 = j,
-                    _ => out.push((i, j)),
+                    Some(last) if last.1 == i && last.2 == w => last.1 = j,
+                    _ => out.push((i, j, w)),
                 }
             }
             // A buffer not filled means the walk got to the end. (`walk_end` is where it
             // stopped only when it stopped early: after a walk the kernel resumed
-            // internally and finished, it still holds the earlier stop.)
+            // internally and finished, it still holds the earlier stop, behind the last
+            // region. Going on from the later of the two is right either way: everything
+            // before both was reported, and a region cut at the buffer's end goes on in the
+            // next call, merged above.)
             if n < self.regions.len() {
                 break;
             }
-            let walk_end = arg[4];
-            if walk_end <= at || walk_end > v.end || walk_end < seen {
-                bail!("PAGEMAP_SCAN of {v} stopped at {walk_end:#x}");
+            let next = arg[4].max(seen);
+            if next <= at || next > v.end {
+                bail!("PAGEMAP_SCAN of {v} stopped at {:#x}", arg[4]);
             }
-            at = walk_end;
+            at = next;
         }
         Ok(Some(out))
     }
@@ -478,13 +503,55 @@ pub(crate) struct MemPlan {
     vmas: Vec<Vma>,
     chunks: Vec<Chunk>,
     proxy: Option<ProxyFound>,
+    parents: Vec<ParentPages>,
 }
+
+/// Address ranges [start, end).
+pub(crate) type Ranges = Vec<(u64, u64)>;
 
 /// What the image's memory records are made of, apart from the copy: the model VMAs (with
 /// where their pages go in pages.img) and the proxy found.
 pub(crate) struct MemModel {
     vmas: Vec<Vma>,
     proxy: Option<ProxyFound>,
+    /// The page files of earlier images its runs name (`PageRun::src`).
+    parents: Vec<ParentPages>,
+}
+
+impl MemModel {
+    /// What the memory tracker arms: the private anonymous VMAs, and the ranges of them the
+    /// image holds (its own pages and its parents'), touching ones merged.
+    pub(crate) fn tracked_ranges(&self) -> (Ranges, Ranges) {
+        let anon = self
+            .vmas
+            .iter()
+            .filter(|v| matches!(v.backing, Backing::Anon));
+        let vmas = anon.clone().map(|v| (v.start, v.end)).collect();
+        let mut pages: Vec<(u64, u64)> = Vec::new();
+        for r in anon.flat_map(|v| v.pages.iter()) {
+            let end = r.addr + r.pages * PAGE_SIZE as u64;
+            match pages.last_mut() {
+                Some(last) if last.1 == r.addr => last.1 = end,
+                _ => pages.push((r.addr, end)),
+            }
+        }
+        (vmas, pages)
+    }
+
+    /// The parent page files the image names.
+    pub(crate) fn parents(&self) -> Vec<ParentPages> {
+        self.parents.clone()
+    }
+
+    /// Pages the image takes from its parents.
+    pub(crate) fn parent_pages(&self) -> u64 {
+        self.vmas
+            .iter()
+            .flat_map(|v| v.pages.iter())
+            .filter(|r| r.src != 0)
+            .map(|r| r.pages)
+            .sum()
+    }
 }
 
 impl MemPlan {
@@ -496,6 +563,7 @@ impl MemPlan {
             vmas,
             chunks,
             proxy,
+            parents,
         } = self;
         (
             MemPlan {
@@ -503,8 +571,13 @@ impl MemPlan {
                 vmas: Vec::new(),
                 chunks,
                 proxy: None,
+                parents: Vec::new(),
             },
-            MemModel { vmas, proxy },
+            MemModel {
+                vmas,
+                proxy,
+                parents,
+            },
         )
     }
 }
@@ -515,13 +588,16 @@ const PAGEMAP_WINDOW: usize = 64 * 1024;
 
 /// Pass 1. `hold_back` is the injection site (a page the parasite rewrites while it runs);
 /// `data_start` the file offset where the first chunk will be appended; `snapshot`: the pages
-/// that can be will be read from a copy-on-write snapshot.
+/// that can be will be read from a copy-on-write snapshot; `parent`: the image the memory
+/// tracker protected the pages for (an incremental dump), whose pages not written since are
+/// taken from it instead.
 pub(crate) fn plan(
     pid: i32,
     flags: impl FnOnce() -> Result<VmFlagsMap>,
     hold_back: u64,
     data_start: u64,
     snapshot: bool,
+    parent: Option<&crate::track::Parent>,
 ) -> Result<MemPlan> {
     let maps = stasis_proc::maps(pid)?;
     let pagemap = File::open(format!("/proc/{pid}/pagemap"))
@@ -571,7 +647,10 @@ pub(crate) fn plan(
         // it (runs come whole), else page by page from pagemap entries.
         let scanned = match (&in_object, wants_any(&backing, v.shared)) {
             (None, false) => Some(Vec::new()),
-            (None, true) => scanner.runs(v, &backing)?,
+            (None, true) => {
+                let written = parent.is_some() && matches!(backing, Backing::Anon);
+                scanner.runs(v, &backing, written)?
+            }
             (Some(_), _) => None,
         };
         let runs = match scanned {
@@ -594,7 +673,7 @@ pub(crate) fn plan(
                     while j < npages && want(j)? {
                         j += 1;
                     }
-                    runs.push((i, j));
+                    runs.push((i, j, true));
                     i = j;
                 }
                 runs
@@ -604,6 +683,8 @@ pub(crate) fn plan(
     }
     // Pass 1b: with the flags, the model VMAs and their chunks.
     let flags = flags()?;
+    // (vma, addr, len, file offset, page file) of the pages taken from parents.
+    let mut from_parent: Vec<(usize, u64, u64, u64, u32)> = Vec::new();
     for (mi, backing, runs) in found {
         let v = &maps[mi];
         let vf = flags
@@ -613,7 +694,28 @@ pub(crate) fn plan(
         let vma = vmas.len();
         let in_snapshot =
             snapshot && !v.shared && vf.advice & (ADVICE_DONTFORK | ADVICE_WIPEONFORK) == 0;
-        let pieces = runs.into_iter().flat_map(|(i, j)| {
+        // Pages the tracker saw unwritten since the parent image, which holds them at the
+        // same address, come from it; all others are copied.
+        let tracked = vf.uffd_wp && matches!(backing, Backing::Anon);
+        let page = PAGE_SIZE as u64;
+        let mut fresh: Vec<(usize, usize)> = Vec::with_capacity(runs.len());
+        for (i, j, written) in runs {
+            let Some(p) = parent.filter(|_| tracked && !written) else {
+                fresh.push((i, j));
+                continue;
+            };
+            let (a, e) = (v.start + i as u64 * page, v.start + j as u64 * page);
+            for (s, e, at) in p.pieces(a, e) {
+                match at {
+                    Some((src, off)) => from_parent.push((vma, s, e - s, off, src)),
+                    None => fresh.push((
+                        ((s - v.start) / page) as usize,
+                        ((e - v.start) / page) as usize,
+                    )),
+                }
+            }
+        }
+        let pieces = fresh.into_iter().flat_map(|(i, j)| {
             (i..j)
                 .step_by(CHUNK / PAGE_SIZE)
                 .map(move |a| (a, (a + CHUNK / PAGE_SIZE).min(j)))
@@ -658,19 +760,36 @@ pub(crate) fn plan(
     // rest of it, what comes from a snapshot last.
     chunks.sort_by_key(|c| (c.from_snapshot, c.after_cure));
     let mut next_off = data_start;
-    let mut placed: Vec<(usize, u64, u64, u64)> = Vec::with_capacity(chunks.len());
+    let mut placed: Vec<(usize, u64, u64, u64, u32)> =
+        Vec::with_capacity(chunks.len() + from_parent.len());
     for c in &chunks {
-        placed.push((c.vma, c.addr, c.len as u64, next_off));
+        placed.push((c.vma, c.addr, c.len as u64, next_off, 0));
         next_off += c.len as u64;
     }
+    // Only the parent page files the runs name go into the image's chain, numbered anew.
+    let mut parents = Vec::new();
+    if let Some(p) = parent {
+        let mut used = vec![false; p.chain_len()];
+        for &(.., src) in &from_parent {
+            if let Some(u) = used.get_mut(src as usize - 1) {
+                *u = true;
+            }
+        }
+        let (chain, renumber) = p.chain_used(&used);
+        parents = chain;
+        for (vma, addr, len, off, src) in from_parent {
+            placed.push((vma, addr, len, off, renumber[src as usize]));
+        }
+    }
     placed.sort_unstable();
-    for (vma, addr, len, file_off) in placed {
+    for (vma, addr, len, file_off, src) in placed {
         let runs = &mut vmas[vma].pages;
         let pages = len / PAGE_SIZE as u64;
         match runs.last_mut() {
             Some(r)
                 if r.addr + r.pages * PAGE_SIZE as u64 == addr
-                    && r.file_off + r.pages * PAGE_SIZE as u64 == file_off =>
+                    && r.file_off + r.pages * PAGE_SIZE as u64 == file_off
+                    && r.src == src =>
             {
                 r.pages += pages;
             }
@@ -678,6 +797,7 @@ pub(crate) fn plan(
                 addr,
                 pages,
                 file_off,
+                src,
             }),
         }
     }
@@ -687,6 +807,7 @@ pub(crate) fn plan(
         vmas,
         chunks,
         proxy,
+        parents,
     })
 }
 
@@ -720,7 +841,9 @@ pub(crate) fn finish(
 ) -> Result<(Mm, VdsoRecord)> {
     let mem = File::open(format!("/proc/{pid}/mem"))
         .with_context(|| format!("opening /proc/{pid}/mem"))?;
-    let MemModel { vmas: out, proxy } = plan;
+    let MemModel {
+        vmas: out, proxy, ..
+    } = plan;
     let field = |n: usize| stat.get(n - 1).copied().unwrap_or(0);
     let fields = MmFields {
         start_code: field(26),

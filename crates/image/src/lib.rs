@@ -86,7 +86,7 @@ pub const PAGE_SIZE: usize = 4096;
 
 /// The format version this code writes and the only one it reads. Bump it on any change to a
 /// header or to the meaning of a record.
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
 
 /// Architecture id of an x86_64 image, the only architecture stasis checkpoints.
 pub const ARCH_X86_64: u32 = 1;

@@ -187,6 +187,18 @@ pub struct Inventory {
     /// connections until the restore has them back.
     #[serde(default)]
     pub netlock: Option<String>,
+    /// Random, one per image: what an incremental dump's `ParentPages` names, and what the
+    /// memory tracker records as the image it tracks writes since.
+    #[serde(default)]
+    pub image_id: String,
+    /// A pre-dump: memory only (no descriptors), a parent for the dumps after it, never
+    /// restored itself.
+    #[serde(default)]
+    pub pre_dump: bool,
+    /// The page files this image takes unchanged pages from (`PageRun::src`): its parent's
+    /// first, then the parent's own, and so on.
+    #[serde(default)]
+    pub parents: Vec<ParentPages>,
 }
 
 /// General-purpose registers as `struct user_regs_struct` orders them.
@@ -407,14 +419,40 @@ pub fn kdev(major: u32, minor: u32) -> u64 {
     ((major as u64) << 20) | minor as u64
 }
 
-/// Consecutive dumped pages of one VMA, stored contiguously in pages.img.
+/// Consecutive dumped pages of one VMA, stored contiguously in a page file: this image's
+/// pages.img, or (an incremental dump's pages that did not change) an earlier image's.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PageRun {
     pub addr: u64,
     pub pages: u64,
-    /// Offset of the first page in pages.img (page-aligned).
+    /// Offset of the first page in its page file (page-aligned).
     pub file_off: u64,
+    /// Which page file: 0 this image's, `k` the one of `Inventory::parents[k - 1]`. Only
+    /// private anonymous memory refers to a parent.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub src: u32,
 }
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+/// An earlier image whose page file an incremental image takes pages from.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ParentPages {
+    /// The earlier image's directory: relative to this image's directory (as
+    /// `--prev-images-dir` names it), or absolute.
+    pub dir: Bytes,
+    /// Its `Inventory::image_id`.
+    pub image_id: String,
+    /// What its pages.img holds, as its inventory says: a restore refuses a parent whose page
+    /// file is not exactly this.
+    pub page_data_len: u64,
+    pub page_data_xxh3: u64,
+}
+
+/// Most earlier images an incremental image may take pages from.
+pub const MAX_PARENTS: usize = 16;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Vma {

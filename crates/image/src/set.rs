@@ -29,6 +29,9 @@ pub struct Image {
     pub files: Files,
     pub vdso: VdsoRecord,
     pub pages: PageReader,
+    /// The page files of `inventory.parents`, in order (`PageRun::src` k is `parents[k - 1]`),
+    /// each checked against what the inventory says it holds and verified.
+    pub parents: Vec<PageReader>,
 }
 
 /// Loads every record and verifies every checksum. Nothing is created.
@@ -66,6 +69,7 @@ pub fn load(dir: &std::path::Path) -> Result<Image> {
         ));
     }
     pages.verify()?;
+    let parents = load_parents(&d, &inventory)?;
     let img = Image {
         dir: d,
         inventory,
@@ -75,9 +79,51 @@ pub fn load(dir: &std::path::Path) -> Result<Image> {
         files,
         vdso,
         pages,
+        parents,
     };
     check_consistency(&img)?;
     Ok(img)
+}
+
+/// The page files an incremental image takes pages from: each must be there and hold exactly
+/// the data the inventory names (length and checksum), verified like the image's own.
+fn load_parents(d: &ImageDir, inventory: &Inventory) -> Result<Vec<PageReader>> {
+    if inventory.parents.len() > MAX_PARENTS {
+        return Err(inconsistent(
+            d,
+            format!(
+                "a chain of {} parent images, more than the {MAX_PARENTS} this stasis follows",
+                inventory.parents.len()
+            ),
+        ));
+    }
+    let mut out = Vec::with_capacity(inventory.parents.len());
+    for (k, p) in inventory.parents.iter().enumerate() {
+        let path = d.path().join(p.dir.as_path());
+        let broken = |why: String| {
+            inconsistent(
+                d,
+                format!(
+                    "its parent image {} ({}, image {}) {why}: the chain is broken",
+                    k + 1,
+                    path.display(),
+                    p.image_id
+                ),
+            )
+        };
+        let pd = ImageDir::open(&path).map_err(|e| broken(format!("cannot be opened ({e})")))?;
+        let pages = PageReader::open(&pd).map_err(|e| broken(format!("is unreadable ({e})")))?;
+        if pages.data_len() != p.page_data_len || pages.checksum() != p.page_data_xxh3 {
+            return Err(broken(
+                "holds other pages than when this image was made".into(),
+            ));
+        }
+        pages
+            .verify()
+            .map_err(|e| broken(format!("is damaged ({e})")))?;
+        out.push(pages);
+    }
+    Ok(out)
 }
 
 /// An image of a process and its descendants: the root's image (the top-level directory) and
@@ -451,6 +497,24 @@ fn check_consistency(img: &Image) -> Result<()> {
                 .checked_mul(page)
                 .ok_or_else(|| bad("page run overflow".into()))?;
             let in_vma = r.addr >= v.start && r.addr.checked_add(len).is_some_and(|e| e <= v.end);
+            let data_end = match r.src as usize {
+                0 => data_end,
+                k => {
+                    let Some(parent) = img.parents.get(k - 1) else {
+                        return Err(bad(format!(
+                            "page run at {:#x} names parent image {k}, which the inventory lacks",
+                            r.addr
+                        )));
+                    };
+                    if !matches!(v.backing, Backing::Anon) {
+                        return Err(bad(format!(
+                            "page run at {:#x} of a mapping other than private anonymous memory lies in a parent image",
+                            r.addr
+                        )));
+                    }
+                    crate::DATA_OFFSET + parent.data_len()
+                }
+            };
             let in_file = r.file_off >= crate::DATA_OFFSET
                 && r.file_off % page == 0
                 && r.file_off.checked_add(len).is_some_and(|e| e <= data_end);

@@ -359,6 +359,30 @@ impl<'s> Parasite<'s> {
         Ok(child)
     }
 
+    /// A userfaultfd of the frozen process's memory, made by the process itself (the kernel
+    /// ties one to the mm of its caller) and handed to the host: the process's own
+    /// descriptor is closed again at once, so its table is as it was. Its ioctls, made by the
+    /// host, act on the process's memory.
+    pub fn make_userfaultfd(&mut self) -> Result<std::os::fd::OwnedFd> {
+        let pid = self.pid;
+        // UFFD_USER_MODE_ONLY: no privilege needed; write-protect tracking in async mode
+        // never delivers a fault to anyone.
+        const UFFD_USER_MODE_ONLY: u64 = 1;
+        let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64 | UFFD_USER_MODE_ONLY;
+        let fd =
+            self.remote_syscall("userfaultfd", libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0])?;
+        let taken = stasis_sys::fs::pidfd_open(pid)
+            .and_then(|pidfd| stasis_sys::fs::pidfd_getfd(&pidfd, fd as i32));
+        let closed = self.remote_syscall("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0]);
+        self.park_in_region()?;
+        closed?;
+        taken.map_err(|errno| InfectError::Ptrace {
+            op: "pidfd_getfd (userfaultfd)",
+            tid: pid,
+            errno,
+        })
+    }
+
     /// Has the frozen process `seized` reap its dead snapshot children `children` (each one a
     /// zombie by now, or already reaped by the process itself: ECHILD is fine).
     pub fn reap_children(seized: &'s mut crate::Seized, children: &[i32]) -> Result<()> {

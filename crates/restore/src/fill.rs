@@ -71,45 +71,99 @@ impl Drop for FileMap {
     }
 }
 
-/// Copies every run into the task behind `uffd`.
-pub(crate) fn fill(uffd: &OwnedFd, pages: &PageReader, runs: &[PageRun]) -> Result<()> {
+/// Consecutive stretches of one page file, mapped once, copied to where they go.
+struct Window {
+    src: u32,
+    off: u64,
+    len: u64,
+    /// (file offset, destination, length)
+    copies: Vec<(u64, u64, u64)>,
+}
+
+/// Copies every run into the task behind `uffd`, each from its page file: `pages`, or (an
+/// incremental image's unchanged pages) one of `parents`.
+pub(crate) fn fill(
+    uffd: &OwnedFd,
+    pages: &PageReader,
+    parents: &[PageReader],
+    runs: &[PageRun],
+) -> Result<()> {
     if runs.is_empty() {
         return Ok(());
     }
-    let len = DATA_OFFSET + pages.data_len();
+    let source = |src: u32| match src {
+        0 => Some(pages),
+        k => parents.get(k as usize - 1),
+    };
     let page = PAGE_SIZE as u64;
-    let mut batches = Vec::new();
+    // (page file, file offset, destination, length): runs cut to at most BATCH bytes.
+    let mut copies = Vec::new();
     for r in runs {
+        // Every run was checked against its page file when the image was loaded.
+        let Some(from) = source(r.src) else {
+            bail!(
+                "a page run names parent image {}, which is not loaded",
+                r.src
+            );
+        };
         let total = r.pages * page;
+        if r.file_off + total > DATA_OFFSET + from.data_len() {
+            bail!("a page run lies outside {}", from.path().display());
+        }
         let mut done = 0;
         while done < total {
             let n = BATCH.min(total - done);
-            batches.push((r.addr + done, r.file_off + done, n));
+            copies.push((r.src, r.file_off + done, r.addr + done, n));
             done += n;
         }
     }
-    // Every run was checked against pages.img when the image was loaded.
-    if batches.iter().any(|&(_, off, n)| off + n > len) {
-        bail!("a page run lies outside pages.img");
+    // In file order, gathered into windows of at most BATCH bytes of one page file: an
+    // incremental image's runs are many and small (the pages written since its parent, and
+    // between them the parent's), and a mapping per run would cost more than the copy.
+    copies.sort_unstable();
+    let mut windows: Vec<Window> = Vec::new();
+    for &(src, off, dst, n) in &copies {
+        match windows.last_mut() {
+            Some(w) if w.src == src && off + n <= w.off + BATCH => {
+                w.len = w.len.max(off + n - w.off);
+                w.copies.push((off, dst, n));
+            }
+            _ => windows.push(Window {
+                src,
+                off,
+                len: n,
+                copies: vec![(off, dst, n)],
+            }),
+        }
     }
-    stasis_image::progress::grow(batches.iter().map(|b| b.2).sum());
+    stasis_image::progress::grow(copies.iter().map(|c| c.3).sum());
     let next = AtomicUsize::new(0);
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .clamp(1, 4)
-        .min(batches.len());
-    let (file, batches, next) = (pages.file(), &batches, &next);
+        .min(windows.len());
+    let (windows, next) = (&windows, &next);
     let work = move || -> Result<()> {
         loop {
             let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some(&(dst, off, n)) = batches.get(i) else {
+            let Some(w) = windows.get(i) else {
                 return Ok(());
             };
-            // One window of the file per batch: the host's RSS stays small.
-            let map = FileMap::new(file, off, n as usize)?;
-            stasis_sys::uffd::copy(uffd.as_raw_fd(), dst, map.ptr, n)
-                .with_context(|| format!("UFFDIO_COPY of {n} bytes to {dst:#x}"))?;
-            stasis_image::progress::advance(n);
+            let Some(from) = source(w.src) else {
+                bail!(
+                    "a page run names parent image {}, which is not loaded",
+                    w.src
+                );
+            };
+            // One window of the file at a time: the host's RSS stays small.
+            let map = FileMap::new(from.file(), w.off, w.len as usize)?;
+            for &(off, dst, n) in &w.copies {
+                // SAFETY: off - w.off + n <= w.len: inside the window just mapped.
+                let src = unsafe { map.ptr.add((off - w.off) as usize) };
+                stasis_sys::uffd::copy(uffd.as_raw_fd(), dst, src, n)
+                    .with_context(|| format!("UFFDIO_COPY of {n} bytes to {dst:#x}"))?;
+                stasis_image::progress::advance(n);
+            }
         }
     };
     std::thread::scope(|s| -> Result<()> {

@@ -51,6 +51,12 @@ pub struct RestoreOptions {
 pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
     let t0 = Instant::now();
     let tree = load_tree(dir)?;
+    if tree.root.inventory.pre_dump {
+        bail!(
+            "{} is a pre-dump: it holds memory only, as a parent for the dumps after it; restore the last dump of the chain (`stasis dump --prev-images-dir …`)",
+            dir.display()
+        );
+    }
     authenticate(dir, opts.trust_image)?;
     tracing::info!(elapsed = ?t0.elapsed(), processes = tree.tasks.len() + 1, "image loaded and verified");
     let imgs: Vec<&Image> = tree.images().collect();
@@ -365,7 +371,7 @@ fn rebuild_task(img: &Image, helpers: &fds::Helpers, vdso: &VdsoPlan) -> Result<
         run_plan(parasite, pid, pid, &plan.before)?;
         let t_fill = Instant::now();
         if let Some(uffd) = &uffd {
-            fill::fill(uffd, &img.pages, &plan.host_runs)
+            fill::fill(uffd, &img.pages, &img.parents, &plan.host_runs)
                 .with_context(|| format!("filling the memory of pid {pid}"))?;
         }
         let filled = t_fill.elapsed();

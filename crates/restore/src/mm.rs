@@ -137,6 +137,13 @@ pub(crate) fn map_vma(p: &mut Plan, v: &Vma, h: &Helpers, fill: Fill) -> Result<
         }
     }
     for r in &v.pages {
+        if r.src != 0 {
+            // Only the host's fill reads a parent's page file (the restorer holds one).
+            anyhow::bail!(
+                "the pages at {:#x} are in a parent image, which only a restore with userfaultfd fills (this kernel gave the new task none)",
+                r.addr
+            );
+        }
         // Fault the destination in first, in one batch: far cheaper than taking one page
         // fault per 4 KiB inside the copy. Only the dumped pages: sparse memory stays sparse.
         // (Best effort: kernels before 5.14 lack MADV_POPULATE_WRITE; the read still works.)

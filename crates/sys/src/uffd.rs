@@ -60,3 +60,44 @@ pub fn copy(uffd: RawFd, dst: u64, src: *const u8, len: u64) -> Result<(), Errno
     }
     Ok(())
 }
+
+/// `_IOWR(0xAA, 0x06, struct uffdio_writeprotect)`
+pub const UFFDIO_WRITEPROTECT: u64 = 0xc018_aa06;
+pub const UFFDIO_REGISTER_MODE_WP: u64 = 2;
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
+const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+
+/// Handshakes `uffd` for write-protect tracking in async mode: a write to a protected page
+/// is let through by the kernel itself, which only clears the page's protection bit (what
+/// `PAGEMAP_SCAN` reports as `PAGE_IS_WRITTEN`). The kernel wants `WP_UNPOPULATED` beside it.
+pub fn api_wp_async(uffd: RawFd) -> Result<(), Errno> {
+    let mut api = [
+        UFFD_API,
+        UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED,
+        0,
+    ];
+    // SAFETY: UFFDIO_API reads and writes one struct uffdio_api (3 × u64).
+    Errno::result(unsafe { libc::ioctl(uffd, UFFDIO_API, api.as_mut_ptr()) })?;
+    Ok(())
+}
+
+/// Registers [start, start + len) of the mm behind `uffd` for write protection.
+pub fn register_wp(uffd: RawFd, start: u64, len: u64) -> Result<(), Errno> {
+    // struct uffdio_register: range (start, len), mode, ioctls (out)
+    let mut r = [start, len, UFFDIO_REGISTER_MODE_WP, 0];
+    // SAFETY: UFFDIO_REGISTER reads and writes one struct uffdio_register (4 × u64).
+    Errno::result(unsafe { libc::ioctl(uffd, UFFDIO_REGISTER, r.as_mut_ptr()) })?;
+    Ok(())
+}
+
+/// Write-protects the pages of [start, start + len) (registered with `register_wp`); the next
+/// write to each clears its protection. A page not there gets a marker (`WP_UNPOPULATED`),
+/// which pagemap reports as swapped out: callers protect only pages that are there.
+pub fn write_protect(uffd: RawFd, start: u64, len: u64) -> Result<(), Errno> {
+    // struct uffdio_writeprotect: range (start, len), mode
+    let mut w = [start, len, UFFDIO_WRITEPROTECT_MODE_WP];
+    // SAFETY: UFFDIO_WRITEPROTECT reads one struct uffdio_writeprotect (3 × u64).
+    Errno::result(unsafe { libc::ioctl(uffd, UFFDIO_WRITEPROTECT, w.as_mut_ptr()) })?;
+    Ok(())
+}

@@ -242,6 +242,14 @@ pub(crate) struct LocksToCheck {
 }
 
 impl LocksToCheck {
+    /// Nothing to check (a pre-dump reads no descriptors).
+    pub(crate) fn none() -> LocksToCheck {
+        LocksToCheck {
+            locked: Vec::new(),
+            file_locks: true,
+        }
+    }
+
     /// Adds the flocks only mappings hold to `files`, or refuses a lock nothing reaches.
     pub(crate) fn check(
         self,
