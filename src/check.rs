@@ -109,6 +109,7 @@ pub fn run_checks() -> CheckReport {
         Feature::from_probe("userfaultfd", false, probe_userfaultfd()),
         Feature::from_probe("pagemap_scan", false, probe_pagemap_scan()),
         Feature::from_probe("soft_dirty", false, probe_soft_dirty()),
+        Feature::from_probe("mem_tracking", false, probe_mem_tracking()),
         Feature::from_probe("process_vm_readv", true, probe_process_vm_readv()),
         Feature::from_probe("kcmp", true, probe_kcmp()),
         Feature::from_probe("pidfd_getfd", true, probe_pidfd_getfd()),
@@ -753,6 +754,77 @@ fn probe_pagemap_scan() -> Probe {
     Ok(format!(
         "{r} present region(s) in a 4-page mapping with pages 0 and 2 touched, {verdict}"
     ))
+}
+
+const PAGE_IS_WRITTEN: u64 = 1 << 1;
+
+/// What incremental dumps (`pre-dump`, `--prev-images-dir`) rely on, the way they use it: a
+/// 4-page mapping, written, registered with an async write-protect userfaultfd and
+/// protected; then page 1 is written, and `PAGEMAP_SCAN` must report page 1 alone written.
+fn probe_mem_tracking() -> Probe {
+    let page = sys::page_size();
+    let map = sys::Mapping::new(4 * page, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, None)
+        .map_err(|e| format!("mmap: {e}"))?;
+    let base = map.addr() as u64;
+    let poke = |k: usize| {
+        // SAFETY: page k < 4 of our read/write mapping.
+        unsafe {
+            map.addr()
+                .cast::<u8>()
+                .add(k * page)
+                .write_volatile(k as u8 + 1)
+        }
+    };
+    (0..4).for_each(poke);
+    let uffd = sys::userfaultfd(libc::O_CLOEXEC | libc::O_NONBLOCK | UFFD_USER_MODE_ONLY)
+        .map_err(|e| format!("userfaultfd: {e}"))?;
+    let fd = uffd.as_raw_fd();
+    let len = 4 * page as u64;
+    stasis_sys::uffd::api_wp_async(fd)
+        .map_err(|e| format!("UFFDIO_API with WP_ASYNC | WP_UNPOPULATED: {e}"))?;
+    stasis_sys::uffd::register_wp(fd, base, len)
+        .map_err(|e| format!("UFFDIO_REGISTER (write protect): {e}"))?;
+    stasis_sys::uffd::write_protect(fd, base, len)
+        .map_err(|e| format!("UFFDIO_WRITEPROTECT: {e}"))?;
+    poke(1);
+    let pagemap =
+        File::open("/proc/self/pagemap").map_err(|e| format!("/proc/self/pagemap: {e}"))?;
+    let mut regions = [PageRegion::default(); 8];
+    let mut arg = PmScanArg {
+        size: std::mem::size_of::<PmScanArg>() as u64,
+        flags: 0,
+        start: base,
+        end: base + len,
+        walk_end: 0,
+        vec: regions.as_mut_ptr() as u64,
+        vec_len: regions.len() as u64,
+        max_pages: 0,
+        category_inverted: 0,
+        category_mask: PAGE_IS_WRITTEN,
+        category_anyof_mask: 0,
+        return_mask: PAGE_IS_WRITTEN,
+    };
+    // SAFETY: the kernel reads `arg` and writes at most `vec_len` regions into `regions`.
+    let r = unsafe {
+        libc::ioctl(
+            pagemap.as_raw_fd(),
+            PAGEMAP_SCAN as _,
+            &mut arg as *mut PmScanArg,
+        )
+    };
+    if r < 0 {
+        return Err(format!("PAGEMAP_SCAN: {}", io::Error::last_os_error()));
+    }
+    let found = &regions[..(r as usize).min(regions.len())];
+    let one = base + page as u64;
+    if found.len() == 1 && found[0].start == one && found[0].end == one + page as u64 {
+        Ok("async write-protect userfaultfd + PAGEMAP_SCAN PAGE_IS_WRITTEN: the one page written since it was protected, and only it, reads as written".into())
+    } else {
+        Err(format!(
+            "after protecting 4 pages and writing page 1, PAGEMAP_SCAN reports {} written region(s) instead of page 1 alone",
+            found.len()
+        ))
+    }
 }
 
 const PM_SOFT_DIRTY: u64 = 1 << 55;

@@ -18,6 +18,11 @@ struct Summary<'a> {
     vmas: usize,
     pages: u64,
     page_bytes: u64,
+    /// A pre-dump: memory only, a parent for later dumps.
+    pre_dump: bool,
+    /// Pages taken from parent images (of `pages`), and those images, nearest first.
+    parent_pages: u64,
+    parents: Vec<String>,
     fds: Vec<String>,
     locks: Vec<String>,
     vdso: Vec<String>,
@@ -73,6 +78,28 @@ pub fn show(dir: &std::path::Path, json: bool) -> Result<()> {
         vmas: img.mm.vmas.len(),
         pages,
         page_bytes: img.pages.data_len(),
+        pre_dump: img.inventory.pre_dump,
+        parent_pages: img
+            .mm
+            .vmas
+            .iter()
+            .flat_map(|v| &v.pages)
+            .filter(|r| r.src != 0)
+            .map(|r| r.pages)
+            .sum(),
+        parents: img
+            .inventory
+            .parents
+            .iter()
+            .map(|p| {
+                format!(
+                    "{} (image {}, {} pages)",
+                    p.dir,
+                    p.image_id,
+                    p.page_data_len / 4096
+                )
+            })
+            .collect(),
         fds: img
             .files
             .fds
@@ -125,6 +152,11 @@ pub fn show(dir: &std::path::Path, json: bool) -> Result<()> {
         "image of pid {} ({}) made under kernel {}",
         s.pid, s.comm, s.kernel
     );
+    if s.pre_dump {
+        println!(
+            "  a pre-dump: memory only, the parent of the dumps after it (not restored itself)"
+        );
+    }
     if let Some(sig) = s.stopped_by {
         println!("  stopped by job control (signal {sig}): comes back stopped");
     }
@@ -147,6 +179,15 @@ pub fn show(dir: &std::path::Path, json: bool) -> Result<()> {
         s.pages,
         s.page_bytes as f64 / (1 << 20) as f64
     );
+    if !s.parents.is_empty() {
+        println!(
+            "  {} of the pages are unchanged since, and read from, the parent images:",
+            s.parent_pages
+        );
+        for p in &s.parents {
+            println!("    {p}");
+        }
+    }
     for m in &s.mappings {
         println!("    {m}");
     }

@@ -93,13 +93,24 @@ fn leftovers(pid: i32) -> Vec<String> {
     if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
         for e in dir.flatten() {
             if let Ok(l) = std::fs::read_link(e.path()) {
-                if l.to_string_lossy().contains("memfd:stasis") {
+                // The region's memfd, or a userfaultfd a pre-dump had the process make.
+                let l_s = l.to_string_lossy();
+                if l_s.contains("memfd:stasis") || l_s == "anon_inode:[userfaultfd]" {
                     left.push(format!("fd {:?} -> {}", e.file_name(), l.display()));
                 }
             }
         }
     }
     left
+}
+
+/// VMAs of `pid` registered with a userfaultfd for write protection (smaps `uw`).
+fn tracked_vmas(pid: i32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("VmFlags:") && l.split_whitespace().any(|f| f == "uw"))
+        .count()
 }
 
 /// Waits until `pid` is gone, reaping it if it became ours (this test is a subreaper: what a
@@ -253,6 +264,36 @@ fn kill_everywhere(threads: &str) -> (u32, String) {
     check_unharmed(pid, &before, "after dump --leave-running");
     let _ = std::fs::remove_dir_all(&img);
     report.push(format!("dump --leave-running {n} at {:?}", t0.elapsed()));
+    kills += n;
+
+    // A pre-dump, which also has the process make a userfaultfd and registers its memory:
+    // a killed one leaves neither (the tracker is handed to its holder only at the end).
+    let n = walk(
+        &["pre-dump", "-t", &p, "-D", &img_s],
+        |at, o| {
+            let what = format!("pre-dump killed at step {at}: {}", stderr_of(o));
+            check_unharmed(pid, &before, &what);
+            assert_eq!(tracked_vmas(pid), 0, "{what}: memory left registered");
+            let _ = std::fs::remove_dir_all(&img);
+        },
+        |o| assert!(o.status.success(), "pre-dump: {}", stderr_of(o)),
+    );
+    check_unharmed(pid, &before, "after pre-dump");
+    assert!(
+        tracked_vmas(pid) > 0,
+        "a pre-dump that got through tracks nothing"
+    );
+    let _ = std::fs::remove_dir_all(&img);
+    // A --leave-running dump without --track-mem ends the tracking.
+    let o = stasis(&["dump", "-t", &p, "-D", &img_s, "--leave-running"]);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tracked_vmas(pid) > 0 {
+        assert!(Instant::now() < deadline, "tracking did not end");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = std::fs::remove_dir_all(&img);
+    report.push(format!("pre-dump {n} at {:?}", t0.elapsed()));
     kills += n;
 
     // A dump that kills it: until the image is whole the target lives on; after, it may be

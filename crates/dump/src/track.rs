@@ -274,15 +274,30 @@ fn spawn_holder(pid: i32, start: u64, uffd: &OwnedFd) -> Result<(i32, u64)> {
             Ok(())
         });
     }
-    let child = cmd
+    let mut child = cmd
         .spawn()
         .context("starting the memory tracker's holder")?;
     let holder = child.id() as i32;
-    let holder_start = stasis_proc::stat(holder)
-        .with_context(|| format!("reading the state of holder {holder}"))?
-        .start_time;
-    tracing::info!(pid, holder, "memory tracker holder started");
-    Ok((holder, holder_start))
+    // The holder names itself in the state file (no baseline yet) before anything else, so
+    // that whatever becomes of this stasis, the next dump finds it (and may end it).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let state = std::fs::read(state_path(pid))
+            .ok()
+            .and_then(|raw| serde_json::from_slice::<State>(&raw).ok());
+        if let Some(st) = state.filter(|st| st.holder == holder) {
+            tracing::info!(pid, holder, "memory tracker holder started");
+            return Ok((holder, st.holder_start));
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!("the memory tracker's holder exited at once ({status})");
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("the memory tracker's holder did not start");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
 }
 
 /// `stasis __hold-uffd PID START`: keeps descriptor 3 (the userfaultfd of process PID) open
@@ -292,6 +307,18 @@ pub fn hold(pid: i32, start: u64) -> Result<()> {
     if stasis_proc::stat(pid)?.start_time != start {
         return Ok(());
     }
+    let me = std::process::id() as i32;
+    let state = State {
+        pid,
+        start_time: start,
+        holder: me,
+        holder_start: stasis_proc::stat(me)?.start_time,
+        baseline: None,
+    };
+    let dir = run_dir()?;
+    let tmp = dir.join(format!(".{pid}.json.holder"));
+    std::fs::write(&tmp, serde_json::to_vec(&state)?)?;
+    std::fs::rename(&tmp, state_path(pid))?;
     loop {
         let mut p = libc::pollfd {
             fd: pidfd.as_raw_fd(),
@@ -309,7 +336,6 @@ pub fn hold(pid: i32, start: u64) -> Result<()> {
         }
     }
     let path = state_path(pid);
-    let me = std::process::id() as i32;
     let ours = std::fs::read(&path)
         .ok()
         .and_then(|raw| serde_json::from_slice::<State>(&raw).ok())

@@ -72,6 +72,12 @@ pub(crate) enum Note {
     /// The image of a kill-mode dump is whole and sealed, and its processes (pid, start
     /// time) are about to be killed: if this stasis dies now, the guardian kills the rest.
     Killing { procs: Vec<(i32, u64)> },
+    /// The process is about to make a userfaultfd for the host, on descriptor `fd` (its
+    /// lowest free one), and close it again at once: until `UffdGone`, a descriptor `fd` that
+    /// is a userfaultfd is stasis's, to be closed.
+    Uffd { pid: i32, fd: i32 },
+    /// That descriptor is closed.
+    UffdGone { pid: i32 },
     /// This stasis is finishing normally.
     End,
 }
@@ -130,6 +136,8 @@ impl Note {
             Note::NetReleased => head(&mut b, 11, 0, 0),
             Note::Snapshot { pid, child } => head(&mut b, 12, *pid, *child),
             Note::SnapshotGone { pid } => head(&mut b, 13, *pid, 0),
+            Note::Uffd { pid, fd } => head(&mut b, 15, *pid, *fd),
+            Note::UffdGone { pid } => head(&mut b, 16, *pid, 0),
             Note::Killing { procs } => {
                 head(&mut b, 14, 0, procs.len() as i32);
                 for (pid, start) in procs {
@@ -209,6 +217,8 @@ impl Note {
                     .collect::<Option<Vec<_>>>()?;
                 Note::Killing { procs }
             }
+            15 => Note::Uffd { pid, fd: tid },
+            16 => Note::UffdGone { pid },
             _ => return None,
         })
     }
@@ -328,6 +338,8 @@ struct Watch {
     park: Option<u64>,
     /// Sockets whose peek offset is changed: inode → (fd, the offset to put back).
     peek_offs: BTreeMap<u64, (i32, i32)>,
+    /// A descriptor the process may hold for stasis: a userfaultfd being handed over.
+    uffd: Option<i32>,
 }
 
 /// The guardian's main: reads notes on stdin until `End` (exit 0) or until the pipe closes
@@ -411,6 +423,12 @@ pub fn serve() -> i32 {
                 snapshots.remove(&pid);
             }
             Some(Note::Killing { procs }) => killing = procs,
+            Some(Note::Uffd { pid, fd }) => watched.entry(pid).or_default().uffd = Some(fd),
+            Some(Note::UffdGone { pid }) => {
+                if let Some(w) = watched.get_mut(&pid) {
+                    w.uffd = None;
+                }
+            }
             None => break,
         }
     }
@@ -627,8 +645,15 @@ fn cure(pid: i32, w: &Watch) -> Result<bool> {
             sys::set_sigmask(t, saved.sigmask).map_err(perr("SETSIGMASK"))?;
         }
     }
-    // Unmap the region and close the memfd wherever they are, with the site's own bytes known.
-    let fds = our_fds(pid);
+    // Unmap the region and close the memfd wherever they are, with the site's own bytes known;
+    // and a userfaultfd being handed over.
+    let mut fds = our_fds(pid);
+    if let Some(fd) = w.uffd {
+        let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap_or_default();
+        if link.as_os_str() == "anon_inode:[userfaultfd]" {
+            fds.push(fd);
+        }
+    }
     Parasite::recover(&mut seized, w.site, &regions, &fds)?;
     seized.release()?;
     Ok(true)

@@ -369,6 +369,12 @@ impl<'s> Parasite<'s> {
         // never delivers a fault to anyone.
         const UFFD_USER_MODE_ONLY: u64 = 1;
         let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64 | UFFD_USER_MODE_ONLY;
+        // The kernel gives the lowest free number: the guardian closes it if this stasis
+        // dies before it does.
+        guardian::note(&Note::Uffd {
+            pid,
+            fd: lowest_free_fd(pid),
+        })?;
         let fd =
             self.remote_syscall("userfaultfd", libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0])?;
         let taken = stasis_sys::fs::pidfd_open(pid)
@@ -376,6 +382,7 @@ impl<'s> Parasite<'s> {
         let closed = self.remote_syscall("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0]);
         self.park_in_region()?;
         closed?;
+        guardian::note(&Note::UffdGone { pid })?;
         taken.map_err(|errno| InfectError::Ptrace {
             op: "pidfd_getfd (userfaultfd)",
             tid: pid,
@@ -1078,8 +1085,17 @@ fn open_proc_rw(pid: i32, file: &str, what: &'static str) -> Result<File> {
         .map_err(|err| InfectError::Io { pid, what, err })
 }
 
-/// Where `Parasite::infect` will write its system-call instruction in `pid` (it puts the
-/// original bytes back after every call): the one page of the process a parasite changes.
+/// The lowest descriptor number `pid` does not use (it is frozen: nothing opens one meanwhile).
+fn lowest_free_fd(pid: i32) -> i32 {
+    let used: std::collections::BTreeSet<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    (0..).find(|n| !used.contains(n)).unwrap_or(0)
+}
+
 /// The live snapshot children of `pid` (see `Parasite::fork_snapshot`): its children that
 /// map the region's memfd.
 pub fn snapshots_of(pid: i32) -> Vec<i32> {
@@ -1103,6 +1119,8 @@ pub fn snapshots_of(pid: i32) -> Vec<i32> {
     out
 }
 
+/// Where `Parasite::infect` will write its system-call instruction in `pid` (it puts the
+/// original bytes back after every call): the one page of the process a parasite changes.
 pub fn site_of(pid: i32) -> Result<u64> {
     injection_site(pid, None)
 }
