@@ -47,6 +47,21 @@ pub enum Which {
         #[arg(long)]
         criu: Option<std::path::PathBuf>,
     },
+    /// Incremental dumps: a pre-dump of a process holding N MiB, 16 MiB rewritten, then a
+    /// `--leave-running` dump with `--prev-images-dir`: bytes written and the freeze, beside
+    /// a full dump after the same writes, and CRIU's pre-dump tried. The last incremental
+    /// image is restored and its memory verified.
+    Incremental {
+        /// Sizes in MiB.
+        #[arg(long, value_delimiter = ',', default_value = "256,1024")]
+        sizes: Vec<u64>,
+        /// Measured runs per size.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// A CRIU (>= 4.1) binary to try in the same run; default: `criu` on PATH.
+        #[arg(long)]
+        criu: Option<std::path::PathBuf>,
+    },
     /// redis-server with N MiB of values and C open client connections: dump with
     /// `--tcp-established` and restore, and how long the connections are held; CRIU tried on
     /// the same server.
@@ -88,6 +103,9 @@ pub fn run(which: Which) -> Result<()> {
         Which::Freeze { threads, runs } => crate::bench_cr::freeze(&threads, runs),
         Which::LeaveRunning { sizes, runs, criu } => {
             crate::bench_cr::leave_running(&sizes, runs, crate::bench_cr::find_criu(criu))
+        }
+        Which::Incremental { sizes, runs, criu } => {
+            crate::bench_cr::incremental(&sizes, runs, crate::bench_cr::find_criu(criu))
         }
         Which::Redis { mib, conns, runs } => crate::bench_redis::run(mib, conns, runs),
     }

@@ -578,3 +578,216 @@ pub fn freeze(thread_counts: &[usize], runs: usize) -> Result<()> {
     }
     Ok(())
 }
+
+/// Bytes written into an image directory's files (its page data and records), not counting
+/// its descendants' directories' parents.
+fn image_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        match e.metadata() {
+            Ok(m) if m.is_dir() => total += image_bytes(&e.path()),
+            Ok(m) => total += m.len(),
+            Err(_) => {}
+        }
+    }
+    total
+}
+
+/// `cargo xtask bench incremental`: a pre-dump of a process holding N MiB, 16 MiB of it
+/// rewritten, then a `--leave-running` dump with `--prev-images-dir`: what that second dump
+/// writes and the freeze it imposes, beside a full `--leave-running` dump after the same
+/// writes. CRIU is tried the same way (`pre-dump`, then `dump --prev-images-dir
+/// --track-mem`). The last incremental image is restored and its memory verified.
+pub fn incremental(sizes: &[u64], runs: usize, criu: Option<PathBuf>) -> Result<()> {
+    if runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let root = crate::repo_root();
+    build_release_stasis(&root)?;
+    let stasis = root.join("target/release/stasis");
+    let work = root.join("target/bench");
+    std::fs::create_dir_all(&work)?;
+    let memhold = memhold(&work)?;
+    println!(
+        "bench incremental: {runs} runs per size, medians; 16 MiB rewritten between the pre-dump and the dump; freeze = the longest gap the process saw between its 1 ms wake-ups"
+    );
+    println!(
+        "{:<8} {:<26} {:>12} {:>10} {:>10}",
+        "size", "dump", "written", "freeze", "time"
+    );
+    for &mib in sizes {
+        let dir = work.join(format!("incremental-{mib}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let state = dir.join("state");
+        let pid = start_memhold_ticking(&memhold, mib, &state)?;
+        let kill = |pid: i32| {
+            // SAFETY: stopping our own workload.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        };
+        let rewritten = std::cell::Cell::new(0u64);
+        let rewrite = || -> Result<()> {
+            let rw = state.with_extension("rw");
+            rewritten.set(rewritten.get() + 1);
+            let want = format!("REWRITTEN gen={}\n", rewritten.get());
+            // SAFETY: asking our own workload to write.
+            unsafe { libc::kill(pid, libc::SIGHUP) };
+            wait_until(
+                Duration::from_secs(30),
+                || std::fs::read_to_string(&rw).unwrap_or_default() == want,
+                "memhold to rewrite its memory",
+            )
+        };
+        // (freeze, time, bytes) of `bin dump-args…` into `img`.
+        let dump = |bin: &Path,
+                    args: &[&str],
+                    img: &Path,
+                    what: &str|
+         -> Result<(Duration, Duration, u64)> {
+            let _ = std::fs::remove_dir_all(img);
+            std::fs::create_dir_all(img)?;
+            ticker_gap(pid, &state)?;
+            let mut c = Command::new(bin);
+            c.args(args)
+                .args(["-t", &pid.to_string(), "-D"])
+                .arg(img)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null());
+            let (t, _) = timed(&mut c, what, &dir.join("dump.err"))?;
+            let gap = ticker_gap(pid, &state)?;
+            Ok((gap, t, image_bytes(img)))
+        };
+        let result = (|| -> Result<()> {
+            let (mut pres, mut inc, mut full) = (Vec::new(), Vec::new(), Vec::new());
+            for run in 0..runs {
+                // SAFETY: sync has no preconditions.
+                unsafe { libc::sync() };
+                let pre = dir.join(format!("pre-{run}"));
+                pres.push(dump(&stasis, &["pre-dump"], &pre, "stasis pre-dump")?);
+                rewrite()?;
+                // SAFETY: sync has no preconditions.
+                unsafe { libc::sync() };
+                let img = dir.join(format!("inc-{run}"));
+                let prev = format!("../pre-{run}");
+                inc.push(dump(
+                    &stasis,
+                    &["dump", "--leave-running", "--prev-images-dir", &prev],
+                    &img,
+                    "stasis incremental dump",
+                )?);
+                // SAFETY: sync has no preconditions.
+                unsafe { libc::sync() };
+                full.push(dump(
+                    &stasis,
+                    &["dump", "--leave-running"],
+                    &dir.join("full"),
+                    "stasis full dump",
+                )?);
+                if run + 1 < runs {
+                    let _ = std::fs::remove_dir_all(&pre);
+                    let _ = std::fs::remove_dir_all(&img);
+                }
+            }
+            let show = |name: &str, f: &[(Duration, Duration, u64)]| {
+                let mut bytes: Vec<u64> = f.iter().map(|x| x.2).collect();
+                bytes.sort_unstable();
+                println!(
+                    "{:<8} {:<26} {:>8.1} MiB {:>7.1} ms {:>8.3} s",
+                    format!("{mib}MiB"),
+                    name,
+                    bytes[bytes.len() / 2] as f64 / (1 << 20) as f64,
+                    median(f.iter().map(|x| x.0).collect()).as_secs_f64() * 1e3,
+                    median(f.iter().map(|x| x.1).collect()).as_secs_f64()
+                );
+            };
+            show("stasis pre-dump", &pres);
+            show("stasis incremental", &inc);
+            show("stasis full (same writes)", &full);
+            if let Some(criu) = &criu {
+                let pre = dir.join("criu-pre");
+                match dump(criu, &["pre-dump", "-o", "dump.log"], &pre, "criu pre-dump") {
+                    Ok(_) => {
+                        rewrite()?;
+                        let f = dump(
+                            criu,
+                            &[
+                                "dump",
+                                "--leave-running",
+                                "--track-mem",
+                                "--prev-images-dir",
+                                "../criu-pre",
+                                "-o",
+                                "dump.log",
+                            ],
+                            &dir.join("criu-inc"),
+                            "criu incremental dump",
+                        )?;
+                        show("criu incremental (1 run)", &[f]);
+                    }
+                    Err(e) => {
+                        // Its reason is in its log (-o, in the image directory).
+                        let log = std::fs::read_to_string(pre.join("dump.log")).unwrap_or_default();
+                        let why = log
+                            .lines()
+                            .rev()
+                            .find(|l| l.contains("Error") || l.contains("BUG"))
+                            .map(str::to_string)
+                            .unwrap_or_else(|| e.to_string());
+                        println!(
+                            "{:<8} criu pre-dump fails here: {}",
+                            format!("{mib}MiB"),
+                            why.trim()
+                        );
+                    }
+                }
+            }
+            // The last incremental image, with its parent, is the process: restored, it
+            // verifies every word (the rewritten ones included).
+            kill(pid);
+            wait_until(
+                Duration::from_secs(60),
+                || gone(pid),
+                "the workload to be reaped",
+            )?;
+            let _ = std::fs::remove_file(&state);
+            let mut r = Command::new(&stasis);
+            r.args(["restore", "-d", "-D"])
+                .arg(dir.join(format!("inc-{}", runs - 1)))
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null());
+            timed(
+                &mut r,
+                "restore of the last incremental image",
+                &dir.join("restore.err"),
+            )?;
+            // SAFETY: asking the restored workload to verify itself.
+            unsafe { libc::kill(pid, libc::SIGUSR1) };
+            let read = || std::fs::read_to_string(&state).unwrap_or_default();
+            wait_until(
+                Duration::from_secs(120),
+                || !read().is_empty(),
+                "the restored workload to verify",
+            )?;
+            if !read().starts_with("OK") {
+                bail!(
+                    "the restored incremental image of {mib} MiB did not verify: {}",
+                    read().trim()
+                );
+            }
+            println!(
+                "{:<8} (the last incremental image restored with its parent: every word verified)",
+                format!("{mib}MiB")
+            );
+            Ok(())
+        })();
+        kill(pid);
+        let _ = wait_until(
+            Duration::from_secs(60),
+            || gone(pid),
+            "the workload to be reaped",
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        result?;
+    }
+    Ok(())
+}

@@ -13,6 +13,10 @@
  * the longest gap between two wake-ups: what a freeze looks like from inside. On SIGUSR2 it
  * writes "GAP us=<longest>" to STATE_FILE.gap and starts over.
  *
+ * On SIGHUP (the first process only) it rewrites the first MEMHOLD_REWRITE_MIB MiB (16 by
+ * default) of its memory with the next generation (each word XORed with it: still distinct),
+ * then writes "REWRITTEN gen=<g>" to STATE_FILE.rw; verification expects the generation.
+ *
  *   memhold MIB STATE_FILE [THREADS [PROCESSES]]
  */
 #define _GNU_SOURCE
@@ -91,6 +95,14 @@ static void *ticker(void *arg)
 	return NULL;
 }
 
+static volatile sig_atomic_t rewrite_now;
+
+static void on_hup(int sig)
+{
+	(void)sig;
+	rewrite_now = 1;
+}
+
 static void on_usr1(int sig)
 {
 	(void)sig;
@@ -139,6 +151,7 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	signal(SIGUSR1, on_usr1);
+	signal(SIGHUP, on_hup);
 	for (long k = 1; k < procs; k++) {
 		kids[k] = fork();
 		if (kids[k] < 0)
@@ -194,17 +207,36 @@ int main(int argc, char **argv)
 		snprintf(line, sizeof(line), "READY pid=%d\n", getpid());
 		state(argv[2], line);
 	}
+	size_t rewrite_words = getenv("MEMHOLD_REWRITE_MIB")
+				       ? strtoull(getenv("MEMHOLD_REWRITE_MIB"), NULL, 10) << 17
+				       : 16 << 17;
+	uint64_t gen = 0;
+
+	if (rewrite_words > words)
+		rewrite_words = words;
 	for (;;) {
 		size_t bad = 0;
 
 		nanosleep(&nap, NULL);
+		if (rewrite_now && !me) {
+			char rw[4200];
+
+			rewrite_now = 0;
+			gen++;
+			for (i = 0; i < rewrite_words; i++)
+				mem[i] = word(i) ^ (gen * 0x9e3779b97f4a7c15ull);
+			snprintf(rw, sizeof(rw), "%s.rw", argv[2]);
+			snprintf(line, sizeof(line), "REWRITTEN gen=%llu\n", (unsigned long long)gen);
+			state(rw, line);
+		}
 		if (!verify_now)
 			continue;
 		verify_now = 0;
 		for (long k = 1; !me && k < procs; k++)
 			kill(kids[k], SIGUSR1);
 		for (i = 0; i < words; i++)
-			bad += mem[i] != word(i + (uint64_t)me * words);
+			bad += mem[i] != (word(i + (uint64_t)me * words) ^
+					  (i < rewrite_words ? gen * 0x9e3779b97f4a7c15ull : 0));
 		for (long t = 1; t < threads; t++)
 			bad += thread_word[t] != (0x5ea7ull << 32 | (uint64_t)t);
 		for (long k = 1; !me && k < procs; k++) {
