@@ -1174,7 +1174,8 @@ mod tests {
     fn run_checks_finds_the_vdso() {
         let r = run_checks();
         assert!(!r.kernel.is_empty());
-        assert_eq!(r.features.len(), 15);
+        assert_eq!(r.features.len(), 16);
+        assert!(r.features.iter().any(|x| x.name == "mem_tracking"));
         for f in ["kcmp", "pidfd_getfd"] {
             let probe = r.features.iter().find(|x| x.name == f).expect(f);
             assert!(probe.ok, "{f}: {}", probe.detail);
