@@ -134,6 +134,11 @@ enum Command {
         /// its own; SIGCONT lets it go (CRIU's --leave-stopped).
         #[arg(long)]
         leave_stopped: bool,
+        /// Let the processes run before their private anonymous memory is in: this stasis
+        /// serves each page on its first touch and pushes the rest meanwhile, staying their
+        /// tracer (they die with it) until every page is in; with -d it returns then.
+        #[arg(long)]
+        lazy_pages: bool,
     },
     /// Describe an image.
     Show {
@@ -299,11 +304,13 @@ fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             vdso,
             trust_image,
             leave_stopped,
+            lazy_pages,
         } => {
             let opts = stasis_restore::RestoreOptions {
                 detach,
                 trust_image,
                 leave_stopped,
+                lazy_pages,
                 shell_job,
                 vdso: vdso.into(),
             };

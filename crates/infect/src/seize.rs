@@ -453,6 +453,12 @@ impl Seized {
         self.released
     }
 
+    /// The threads were let go by someone else (a lazy restore's tracer, which detached them
+    /// itself): nothing to detach any more.
+    pub fn forget(&mut self) {
+        self.released = true;
+    }
+
     /// Detaches every thread, letting the process run on. Idempotent.
     pub fn release(&mut self) -> Result<()> {
         if self.released {

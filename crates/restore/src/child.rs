@@ -260,7 +260,12 @@ fn prepare(spawn: &Spawn<'_>, i: usize, ready: RawFd, hold: RawFd) -> Result<()>
 
     // The userfaultfd through which the host fills the anonymous memory. Best effort: without
     // one (a kernel or policy that forbids it) the restorer reads the pages itself.
-    if let Ok(uffd) = stasis_sys::uffd::create() {
+    let uffd = if spawn.lazy {
+        stasis_sys::uffd::create_with(stasis_sys::uffd::LAZY_FEATURES)
+    } else {
+        stasis_sys::uffd::create()
+    };
+    if let Ok(uffd) = uffd {
         place_helper(dup_at_least(&uffd, h.stage_base)?, h.uffd_fd)?;
     }
     let cx = files::open_all(img, data, h.stage_base, &spawn.plumbing)?;

@@ -31,14 +31,14 @@ pub(crate) fn take_uffd(pid: i32, fd: i32) -> Option<OwnedFd> {
 }
 
 /// A read-only shared mapping of part of the page file, as a copy source for the kernel.
-struct FileMap {
-    ptr: *mut u8,
+pub(crate) struct FileMap {
+    pub(crate) ptr: *mut u8,
     len: usize,
 }
 
 impl FileMap {
     /// Maps `len` bytes at file offset `off` (page-aligned), their page tables made at once.
-    fn new(file: &std::fs::File, off: u64, len: usize) -> Result<FileMap> {
+    pub(crate) fn new(file: &std::fs::File, off: u64, len: usize) -> Result<FileMap> {
         // SAFETY: a fresh read-only mapping of a file we hold open; never dereferenced here
         // (the kernel reads it for UFFDIO_COPY, and reports a page it cannot read as EFAULT).
         let ptr = unsafe {

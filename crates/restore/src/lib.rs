@@ -18,6 +18,7 @@ mod child;
 mod fds;
 mod files;
 mod fill;
+mod lazy;
 mod mm;
 mod plan;
 mod rebuild;
@@ -46,6 +47,9 @@ pub struct RestoreOptions {
     pub vdso: VdsoMode,
     /// Every process comes back stopped, as if by SIGSTOP (`--leave-stopped`).
     pub leave_stopped: bool,
+    /// The processes run before their private anonymous memory is in: it is served on
+    /// fault and pushed in the background (`--lazy-pages`, `lazy.rs`).
+    pub lazy_pages: bool,
 }
 
 pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
@@ -157,6 +161,7 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
             tasks: plans,
             plumbing,
             shell_job: opts.shell_job,
+            lazy: opts.lazy_pages,
         },
         &mut guard,
     );
@@ -166,8 +171,11 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
     let children = spawned?;
     let t1 = Instant::now();
     let mut seized = Vec::with_capacity(imgs.len());
+    let mut servers = Vec::new();
     for ((img, h), vdso) in imgs.iter().zip(&helpers).zip(&vdso) {
-        seized.push(rebuild_task(img, h, vdso)?);
+        let (s, server) = rebuild_task(img, h, vdso, opts.lazy_pages)?;
+        seized.push(s);
+        servers.extend(server);
     }
     // Every process is back: each one stopped by job control is stopped again, then all go.
     for (img, s) in imgs.iter().zip(seized.iter_mut()) {
@@ -208,17 +216,32 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
     for img in &imgs {
         announce_connections(img);
     }
-    for s in seized.iter_mut() {
-        s.release()?;
+    let pid = tree.root.inventory.pid;
+    let mut ended = None;
+    if opts.lazy_pages {
+        tracing::info!(pid, processes = imgs.len(), loaded = ?loaded, frozen = ?t1.elapsed(), total = ?t0.elapsed(), "restored; memory to come");
+        let tids: Vec<i32> = seized.iter().flat_map(|s| s.threads().to_vec()).collect();
+        // From here the processes run, traced by this stasis (which they die with) until
+        // every page is in.
+        ended = lazy::run_traced(tids, servers, pid)?;
+        for s in seized.iter_mut() {
+            s.forget();
+        }
+    } else {
+        for s in seized.iter_mut() {
+            s.release()?;
+        }
     }
     guard.armed = false;
     drop(children);
-    let pid = tree.root.inventory.pid;
     tracing::info!(pid, processes = imgs.len(), loaded = ?loaded, frozen = ?t1.elapsed(), total = ?t0.elapsed(), "restored");
     if opts.detach {
         return Ok(0);
     }
-    wait_exit(pid)
+    match ended {
+        Some(status) => Ok(status),
+        None => wait_exit(pid),
+    }
 }
 
 /// A restore as root makes processes with whatever credentials, files and program the image
@@ -320,7 +343,12 @@ impl Drop for NetUnlock {
 /// Rebuilds one prepared task into its dumped process: seize it, run the restorer's plan,
 /// fill its memory, make its threads, set every thread's registers. Returns it still seized
 /// (cured), so that the whole tree is let go together.
-fn rebuild_task(img: &Image, helpers: &fds::Helpers, vdso: &VdsoPlan) -> Result<Seized> {
+fn rebuild_task(
+    img: &Image,
+    helpers: &fds::Helpers,
+    vdso: &VdsoPlan,
+    lazy: bool,
+) -> Result<(Seized, Option<lazy::Server>)> {
     let pid = img.inventory.pid;
     let mut seized = Seized::seize_owned(pid)?;
     seized.trace_clones()?;
@@ -335,12 +363,14 @@ fn rebuild_task(img: &Image, helpers: &fds::Helpers, vdso: &VdsoPlan) -> Result<
     let child_rseq = sys::rseq_config(leader)?;
 
     let blob = stasis_blobs::parasite()?;
-    let uffd = fill::take_uffd(pid, helpers.uffd_fd);
+    let mut uffd = fill::take_uffd(pid, helpers.uffd_fd);
     let how = match uffd {
         Some(_) => mm::Fill::Uffd(helpers.uffd_fd),
+        None if lazy => bail!("pid {pid}: --lazy-pages needs a userfaultfd with fork, remap, remove and unmap events, which the new task could not make (not root, or a kernel without them)"),
         None => mm::Fill::Pread,
     };
-    let plan = rebuild::build(img, helpers, vdso, &child_maps, child_rseq, how)?;
+    let plan = rebuild::build(img, helpers, vdso, &child_maps, child_rseq, how, lazy)?;
+    let mut server = None;
     let thread_plans: Vec<plan::Plan> = img.cores[1..]
         .iter()
         .map(|c| thread::plan(img, c))
@@ -373,6 +403,19 @@ fn rebuild_task(img: &Image, helpers: &fds::Helpers, vdso: &VdsoPlan) -> Result<
         if let Some(uffd) = &uffd {
             fill::fill(uffd, &img.pages, &img.parents, &plan.host_runs)
                 .with_context(|| format!("filling the memory of pid {pid}"))?;
+        }
+        if lazy && !plan.lazy_runs.is_empty() {
+            // Served from now on: the rest of the restore may touch lazy memory already
+            // (the kernel writes a thread's rseq area on its way back to user mode).
+            if let Some(u) = uffd.take() {
+                server = Some(lazy::Server::start(
+                    pid,
+                    u,
+                    &img.pages,
+                    &img.parents,
+                    &plan.lazy_runs,
+                )?);
+            }
         }
         let filled = t_fill.elapsed();
         run_plan(parasite, pid, pid, &plan.after)?;
@@ -415,7 +458,7 @@ fn rebuild_task(img: &Image, helpers: &fds::Helpers, vdso: &VdsoPlan) -> Result<
         xsaves[0].clone(),
         l.sigmask,
     )?;
-    Ok(seized)
+    Ok((seized, server))
 }
 
 /// Runs one plan in thread `tid`; on failure names the operation, and gives the task up (the

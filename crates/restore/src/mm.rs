@@ -222,11 +222,16 @@ fn map_for_host_fill(p: &mut Plan, v: &Vma, fill: Fill) -> Result<()> {
 }
 
 /// After the host filled `v`: the userfaultfd lets go of it (a page never dumped must fault
-/// in as zeroes again, not wait for a fill), then its madvise and mlock state.
-pub(crate) fn after_host_fill(p: &mut Plan, v: &Vma, fill: Fill) {
+/// in as zeroes again, not wait for a fill), then its madvise and mlock state. `lazy`: it
+/// stays registered, for the lazy server, which lets go of it when every page is in.
+pub(crate) fn after_host_fill(p: &mut Plan, v: &Vma, fill: Fill, lazy: bool) {
     let Fill::Uffd(uffd) = fill else {
         return;
     };
+    if lazy {
+        advise(p, v);
+        return;
+    }
     let range = p.put_u64s(&[v.start, v.end - v.start]);
     p.op(
         libc::SYS_ioctl,

@@ -18,6 +18,8 @@ use stasis_image::Image;
 pub(crate) struct Rebuild {
     pub before: Plan,
     pub host_runs: Vec<PageRun>,
+    /// With `--lazy-pages`: the runs left registered for the lazy server (`lazy.rs`).
+    pub lazy_runs: Vec<PageRun>,
     pub after: Plan,
 }
 
@@ -28,6 +30,7 @@ pub(crate) fn build(
     child_maps: &[stasis_proc::Vma],
     child_rseq: Option<(u64, u32, u32)>,
     fill: mm::Fill,
+    lazy: bool,
 ) -> Result<Rebuild> {
     let mut p = Plan::new();
     // 1. The child's rseq area is about to disappear: unregister it first, or the kernel
@@ -110,9 +113,17 @@ pub(crate) fn build(
     }
     let before = std::mem::replace(&mut p, Plan::new());
     let mut host_runs = Vec::new();
+    let mut lazy_runs = Vec::new();
     for v in img.mm.vmas.iter().filter(|v| mm::host_fills(v, fill)) {
-        host_runs.extend(v.pages.iter().copied());
-        mm::after_host_fill(&mut p, v, fill);
+        // Locked memory is filled at once (mlock would fault it all in, waiting on pages
+        // nobody serves yet); the rest, lazily, stays registered.
+        let lazily = lazy && v.advice & ADVICE_LOCKED == 0;
+        if lazily {
+            lazy_runs.extend(v.pages.iter().copied());
+        } else {
+            host_runs.extend(v.pages.iter().copied());
+        }
+        mm::after_host_fill(&mut p, v, fill, lazily);
     }
     // 5. mm fields (code/data/brk/stack/args/env), auxv and the exe link in one call.
     let f = &img.mm.fields;
@@ -248,6 +259,7 @@ pub(crate) fn build(
     Ok(Rebuild {
         before,
         host_runs,
+        lazy_runs,
         after: p,
     })
 }

@@ -94,6 +94,8 @@ pub(crate) struct Spawn<'a> {
     /// A shell job (`--shell-job`): the root joins this stasis's session and process group,
     /// whose terminal it is given (as CRIU does), instead of making its own.
     pub shell_job: bool,
+    /// `--lazy-pages`: each task's userfaultfd reports forks, moves, drops and unmaps too.
+    pub lazy: bool,
 }
 
 /// The parent's ends of the handshakes: a task blocks reading its hold pipe until it is
