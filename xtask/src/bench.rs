@@ -62,6 +62,19 @@ pub enum Which {
         #[arg(long)]
         criu: Option<std::path::PathBuf>,
     },
+    /// Time until a restored process runs, and until the restore is done: a plain restore
+    /// and `--lazy-pages`, and CRIU's restore, of a process holding N MiB.
+    Lazy {
+        /// Sizes in MiB.
+        #[arg(long, value_delimiter = ',', default_value = "256,1024")]
+        sizes: Vec<u64>,
+        /// Measured restores per size and tool.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// A CRIU (>= 4.1) binary to measure in the same run; default: `criu` on PATH.
+        #[arg(long)]
+        criu: Option<std::path::PathBuf>,
+    },
     /// redis-server with N MiB of values and C open client connections: dump with
     /// `--tcp-established` and restore, and how long the connections are held; CRIU tried on
     /// the same server.
@@ -106,6 +119,9 @@ pub fn run(which: Which) -> Result<()> {
         }
         Which::Incremental { sizes, runs, criu } => {
             crate::bench_cr::incremental(&sizes, runs, crate::bench_cr::find_criu(criu))
+        }
+        Which::Lazy { sizes, runs, criu } => {
+            crate::bench_cr::lazy(&sizes, runs, crate::bench_cr::find_criu(criu))
         }
         Which::Redis { mib, conns, runs } => crate::bench_redis::run(mib, conns, runs),
     }

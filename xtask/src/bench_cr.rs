@@ -791,3 +791,174 @@ pub fn incremental(sizes: &[u64], runs: usize, criu: Option<PathBuf>) -> Result<
     }
     Ok(())
 }
+
+/// Whether `pid` is the restored workload running its own code: its name is memhold's, it is
+/// not in a (ptrace) stop, and no restorer region of stasis's is mapped in it. (A signal
+/// before that would reach a task still being made, and kill it.)
+fn restored_and_running(pid: i32) -> bool {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rfind(')')
+        .and_then(|i| stat.get(i + 2..i + 3))
+        .unwrap_or("?");
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    comm.trim() == "memhold" && matches!(state, "R" | "S" | "D") && !maps.contains("memfd:stasis")
+}
+
+/// `cargo xtask bench lazy`: time until a restored process runs, and until its restore is
+/// done, for a plain restore and for `--lazy-pages` (stasis), and for CRIU's plain restore,
+/// of a process holding N MiB (killed by the dump). "Runs" is when the process, asked again
+/// and again with SIGUSR2 from the moment the restore starts, first answers (its ticker
+/// thread writes a file). Every restored copy verifies its memory.
+pub fn lazy(sizes: &[u64], runs: usize, criu: Option<PathBuf>) -> Result<()> {
+    if runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let root = crate::repo_root();
+    build_release_stasis(&root)?;
+    let stasis = root.join("target/release/stasis");
+    let work = root.join("target/bench");
+    std::fs::create_dir_all(&work)?;
+    let memhold = memhold(&work)?;
+    // (name, binary, dump arguments, restore arguments) — `-t PID -D IMG` added.
+    let mut tools: Vec<(&str, PathBuf, Vec<&str>, Vec<&str>)> = vec![
+        (
+            "stasis",
+            stasis.clone(),
+            vec!["dump"],
+            vec!["restore", "-d"],
+        ),
+        (
+            "stasis --lazy-pages",
+            stasis.clone(),
+            vec!["dump"],
+            vec!["restore", "-d", "--lazy-pages"],
+        ),
+    ];
+    if let Some(bin) = criu {
+        tools.push((
+            "criu",
+            bin,
+            vec!["dump", "-o", "dump.log"],
+            vec!["restore", "-d", "-o", "restore.log"],
+        ));
+    }
+    println!("bench lazy: {runs} runs per size and tool, medians; running = the restored process answered a signal; done = the restore command returned");
+    println!(
+        "{:<8} {:<22} {:>12} {:>10}",
+        "size", "restore", "running", "done"
+    );
+    for &mib in sizes {
+        let dir = work.join(format!("lazy-{mib}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let state = dir.join("state");
+        let gap = state.with_extension("gap");
+        let one = |tool: &(&str, PathBuf, Vec<&str>, Vec<&str>)| -> Result<(Duration, Duration)> {
+            let img = dir.join("img");
+            let _ = std::fs::remove_dir_all(&img);
+            std::fs::create_dir_all(&img)?;
+            let pid = start_memhold_ticking(&memhold, mib, &state)?;
+            let mut d = Command::new(&tool.1);
+            d.args(&tool.2)
+                .args(["-t", &pid.to_string(), "-D"])
+                .arg(&img)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null());
+            timed(&mut d, &format!("{} dump", tool.0), &dir.join("dump.err"))?;
+            wait_until(
+                Duration::from_secs(60),
+                || gone(pid),
+                "the dumped process to be reaped",
+            )?;
+            let _ = std::fs::remove_file(&gap);
+            // SAFETY: sync has no preconditions.
+            unsafe { libc::sync() };
+            let mut r = Command::new(&tool.1);
+            r.args(&tool.3)
+                .arg("-D")
+                .arg(&img)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(dir.join("restore.err"))?);
+            let t = Instant::now();
+            let mut child = r.spawn().context("starting the restore")?;
+            let mut running = None;
+            let done = loop {
+                if running.is_none() {
+                    if gap.exists() {
+                        running = Some(t.elapsed());
+                    } else if restored_and_running(pid) {
+                        // SAFETY: asking the restored workload for its figure.
+                        unsafe { libc::kill(pid, libc::SIGUSR2) };
+                    }
+                }
+                if let Some(status) = child.try_wait()? {
+                    if !status.success() {
+                        let e =
+                            std::fs::read_to_string(dir.join("restore.err")).unwrap_or_default();
+                        bail!("{} restore failed: {}", tool.0, e.trim());
+                    }
+                    break t.elapsed();
+                }
+                std::thread::sleep(Duration::from_micros(250));
+            };
+            wait_until(
+                Duration::from_secs(30),
+                || {
+                    if gap.exists() {
+                        return true;
+                    }
+                    // SAFETY: as above.
+                    unsafe { libc::kill(pid, libc::SIGUSR2) };
+                    false
+                },
+                "the restored process to answer",
+            )?;
+            let running = running.unwrap_or(done);
+            let _ = std::fs::remove_file(&state);
+            // SAFETY: asking the restored workload to verify itself.
+            unsafe { libc::kill(pid, libc::SIGUSR1) };
+            let read = || std::fs::read_to_string(&state).unwrap_or_default();
+            wait_until(
+                Duration::from_secs(120),
+                || !read().is_empty(),
+                "the restored workload to verify",
+            )?;
+            // SAFETY: the workload's job is done.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            if !read().starts_with("OK") {
+                bail!(
+                    "{}: restored memory did not verify: {}",
+                    tool.0,
+                    read().trim()
+                );
+            }
+            wait_until(
+                Duration::from_secs(60),
+                || gone(pid),
+                "the restored workload to be reaped",
+            )?;
+            Ok((running, done))
+        };
+        let mut figures: Vec<Vec<(Duration, Duration)>> = vec![Vec::new(); tools.len()];
+        for run in 0..runs {
+            for k in 0..tools.len() {
+                let t = if run % 2 == 0 { k } else { tools.len() - 1 - k };
+                figures[t].push(one(&tools[t])?);
+            }
+        }
+        for (tool, f) in tools.iter().zip(&figures) {
+            println!(
+                "{:<8} {:<22} {:>9.1} ms {:>7.3} s",
+                format!("{mib}MiB"),
+                tool.0,
+                median(f.iter().map(|x| x.0).collect()).as_secs_f64() * 1e3,
+                median(f.iter().map(|x| x.1).collect()).as_secs_f64()
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
