@@ -179,3 +179,35 @@ fn a_tree_from_an_incremental_chain_is_restored_lazily() {
     let v = assert_pass(&d.finish_keep());
     assert_eq!(detail(&v, "phase"), 4, "{v}");
 }
+
+#[test]
+fn a_damaged_page_is_never_served_and_the_process_dies_before_it_gets_it() {
+    if !require_root("a_damaged_page_is_never_served_and_the_process_dies_before_it_gets_it") {
+        return;
+    }
+    let d = Daemon::start("toucher", &["--mib", "32", "--threads", "2"]);
+    d.dump(1);
+    // A byte of page data in the middle of the page file: the readers' area, served lazily
+    // and so checked only when served.
+    let pages = d.image(1).join("pages.img");
+    let mut bytes = std::fs::read(&pages).expect("pages.img");
+    let at = bytes.len() / 2 + 123;
+    bytes[at] ^= 0x10;
+    std::fs::write(&pages, &bytes).expect("write pages.img");
+    let c = restore_lazily(&d.image(1), 0);
+    let o = c.wait_with_output().expect("waiting for the restore");
+    let e = stderr_of(&o);
+    assert!(!o.status.success(), "a damaged image was restored: {e}");
+    assert!(e.contains("does not match its checksum"), "{e}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !matches!(stasis_state(d.pid), 'Z' | '?') {
+        assert!(Instant::now() < deadline, "pid {} lives on", d.pid);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let out = std::fs::read_to_string(d.dir.path().join("out")).unwrap_or_default();
+    assert!(
+        out.is_empty(),
+        "the process got to a verdict with a damaged page: {out}"
+    );
+    wait_gone(d.pid);
+}

@@ -76,10 +76,13 @@ pub use dir::ImageDir;
 pub use error::{ImageError, Result};
 pub use pages::{
     page_digest, PageDigests, PageFileSummary, PageReader, PageSink, PageWriter, DATA_OFFSET,
-    PAGES_FILE,
+    DIGESTS_FILE, PAGES_FILE,
 };
 pub use record::{read_raw_record, read_record, write_raw_record, write_record};
-pub use set::{load, load_tree, Image, TreeImage, MAX_INOTIFY_WATCHES, MAX_INOTIFY_WD, MAX_TASKS};
+pub use set::{
+    load, load_tree, load_tree_deferred, Image, TreeImage, MAX_INOTIFY_WATCHES, MAX_INOTIFY_WD,
+    MAX_TASKS,
+};
 
 /// Size of one page; page data is stored and aligned in units of it.
 pub const PAGE_SIZE: usize = 4096;

@@ -18,6 +18,10 @@ use crate::{ImageDir, ImageError, Result, PAGE_SIZE};
 
 /// Name of the page file in the image directory.
 pub const PAGES_FILE: &str = "pages.img";
+/// Beside it: the digest of every page, in order (u64 LE each). Its own XXH3-64 is the page
+/// file's checksum, so it is checked against the header; with it a page can be verified on
+/// its own, when it is used (a lazy restore's), instead of all the data up front.
+pub const DIGESTS_FILE: &str = "pages.sum";
 /// File offset of the first byte of page data: the header fills the first page.
 pub const DATA_OFFSET: u64 = PAGE_SIZE as u64;
 
@@ -67,6 +71,7 @@ pub struct PageWriter {
     sink: PageSink,
     /// One digest per page appended so far.
     digests: Vec<u64>,
+    dir: ImageDir,
 }
 
 /// The file half of a [`PageWriter`]: appends page data without hashing it.
@@ -110,6 +115,7 @@ impl PageWriter {
                 flushed: 0,
             },
             digests: Vec::new(),
+            dir: dir.clone(),
         })
     }
 
@@ -177,8 +183,18 @@ impl PageWriter {
 
     /// Writes the header and gives the file its name `pages.img`.
     pub fn finish(self) -> Result<PageFileSummary> {
-        let PageWriter { mut sink, digests } = self;
+        let PageWriter {
+            mut sink,
+            digests,
+            dir,
+        } = self;
         sink.flush()?;
+        let bytes: Vec<u8> = digests.iter().flat_map(|d| d.to_le_bytes()).collect();
+        let sums = dir.create_temp(DIGESTS_FILE)?;
+        sums.file
+            .write_all_at(&bytes, 0)
+            .map_err(|e| ImageError::io(sums.final_path(), e))?;
+        sums.commit()?;
         let summary = PageFileSummary {
             data_len: sink.flushed,
             checksum: combine(&digests),
@@ -327,6 +343,57 @@ impl PageReader {
                 file: self.path.clone(),
             })
         }
+    }
+
+    /// The digest of every page, from pages.sum beside the page file, checked against the
+    /// header's checksum. `None` if the image has no such file (made before it existed).
+    pub fn digests(&self) -> Result<Option<Vec<u64>>> {
+        let path = self.path.with_file_name(DIGESTS_FILE);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(ImageError::open(&path, e)),
+        };
+        let pages = self.data_len / PAGE_SIZE as u64;
+        // Sized by the page file's real length (checked at open), not by this file.
+        header::check_len(&file, &path, pages * 8)?;
+        let mut bytes = vec![0u8; (pages * 8) as usize];
+        file.read_exact_at(&mut bytes, 0)
+            .map_err(|e| ImageError::io(&path, e))?;
+        if twox_hash::XxHash3_64::oneshot(&bytes) != self.checksum {
+            return Err(ImageError::PayloadChecksum { file: path });
+        }
+        Ok(Some(
+            bytes
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect(),
+        ))
+    }
+
+    /// Verifies the pages of [`off`, `off + len`) (file offsets, page-aligned) against
+    /// `digests` (from [`PageReader::digests`]).
+    pub fn verify_range(&self, digests: &[u64], off: u64, len: u64) -> Result<()> {
+        let bad = || ImageError::PayloadChecksum {
+            file: self.path.clone(),
+        };
+        if off < DATA_OFFSET || off.checked_add(len).is_none_or(|e| e > self.data_end()) {
+            return Err(bad());
+        }
+        let mut buf = vec![0u8; VERIFY_CHUNK];
+        let mut at = off;
+        while at < off + len {
+            let n = (VERIFY_CHUNK as u64).min(off + len - at) as usize;
+            self.read_exact(&mut buf[..n], at)?;
+            let first = ((at - DATA_OFFSET) / PAGE_SIZE as u64) as usize;
+            for (k, page) in buf[..n].chunks(PAGE_SIZE).enumerate() {
+                if digests.get(first + k) != Some(&page_digest(page)) {
+                    return Err(bad());
+                }
+            }
+            at += n as u64;
+        }
+        Ok(())
     }
 
     /// Hashes pages `first..first + out.len()` into `out`, reading them.

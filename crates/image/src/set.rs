@@ -36,6 +36,12 @@ pub struct Image {
 
 /// Loads every record and verifies every checksum. Nothing is created.
 pub fn load(dir: &std::path::Path) -> Result<Image> {
+    load_with(dir, true)
+}
+
+/// `load`, with the page data verified only if `verify_pages` (else the caller verifies each
+/// page before it is used: `PageReader::digests` and `verify_range`).
+fn load_with(dir: &std::path::Path, verify_pages: bool) -> Result<Image> {
     let d = ImageDir::open(dir)?;
     let inventory: Inventory = read_record(&d, INVENTORY, KIND_INVENTORY)?;
     if inventory.threads.first() != Some(&inventory.pid) {
@@ -68,8 +74,10 @@ pub fn load(dir: &std::path::Path) -> Result<Image> {
             "pages.img does not belong to this inventory".into(),
         ));
     }
-    pages.verify()?;
-    let parents = load_parents(&d, &inventory)?;
+    if verify_pages {
+        pages.verify()?;
+    }
+    let parents = load_parents(&d, &inventory, verify_pages)?;
     let img = Image {
         dir: d,
         inventory,
@@ -87,7 +95,7 @@ pub fn load(dir: &std::path::Path) -> Result<Image> {
 
 /// The page files an incremental image takes pages from: each must be there and hold exactly
 /// the data the inventory names (length and checksum), verified like the image's own.
-fn load_parents(d: &ImageDir, inventory: &Inventory) -> Result<Vec<PageReader>> {
+fn load_parents(d: &ImageDir, inventory: &Inventory, verify: bool) -> Result<Vec<PageReader>> {
     if inventory.parents.len() > MAX_PARENTS {
         return Err(inconsistent(
             d,
@@ -118,9 +126,11 @@ fn load_parents(d: &ImageDir, inventory: &Inventory) -> Result<Vec<PageReader>> 
                 "holds other pages than when this image was made".into(),
             ));
         }
-        pages
-            .verify()
-            .map_err(|e| broken(format!("is damaged ({e})")))?;
+        if verify {
+            pages
+                .verify()
+                .map_err(|e| broken(format!("is damaged ({e})")))?;
+        }
         out.push(pages);
     }
     Ok(out)
@@ -149,7 +159,17 @@ impl TreeImage {
 /// each one whole, and the tree as a whole — distinct pids, every parent created before its
 /// children, sessions and groups a restore can make, one kind for each shared description.
 pub fn load_tree(dir: &std::path::Path) -> Result<TreeImage> {
-    let root = load(dir)?;
+    load_tree_with(dir, true)
+}
+
+/// `load_tree` without verifying any page data: for a lazy restore, which verifies each page
+/// before it serves it (and what it does not serve lazily before anything is created).
+pub fn load_tree_deferred(dir: &std::path::Path) -> Result<TreeImage> {
+    load_tree_with(dir, false)
+}
+
+fn load_tree_with(dir: &std::path::Path, verify_pages: bool) -> Result<TreeImage> {
+    let root = load_with(dir, verify_pages)?;
     let tree_path = root.dir.join(TREE);
     if !tree_path.exists() {
         return Ok(TreeImage {
@@ -248,7 +268,7 @@ pub fn load_tree(dir: &std::path::Path) -> Result<TreeImage> {
                 t.pid, t.sid, t.pgid
             )));
         }
-        let img = load(&root.dir.path().join(task_dir_name(t.pid)))?;
+        let img = load_with(&root.dir.path().join(task_dir_name(t.pid)), verify_pages)?;
         if img.inventory.pid != t.pid || img.process.pgid != t.pgid || img.process.sid != t.sid {
             return Err(bad(format!(
                 "the image of pid {} belongs to pid {} or disagrees with tree.img",

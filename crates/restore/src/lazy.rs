@@ -18,8 +18,8 @@
 //! and tried again after it: so no page is ever pushed into a range the process has dropped.
 
 use anyhow::{bail, Context, Result};
-use stasis_image::model::PageRun;
-use stasis_image::{PageReader, PAGE_SIZE};
+use stasis_image::model::{Backing, PageRun, ADVICE_LOCKED};
+use stasis_image::{Image, PageReader, DATA_OFFSET, PAGE_SIZE};
 use stasis_sys::uffd;
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -118,9 +118,56 @@ struct Target {
     gone: bool,
 }
 
+/// For each page file of an image (its own, then its parents'): the digest of every page, to
+/// check each one against as it is served; `None` for a file verified whole already.
+pub(crate) type Digests = Vec<Option<Arc<Vec<u64>>>>;
+
+/// The runs of `img` a lazy restore serves: private anonymous memory, but locked memory
+/// (as `rebuild::build` decides).
+fn lazy_runs(img: &Image) -> impl Iterator<Item = &PageRun> {
+    img.mm
+        .vmas
+        .iter()
+        .filter(|v| matches!(v.backing, Backing::Anon) && v.advice & ADVICE_LOCKED == 0)
+        .flat_map(|v| v.pages.iter())
+}
+
+/// Verifies, before anything is made, every page of `img`'s page files but those served
+/// lazily, which are checked one by one as they are served (against the digests returned).
+/// A page file without digests (an older image) is verified whole.
+pub(crate) fn verify_all_but_lazy(img: &Image) -> Result<Digests> {
+    let mut out = Vec::with_capacity(img.parents.len() + 1);
+    for (k, r) in std::iter::once(&img.pages).chain(&img.parents).enumerate() {
+        let Some(d) = r.digests()? else {
+            r.verify()?;
+            out.push(None);
+            continue;
+        };
+        let mut skip: Vec<(u64, u64)> = lazy_runs(img)
+            .filter(|run| run.src as usize == k)
+            .map(|run| (run.file_off, run.file_off + run.pages * PAGE))
+            .collect();
+        skip.sort_unstable();
+        let end = DATA_OFFSET + r.data_len();
+        let mut at = DATA_OFFSET;
+        for (s, e) in skip {
+            if s > at {
+                r.verify_range(&d, at, s.min(end) - at)?;
+            }
+            at = at.max(e);
+        }
+        if at < end {
+            r.verify_range(&d, at, end - at)?;
+        }
+        out.push(Some(Arc::new(d)));
+    }
+    Ok(out)
+}
+
 struct Shared {
     /// The page files: the image's own, then its parents'.
     files: Vec<File>,
+    digests: Digests,
     targets: Mutex<Vec<Target>>,
     /// Held (shared) by every copy; taken alone to read events.
     copying: RwLock<()>,
@@ -170,6 +217,21 @@ impl Shared {
             );
         };
         let map = crate::fill::FileMap::new(file, piece.off, piece.len as usize)?;
+        if let Some(Some(d)) = self.digests.get(piece.src as usize) {
+            // Each page against its digest before the process gets it.
+            // SAFETY: the window just mapped, piece.len bytes, read-only.
+            let data = unsafe { std::slice::from_raw_parts(map.ptr, piece.len as usize) };
+            let first = ((piece.off - DATA_OFFSET) / PAGE) as usize;
+            for (i, page) in data.chunks(PAGE_SIZE).enumerate() {
+                if d.get(first + i) != Some(&stasis_image::page_digest(page)) {
+                    bail!(
+                        "the page at offset {:#x} of page file {} does not match its checksum: the image is damaged",
+                        piece.off + (i * PAGE_SIZE) as u64,
+                        piece.src
+                    );
+                }
+            }
+        }
         let mut done = 0;
         let mut page_by_page = false;
         while done < piece.len {
@@ -369,6 +431,7 @@ impl Server {
         pages: &PageReader,
         parents: &[PageReader],
         runs: &[PageRun],
+        digests: Digests,
     ) -> Result<Server> {
         let mut files = Vec::with_capacity(parents.len() + 1);
         for r in std::iter::once(pages).chain(parents) {
@@ -391,6 +454,7 @@ impl Server {
         }
         let shared = Arc::new(Shared {
             files,
+            digests,
             targets: Mutex::new(vec![Target {
                 pid,
                 uffd,
@@ -453,9 +517,10 @@ impl Server {
             .clone()
     }
 
-    /// Stops the threads and closes the userfaultfds: every page is in, so a fault from
-    /// now on is the kernel's (a page never dumped reads as zeros, as it should).
-    pub(crate) fn finish(mut self) -> Result<()> {
+    /// Stops the threads and checks that every page is in; dropping the server then closes
+    /// the userfaultfds, and a fault from then on is the kernel's (a page never dumped reads
+    /// as zeros, as it should).
+    pub(crate) fn stop_and_check(&mut self) -> Result<()> {
         self.shared.stop.store(true, Ordering::SeqCst);
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -463,13 +528,11 @@ impl Server {
         if let Some(why) = self.failure() {
             bail!("pid {}: lazy pages: {why}", self.pid);
         }
-        let targets = std::mem::take(
-            &mut *self
-                .shared
-                .targets
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        );
+        let targets = self
+            .shared
+            .targets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let left: u64 = targets
             .iter()
             .filter(|t| !t.gone)
@@ -490,7 +553,6 @@ impl Server {
             elapsed = ?self.started.elapsed(),
             "lazy pages all in"
         );
-        drop(targets);
         Ok(())
     }
 }
@@ -504,6 +566,91 @@ impl Drop for Server {
     }
 }
 
+/// A child of this stasis that shares its descriptor table (`CLONE_FILES`) and does nothing
+/// but outlive it: if this stasis dies, its descriptors — the userfaultfds — stay open until
+/// the kernel has killed the processes it traced (`PTRACE_O_EXITKILL`). A dying process
+/// closes its files before it lets go of its tracees: without the keeper, a thread waiting
+/// on a fault would be woken into a zero page for the moment before its SIGKILL lands. It
+/// exits once those processes are gone; after a normal end it is killed.
+struct Keeper(i32);
+
+impl Keeper {
+    fn start(watch: &[i32]) -> Result<Keeper> {
+        let me = stasis_sys::fs::pidfd_open(std::process::id() as i32)
+            .context("pidfd of this stasis")?;
+        let fds: Vec<OwnedFd> = watch
+            .iter()
+            .filter_map(|&p| stasis_sys::fs::pidfd_open(p).ok())
+            .collect();
+        let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        let me_raw = me.as_raw_fd();
+        // SAFETY: a fork that shares the descriptor table. This process has threads: the
+        // child runs only async-signal-safe calls (no allocation) and never returns.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_clone,
+                (libc::CLONE_FILES | libc::SIGCHLD) as u64,
+                0u64,
+                0u64,
+                0u64,
+                0u64,
+            )
+        };
+        if r == 0 {
+            // SAFETY: as above: signal dispositions, poll and _exit only.
+            unsafe {
+                for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+                    libc::signal(sig, libc::SIG_IGN);
+                }
+                let mut p = libc::pollfd {
+                    fd: me_raw,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                while libc::poll(&mut p, 1, -1) <= 0 {}
+                // This stasis died: wait (a while at most) for the processes to die too.
+                for &fd in &raw {
+                    let mut p = libc::pollfd {
+                        fd,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    libc::poll(&mut p, 1, 5000);
+                }
+                libc::usleep(50_000);
+                libc::_exit(0);
+            }
+        }
+        if r < 0 {
+            bail!(
+                "starting the descriptor keeper: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        drop(fds);
+        Ok(Keeper(r as i32))
+    }
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        // SAFETY: our own child, killed and reaped.
+        unsafe {
+            libc::kill(self.0, libc::SIGKILL);
+            libc::waitpid(self.0, std::ptr::null_mut(), libc::__WALL);
+        }
+    }
+}
+
+/// Kills every tracee (while their memory is still held: the keeper and the servers keep the
+/// userfaultfds open), for a lazy restore that cannot go on.
+fn kill_all(live: &std::collections::BTreeSet<i32>) {
+    for &t in live {
+        // SAFETY: SIGKILL to a thread of ours (tgkill is not needed: any thread kills all).
+        unsafe { libc::kill(t, libc::SIGKILL) };
+    }
+}
+
 /// Lets the restored processes run while `servers` fill their memory, staying the tracer of
 /// every thread (`tracees`) and of every thread and child they make, with
 /// `PTRACE_O_EXITKILL`; once every page is in, closes the userfaultfds and detaches. Returns
@@ -513,6 +660,35 @@ pub(crate) fn run_traced(
     servers: Vec<Server>,
     root: i32,
 ) -> Result<Option<i32>> {
+    let mut live: std::collections::BTreeSet<i32> = tracees.iter().copied().collect();
+    let keeper = Keeper::start(&tracees)?;
+    let mut root_status = None;
+    // The processes die before any userfaultfd closes (the servers', on drop): on failure
+    // they are killed first.
+    let served = serve_traced(&tracees, &servers, root, &mut live, &mut root_status);
+    let mut servers = servers;
+    let checked = served.and_then(|()| servers.iter_mut().try_for_each(|s| s.stop_and_check()));
+    if let Err(e) = checked {
+        kill_all(&live);
+        drop(servers);
+        drop(keeper);
+        return Err(e);
+    }
+    // Every page is in: the userfaultfds close.
+    drop(servers);
+    let r = let_go(&mut live, &mut root_status, root);
+    drop(keeper);
+    r.map(|()| root_status)
+}
+
+/// Runs the processes, traced, until every server has all its pages in.
+fn serve_traced(
+    tracees: &[i32],
+    servers: &[Server],
+    root: i32,
+    live: &mut std::collections::BTreeSet<i32>,
+    root_status: &mut Option<i32>,
+) -> Result<()> {
     use nix::sys::ptrace;
     use nix::unistd::Pid;
     let options = ptrace::Options::PTRACE_O_TRACESYSGOOD
@@ -520,24 +696,22 @@ pub(crate) fn run_traced(
         | ptrace::Options::PTRACE_O_TRACECLONE
         | ptrace::Options::PTRACE_O_TRACEFORK
         | ptrace::Options::PTRACE_O_TRACEVFORK;
-    let mut live: std::collections::BTreeSet<i32> = tracees.iter().copied().collect();
-    for &t in &tracees {
+    for &t in tracees {
         ptrace::setoptions(Pid::from_raw(t), options)
             .with_context(|| format!("PTRACE_SETOPTIONS on thread {t}"))?;
     }
-    for &t in &tracees {
+    for &t in tracees {
         stasis_sys::ptrace::cont(Pid::from_raw(t), 0)
             .with_context(|| format!("letting thread {t} run"))?;
     }
     tracing::info!(root, "restored processes run; their memory comes in lazily");
-    let mut root_status = None;
     let t0 = Instant::now();
     loop {
         let mut status = 0;
         // SAFETY: waitpid on any child or tracee, status into our variable.
         let p = unsafe { libc::waitpid(-1, &mut status, libc::__WALL | libc::WNOHANG) };
         if p > 0 {
-            handle_stop(p, status, &mut live, &mut root_status, root);
+            handle_stop(p, status, live, root_status, root);
             continue;
         }
         if p < 0 && nix::errno::Errno::last() == nix::errno::Errno::ECHILD {
@@ -551,13 +725,21 @@ pub(crate) fn run_traced(
         }
         std::thread::sleep(Duration::from_millis(1));
     }
-    for s in servers {
-        s.finish()?;
-    }
     tracing::info!(elapsed = ?t0.elapsed(), "every lazy page is in; the processes are let go");
+    Ok(())
+}
+
+/// Lets go of every tracee (every page is in).
+fn let_go(
+    live: &mut std::collections::BTreeSet<i32>,
+    root_status: &mut Option<i32>,
+    root: i32,
+) -> Result<()> {
+    use nix::sys::ptrace;
+    use nix::unistd::Pid;
     // Let go of every tracee: each is stopped (interrupted) and detached, with the signal it
     // was about to get, if any.
-    for &t in &live {
+    for &t in live.iter() {
         let _ = stasis_sys::ptrace::interrupt(Pid::from_raw(t));
     }
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -568,7 +750,7 @@ pub(crate) fn run_traced(
         if p > 0 {
             if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
                 live.remove(&p);
-                note_exit(p, status, &mut root_status, root);
+                note_exit(p, status, root_status, root);
                 continue;
             }
             if libc::WIFSTOPPED(status) {
@@ -600,7 +782,7 @@ pub(crate) fn run_traced(
         }
         std::thread::sleep(Duration::from_micros(200));
     }
-    Ok(root_status)
+    Ok(())
 }
 
 fn note_exit(p: i32, status: i32, root_status: &mut Option<i32>, root: i32) {

@@ -54,7 +54,12 @@ pub struct RestoreOptions {
 
 pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
     let t0 = Instant::now();
-    let tree = load_tree(dir)?;
+    // A lazy restore verifies the pages it serves lazily one by one, as it serves them.
+    let tree = if opts.lazy_pages {
+        stasis_image::load_tree_deferred(dir)?
+    } else {
+        load_tree(dir)?
+    };
     if tree.root.inventory.pre_dump {
         bail!(
             "{} is a pre-dump: it holds memory only, as a parent for the dumps after it; restore the last dump of the chain (`stasis dump --prev-images-dir …`)",
@@ -62,6 +67,13 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
         );
     }
     authenticate(dir, opts.trust_image)?;
+    let digests = if opts.lazy_pages {
+        tree.images()
+            .map(lazy::verify_all_but_lazy)
+            .collect::<Result<Vec<_>>>()?
+    } else {
+        Vec::new()
+    };
     tracing::info!(elapsed = ?t0.elapsed(), processes = tree.tasks.len() + 1, "image loaded and verified");
     let imgs: Vec<&Image> = tree.images().collect();
     for img in &imgs {
@@ -172,8 +184,9 @@ pub fn restore(dir: &std::path::Path, opts: &RestoreOptions) -> Result<i32> {
     let t1 = Instant::now();
     let mut seized = Vec::with_capacity(imgs.len());
     let mut servers = Vec::new();
-    for ((img, h), vdso) in imgs.iter().zip(&helpers).zip(&vdso) {
-        let (s, server) = rebuild_task(img, h, vdso, opts.lazy_pages)?;
+    for (k, ((img, h), vdso)) in imgs.iter().zip(&helpers).zip(&vdso).enumerate() {
+        let lazy = digests.get(k).cloned();
+        let (s, server) = rebuild_task(img, h, vdso, lazy)?;
         seized.push(s);
         servers.extend(server);
     }
@@ -347,8 +360,9 @@ fn rebuild_task(
     img: &Image,
     helpers: &fds::Helpers,
     vdso: &VdsoPlan,
-    lazy: bool,
+    mut lazy_digests: Option<lazy::Digests>,
 ) -> Result<(Seized, Option<lazy::Server>)> {
+    let lazy = lazy_digests.is_some();
     let pid = img.inventory.pid;
     let mut seized = Seized::seize_owned(pid)?;
     seized.trace_clones()?;
@@ -407,13 +421,14 @@ fn rebuild_task(
         if lazy && !plan.lazy_runs.is_empty() {
             // Served from now on: the rest of the restore may touch lazy memory already
             // (the kernel writes a thread's rseq area on its way back to user mode).
-            if let Some(u) = uffd.take() {
+            if let (Some(u), Some(d)) = (uffd.take(), lazy_digests.take()) {
                 server = Some(lazy::Server::start(
                     pid,
                     u,
                     &img.pages,
                     &img.parents,
                     &plan.lazy_runs,
+                    d,
                 )?);
             }
         }
