@@ -846,8 +846,8 @@ pub fn lazy(sizes: &[u64], runs: usize, criu: Option<PathBuf>) -> Result<()> {
     }
     println!("bench lazy: {runs} runs per size and tool, medians; running = the restored process answered a signal; done = the restore command returned");
     println!(
-        "{:<8} {:<22} {:>12} {:>10}",
-        "size", "restore", "running", "done"
+        "{:<8} {:<22} {:>12} {:>9} {:>13}",
+        "size", "restore", "running", "done", "peak RSS"
     );
     for &mib in sizes {
         let dir = work.join(format!("lazy-{mib}"));
@@ -855,94 +855,102 @@ pub fn lazy(sizes: &[u64], runs: usize, criu: Option<PathBuf>) -> Result<()> {
         std::fs::create_dir_all(&dir)?;
         let state = dir.join("state");
         let gap = state.with_extension("gap");
-        let one = |tool: &(&str, PathBuf, Vec<&str>, Vec<&str>)| -> Result<(Duration, Duration)> {
-            let img = dir.join("img");
-            let _ = std::fs::remove_dir_all(&img);
-            std::fs::create_dir_all(&img)?;
-            let pid = start_memhold_ticking(&memhold, mib, &state)?;
-            let mut d = Command::new(&tool.1);
-            d.args(&tool.2)
-                .args(["-t", &pid.to_string(), "-D"])
-                .arg(&img)
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null());
-            timed(&mut d, &format!("{} dump", tool.0), &dir.join("dump.err"))?;
-            wait_until(
-                Duration::from_secs(60),
-                || gone(pid),
-                "the dumped process to be reaped",
-            )?;
-            let _ = std::fs::remove_file(&gap);
-            // SAFETY: sync has no preconditions.
-            unsafe { libc::sync() };
-            let mut r = Command::new(&tool.1);
-            r.args(&tool.3)
-                .arg("-D")
-                .arg(&img)
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::fs::File::create(dir.join("restore.err"))?);
-            let t = Instant::now();
-            let mut child = r.spawn().context("starting the restore")?;
-            let mut running = None;
-            let done = loop {
-                if running.is_none() {
-                    if gap.exists() {
-                        running = Some(t.elapsed());
-                    } else if restored_and_running(pid) {
-                        // SAFETY: asking the restored workload for its figure.
+        let one =
+            |tool: &(&str, PathBuf, Vec<&str>, Vec<&str>)| -> Result<(Duration, Duration, u64)> {
+                let img = dir.join("img");
+                let _ = std::fs::remove_dir_all(&img);
+                std::fs::create_dir_all(&img)?;
+                let pid = start_memhold_ticking(&memhold, mib, &state)?;
+                let mut d = Command::new(&tool.1);
+                d.args(&tool.2)
+                    .args(["-t", &pid.to_string(), "-D"])
+                    .arg(&img)
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null());
+                timed(&mut d, &format!("{} dump", tool.0), &dir.join("dump.err"))?;
+                wait_until(
+                    Duration::from_secs(60),
+                    || gone(pid),
+                    "the dumped process to be reaped",
+                )?;
+                let _ = std::fs::remove_file(&gap);
+                // SAFETY: sync has no preconditions.
+                unsafe { libc::sync() };
+                let mut r = Command::new(&tool.1);
+                r.args(&tool.3)
+                    .arg("-D")
+                    .arg(&img)
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::fs::File::create(dir.join("restore.err"))?);
+                let t = Instant::now();
+                let child = r.spawn().context("starting the restore")?;
+                let mut running = None;
+                let (done, rss_kib) = loop {
+                    if running.is_none() {
+                        if gap.exists() {
+                            running = Some(t.elapsed());
+                        } else if restored_and_running(pid) {
+                            // SAFETY: asking the restored workload for its figure.
+                            unsafe { libc::kill(pid, libc::SIGUSR2) };
+                        }
+                    }
+                    let mut status = 0;
+                    // SAFETY: rusage is plain data, filled by wait4 for our own child.
+                    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+                    // SAFETY: polling for the child we spawned.
+                    let r = unsafe {
+                        libc::wait4(child.id() as i32, &mut status, libc::WNOHANG, &mut ru)
+                    };
+                    if r > 0 {
+                        if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+                            let e = std::fs::read_to_string(dir.join("restore.err"))
+                                .unwrap_or_default();
+                            bail!("{} restore failed: {}", tool.0, e.trim());
+                        }
+                        break (t.elapsed(), ru.ru_maxrss as u64);
+                    }
+                    std::thread::sleep(Duration::from_micros(250));
+                };
+                wait_until(
+                    Duration::from_secs(30),
+                    || {
+                        if gap.exists() {
+                            return true;
+                        }
+                        // SAFETY: as above.
                         unsafe { libc::kill(pid, libc::SIGUSR2) };
-                    }
+                        false
+                    },
+                    "the restored process to answer",
+                )?;
+                let running = running.unwrap_or(done);
+                let _ = std::fs::remove_file(&state);
+                // SAFETY: asking the restored workload to verify itself.
+                unsafe { libc::kill(pid, libc::SIGUSR1) };
+                let read = || std::fs::read_to_string(&state).unwrap_or_default();
+                wait_until(
+                    Duration::from_secs(120),
+                    || !read().is_empty(),
+                    "the restored workload to verify",
+                )?;
+                // SAFETY: the workload's job is done.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                if !read().starts_with("OK") {
+                    bail!(
+                        "{}: restored memory did not verify: {}",
+                        tool.0,
+                        read().trim()
+                    );
                 }
-                if let Some(status) = child.try_wait()? {
-                    if !status.success() {
-                        let e =
-                            std::fs::read_to_string(dir.join("restore.err")).unwrap_or_default();
-                        bail!("{} restore failed: {}", tool.0, e.trim());
-                    }
-                    break t.elapsed();
-                }
-                std::thread::sleep(Duration::from_micros(250));
+                wait_until(
+                    Duration::from_secs(60),
+                    || gone(pid),
+                    "the restored workload to be reaped",
+                )?;
+                Ok((running, done, rss_kib))
             };
-            wait_until(
-                Duration::from_secs(30),
-                || {
-                    if gap.exists() {
-                        return true;
-                    }
-                    // SAFETY: as above.
-                    unsafe { libc::kill(pid, libc::SIGUSR2) };
-                    false
-                },
-                "the restored process to answer",
-            )?;
-            let running = running.unwrap_or(done);
-            let _ = std::fs::remove_file(&state);
-            // SAFETY: asking the restored workload to verify itself.
-            unsafe { libc::kill(pid, libc::SIGUSR1) };
-            let read = || std::fs::read_to_string(&state).unwrap_or_default();
-            wait_until(
-                Duration::from_secs(120),
-                || !read().is_empty(),
-                "the restored workload to verify",
-            )?;
-            // SAFETY: the workload's job is done.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            if !read().starts_with("OK") {
-                bail!(
-                    "{}: restored memory did not verify: {}",
-                    tool.0,
-                    read().trim()
-                );
-            }
-            wait_until(
-                Duration::from_secs(60),
-                || gone(pid),
-                "the restored workload to be reaped",
-            )?;
-            Ok((running, done))
-        };
-        let mut figures: Vec<Vec<(Duration, Duration)>> = vec![Vec::new(); tools.len()];
+        let mut figures: Vec<Vec<(Duration, Duration, u64)>> = vec![Vec::new(); tools.len()];
         for run in 0..runs {
             for k in 0..tools.len() {
                 let t = if run % 2 == 0 { k } else { tools.len() - 1 - k };
@@ -950,12 +958,14 @@ pub fn lazy(sizes: &[u64], runs: usize, criu: Option<PathBuf>) -> Result<()> {
             }
         }
         for (tool, f) in tools.iter().zip(&figures) {
+            let peak = f.iter().map(|x| x.2).max().unwrap_or(0);
             println!(
-                "{:<8} {:<22} {:>9.1} ms {:>7.3} s",
+                "{:<8} {:<22} {:>9.1} ms {:>7.3} s {:>9.1} MiB",
                 format!("{mib}MiB"),
                 tool.0,
                 median(f.iter().map(|x| x.0).collect()).as_secs_f64() * 1e3,
-                median(f.iter().map(|x| x.1).collect()).as_secs_f64()
+                median(f.iter().map(|x| x.1).collect()).as_secs_f64(),
+                peak as f64 / 1024.0
             );
         }
         let _ = std::fs::remove_dir_all(&dir);

@@ -59,6 +59,11 @@
 //! through a bounded buffer and hashed on the way, so dumping memory never holds all of it.
 //! [`PageReader::open`] checks the header and the file length; [`PageReader::verify`] reads the
 //! whole data once to check its checksum, which restore must do before creating anything.
+//!
+//! Beside the page file, `pages.sum` ([`DIGESTS_FILE`]) holds the XXH3-64 of every page, LE, in
+//! order: exactly the bytes whose XXH3-64 is `data_xxh3`. With it ([`PageReader::digests`]) a
+//! page can be verified on its own when it is used ([`PageReader::verify_range`]), as a lazy
+//! restore does; an image without it is verified whole.
 
 pub mod auth;
 mod dir;
