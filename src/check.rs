@@ -691,33 +691,29 @@ struct PageRegion {
 const PAGEMAP_SCAN: u64 = iowr(b'f', 16, std::mem::size_of::<PmScanArg>());
 const PAGE_IS_PRESENT: u64 = 1 << 3;
 
-/// Scans a 4-page anonymous mapping with pages 0 and 2 touched for present pages.
-fn probe_pagemap_scan() -> Probe {
-    let page = sys::page_size();
-    let map = sys::Mapping::new(4 * page, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, None)
-        .map_err(|e| format!("mmap: {e}"))?;
-    let base = map.addr() as u64;
-    // SAFETY: both offsets are inside our 4-page read/write mapping.
-    unsafe {
-        map.addr().cast::<u8>().write_volatile(1);
-        map.addr().cast::<u8>().add(2 * page).write_volatile(1);
-    }
+/// One `PAGEMAP_SCAN` of our own [start, end) for pages in all of `category_mask`, into
+/// `regions`; returns the regions found.
+fn scan_self(
+    start: u64,
+    end: u64,
+    category_mask: u64,
+    regions: &mut [PageRegion],
+) -> Result<&[PageRegion], String> {
     let pagemap =
         File::open("/proc/self/pagemap").map_err(|e| format!("/proc/self/pagemap: {e}"))?;
-    let mut regions = [PageRegion::default(); 8];
     let mut arg = PmScanArg {
         size: std::mem::size_of::<PmScanArg>() as u64,
         flags: 0,
-        start: base,
-        end: base + 4 * page as u64,
+        start,
+        end,
         walk_end: 0,
         vec: regions.as_mut_ptr() as u64,
         vec_len: regions.len() as u64,
         max_pages: 0,
         category_inverted: 0,
-        category_mask: PAGE_IS_PRESENT,
+        category_mask,
         category_anyof_mask: 0,
-        return_mask: PAGE_IS_PRESENT,
+        return_mask: category_mask,
     };
     // SAFETY: the kernel reads `arg` and writes at most `vec_len` regions into `regions`.
     let r = unsafe {
@@ -736,7 +732,24 @@ fn probe_pagemap_scan() -> Probe {
             _ => format!("PAGEMAP_SCAN: {e}"),
         });
     }
-    let found = &regions[..(r as usize).min(regions.len())];
+    let n = (r as usize).min(regions.len());
+    Ok(&regions[..n])
+}
+
+/// Scans a 4-page anonymous mapping with pages 0 and 2 touched for present pages.
+fn probe_pagemap_scan() -> Probe {
+    let page = sys::page_size();
+    let map = sys::Mapping::new(4 * page, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, None)
+        .map_err(|e| format!("mmap: {e}"))?;
+    let base = map.addr() as u64;
+    // SAFETY: both offsets are inside our 4-page read/write mapping.
+    unsafe {
+        map.addr().cast::<u8>().write_volatile(1);
+        map.addr().cast::<u8>().add(2 * page).write_volatile(1);
+    }
+    let mut regions = [PageRegion::default(); 8];
+    let found = scan_self(base, base + 4 * page as u64, PAGE_IS_PRESENT, &mut regions)?;
+    let r = found.len();
     let expected = [
         (base, base + page as u64),
         (base + 2 * page as u64, base + 3 * page as u64),
@@ -787,35 +800,8 @@ fn probe_mem_tracking() -> Probe {
     stasis_sys::uffd::write_protect(fd, base, len)
         .map_err(|e| format!("UFFDIO_WRITEPROTECT: {e}"))?;
     poke(1);
-    let pagemap =
-        File::open("/proc/self/pagemap").map_err(|e| format!("/proc/self/pagemap: {e}"))?;
     let mut regions = [PageRegion::default(); 8];
-    let mut arg = PmScanArg {
-        size: std::mem::size_of::<PmScanArg>() as u64,
-        flags: 0,
-        start: base,
-        end: base + len,
-        walk_end: 0,
-        vec: regions.as_mut_ptr() as u64,
-        vec_len: regions.len() as u64,
-        max_pages: 0,
-        category_inverted: 0,
-        category_mask: PAGE_IS_WRITTEN,
-        category_anyof_mask: 0,
-        return_mask: PAGE_IS_WRITTEN,
-    };
-    // SAFETY: the kernel reads `arg` and writes at most `vec_len` regions into `regions`.
-    let r = unsafe {
-        libc::ioctl(
-            pagemap.as_raw_fd(),
-            PAGEMAP_SCAN as _,
-            &mut arg as *mut PmScanArg,
-        )
-    };
-    if r < 0 {
-        return Err(format!("PAGEMAP_SCAN: {}", io::Error::last_os_error()));
-    }
-    let found = &regions[..(r as usize).min(regions.len())];
+    let found = scan_self(base, base + len, PAGE_IS_WRITTEN, &mut regions)?;
     let one = base + page as u64;
     if found.len() == 1 && found[0].start == one && found[0].end == one + page as u64 {
         Ok("async write-protect userfaultfd + PAGEMAP_SCAN PAGE_IS_WRITTEN: the one page written since it was protected, and only it, reads as written".into())

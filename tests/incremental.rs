@@ -33,21 +33,6 @@ fn page_counts(summary: &str) -> (u64, u64) {
     (written, parent)
 }
 
-/// Moves the fixture to its next phase and waits until it says it got there.
-fn next_phase(d: &Daemon, phase: u32) {
-    // SAFETY: signalling the fixture's pid.
-    unsafe { libc::kill(d.pid, libc::SIGUSR1) };
-    let file = d.dir.path().join("phase");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_to_string(&file).ok().as_deref() != Some(&format!("{phase}\n")) {
-        assert!(
-            Instant::now() < deadline,
-            "the fixture did not reach phase {phase}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 fn run(args: &[&str]) -> String {
     let o = stasis(args);
     let e = stderr_of(&o);

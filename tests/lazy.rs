@@ -145,17 +145,7 @@ fn a_tree_from_an_incremental_chain_is_restored_lazily() {
     let img2 = d.image(2).to_string_lossy().into_owned();
     let o = stasis(&["pre-dump", "-t", &pid, "-D", &img1]);
     assert!(o.status.success(), "{}", stderr_of(&o));
-    let next = |phase: u32| {
-        // SAFETY: signalling the fixture's pid.
-        unsafe { libc::kill(d.pid, libc::SIGUSR1) };
-        let file = d.dir.path().join("phase");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::fs::read_to_string(&file).ok().as_deref() != Some(&format!("{phase}\n")) {
-            assert!(Instant::now() < deadline, "phase {phase} not reached");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    };
-    next(2);
+    next_phase(&d, 2);
     let o = stasis(&[
         "dump",
         "-t",
@@ -173,9 +163,9 @@ fn a_tree_from_an_incremental_chain_is_restored_lazily() {
     let server = c.id() as i32;
     wait_running_lazily(d.pid, server);
     wait_running_lazily(child[0], server);
-    next(3);
+    next_phase(&d, 3);
     finish_restore(c);
-    next(4);
+    next_phase(&d, 4);
     let v = assert_pass(&d.finish_keep());
     assert_eq!(detail(&v, "phase"), 4, "{v}");
 }

@@ -413,6 +413,21 @@ impl Drop for Daemon {
     }
 }
 
+/// Moves the `phases` fixture to its next phase and waits until it says it got there.
+pub fn next_phase(d: &Daemon, phase: u32) {
+    // SAFETY: signalling the fixture's pid.
+    unsafe { libc::kill(d.pid, libc::SIGUSR1) };
+    let file = d.dir.path().join("phase");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(&file).ok().as_deref() != Some(&format!("{phase}\n")) {
+        assert!(
+            Instant::now() < deadline,
+            "the fixture did not reach phase {phase}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Waits until `pid` has disappeared entirely (a killed daemon stays a zombie until init
 /// reaps it, which takes a moment here): restoring needs the pid free.
 pub fn wait_gone(pid: i32) {

@@ -206,36 +206,14 @@ pub fn leave_running(sizes: &[u64], runs: usize, criu: Option<PathBuf>) -> Resul
             }
             // The last snapshot image is the process: restored, it verifies every word.
             kill(pid);
-            wait_until(
-                Duration::from_secs(60),
-                || gone(pid),
-                "the workload to be reaped",
+            restore_and_verify(
+                &stasis,
+                &dir.join("img-stasis"),
+                pid,
+                &state,
+                &dir,
+                "snapshot",
             )?;
-            let _ = std::fs::remove_file(&state);
-            let mut r = Command::new(&stasis);
-            r.args(["restore", "-d", "-D"])
-                .arg(dir.join("img-stasis"))
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null());
-            timed(
-                &mut r,
-                "restore of the last snapshot image",
-                &dir.join("restore.err"),
-            )?;
-            // SAFETY: asking the restored workload to verify itself.
-            unsafe { libc::kill(pid, libc::SIGUSR1) };
-            let read = || std::fs::read_to_string(&state).unwrap_or_default();
-            wait_until(
-                Duration::from_secs(120),
-                || !read().is_empty(),
-                "the restored workload to verify",
-            )?;
-            if !read().starts_with("OK") {
-                bail!(
-                    "the restored snapshot image of {mib} MiB did not verify: {}",
-                    read().trim()
-                );
-            }
             println!(
                 "{:<8} (the last snapshot image restored: every word verified)",
                 format!("{mib}MiB")
@@ -579,8 +557,51 @@ pub fn freeze(thread_counts: &[usize], runs: usize) -> Result<()> {
     Ok(())
 }
 
-/// Bytes written into an image directory's files (its page data and records), not counting
-/// its descendants' directories' parents.
+/// Once the workload `pid` (killed) is reaped: restores image `img` and has the restored
+/// process verify every word of its memory.
+fn restore_and_verify(
+    stasis: &Path,
+    img: &Path,
+    pid: i32,
+    state: &Path,
+    dir: &Path,
+    what: &str,
+) -> Result<()> {
+    wait_until(
+        Duration::from_secs(60),
+        || gone(pid),
+        "the workload to be reaped",
+    )?;
+    let _ = std::fs::remove_file(state);
+    let mut r = Command::new(stasis);
+    r.args(["restore", "-d", "-D"])
+        .arg(img)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    timed(
+        &mut r,
+        &format!("restore of the last {what} image"),
+        &dir.join("restore.err"),
+    )?;
+    // SAFETY: asking the restored workload to verify itself.
+    unsafe { libc::kill(pid, libc::SIGUSR1) };
+    let read = || std::fs::read_to_string(state).unwrap_or_default();
+    wait_until(
+        Duration::from_secs(120),
+        || !read().is_empty(),
+        "the restored workload to verify",
+    )?;
+    if !read().starts_with("OK") {
+        bail!(
+            "the restored {what} image of pid {pid} did not verify: {}",
+            read().trim()
+        );
+    }
+    Ok(())
+}
+
+/// Bytes of every file under an image directory: its records, page data and digests (and its
+/// descendants', for a tree).
 fn image_bytes(dir: &Path) -> u64 {
     let mut total = 0;
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
@@ -744,36 +765,8 @@ pub fn incremental(sizes: &[u64], runs: usize, criu: Option<PathBuf>) -> Result<
             // The last incremental image, with its parent, is the process: restored, it
             // verifies every word (the rewritten ones included).
             kill(pid);
-            wait_until(
-                Duration::from_secs(60),
-                || gone(pid),
-                "the workload to be reaped",
-            )?;
-            let _ = std::fs::remove_file(&state);
-            let mut r = Command::new(&stasis);
-            r.args(["restore", "-d", "-D"])
-                .arg(dir.join(format!("inc-{}", runs - 1)))
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null());
-            timed(
-                &mut r,
-                "restore of the last incremental image",
-                &dir.join("restore.err"),
-            )?;
-            // SAFETY: asking the restored workload to verify itself.
-            unsafe { libc::kill(pid, libc::SIGUSR1) };
-            let read = || std::fs::read_to_string(&state).unwrap_or_default();
-            wait_until(
-                Duration::from_secs(120),
-                || !read().is_empty(),
-                "the restored workload to verify",
-            )?;
-            if !read().starts_with("OK") {
-                bail!(
-                    "the restored incremental image of {mib} MiB did not verify: {}",
-                    read().trim()
-                );
-            }
+            let last = dir.join(format!("inc-{}", runs - 1));
+            restore_and_verify(&stasis, &last, pid, &state, &dir, "incremental")?;
             println!(
                 "{:<8} (the last incremental image restored with its parent: every word verified)",
                 format!("{mib}MiB")
