@@ -386,6 +386,25 @@ fn kill_everywhere(threads: &str) -> (u32, String) {
     ));
     kills += outside;
 
+    // A lazy restore killed at any step: the process, made or already running on pages yet
+    // to come, dies with it (never left waiting on a fault, nor running on with zeros); the
+    // next one works.
+    let o = stasis(&["dump", "-t", &p, "-D", &img_s]);
+    assert!(o.status.success(), "dump: {}", stderr_of(&o));
+    reap_gone(pid, "after the dump for the lazy restores");
+    let n = walk(
+        &["restore", "-D", &img_s, "--detach", "--lazy-pages"],
+        |at, o| {
+            reap_gone(
+                pid,
+                &format!("restore --lazy-pages killed at step {at}: {}", stderr_of(o)),
+            )
+        },
+        |o| assert!(o.status.success(), "restore --lazy-pages: {}", stderr_of(o)),
+    );
+    report.push(format!("restore --lazy-pages {n} at {:?}", t0.elapsed()));
+    kills += n;
+
     let verdict = d.finish();
     assert_pass(&verdict);
     (kills, report.join(", "))
