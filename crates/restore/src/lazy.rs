@@ -370,10 +370,10 @@ impl Shared {
 
     /// A pusher: takes the first pending pages of a target at a time and copies them in.
     fn push(&self) {
-        // Behind the restored processes (and the fault server) for the CPU: what they touch
-        // comes first, the rest when there is room. (Best effort.)
+        // Behind the restored processes (and the fault server) for the CPU, at the lowest
+        // priority: what they touch comes first, the rest when there is room. (Best effort.)
         // SAFETY: setpriority on this thread only (tid 0 is the caller).
-        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
         let mut next = 0usize;
         while !self.stop.load(Ordering::SeqCst) {
             // How long to wait before the next piece.
