@@ -31,6 +31,10 @@ pub enum Which {
         /// A CRIU (>= 4.1) binary to measure in the same run; default: `criu` on PATH.
         #[arg(long)]
         criu: Option<std::path::PathBuf>,
+        /// After the dump/restore table, the same sizes through `leave-running`,
+        /// `incremental` and `lazy`: every figure of the speed goals in one run.
+        #[arg(long)]
+        all: bool,
     },
     /// `--leave-running` dumps of a process holding N MiB: the freeze the process itself sees
     /// (the longest gap between its 1 ms wake-ups) and the dump's wall time, for stasis (with
@@ -107,12 +111,22 @@ pub fn run(which: Which) -> Result<()> {
             threads,
             processes,
             criu,
-        } => crate::bench_cr::run(
-            &sizes,
-            runs,
-            crate::bench_cr::Shape { threads, processes },
-            crate::bench_cr::find_criu(criu),
-        ),
+            all,
+        } => {
+            let criu = crate::bench_cr::find_criu(criu);
+            crate::bench_cr::run(
+                &sizes,
+                runs,
+                crate::bench_cr::Shape { threads, processes },
+                criu.clone(),
+            )?;
+            if all {
+                crate::bench_cr::leave_running(&sizes, runs, criu.clone())?;
+                crate::bench_cr::incremental(&sizes, runs, criu.clone())?;
+                crate::bench_cr::lazy(&sizes, runs, criu)?;
+            }
+            Ok(())
+        }
         Which::Freeze { threads, runs } => crate::bench_cr::freeze(&threads, runs),
         Which::LeaveRunning { sizes, runs, criu } => {
             crate::bench_cr::leave_running(&sizes, runs, crate::bench_cr::find_criu(criu))
