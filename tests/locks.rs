@@ -3,12 +3,22 @@
 //! makes the restore fail rather than bring it back without; a thread blocked in F_SETLKW waits
 //! again and gets the lock once it is free; `--no-file-locks` and leases refuse the dump. The
 //! fixture checks itself (tests/fixtures/locks.c); these tests also look from outside.
+//!
+//! The tests run one at a time (`one_at_a_time`): each fixture checks /proc/locks every 10 ms
+//! against the locks it holds, and /proc/locks is read in pieces that see a list another
+//! test's locks change between them (entries seen twice, or not at all).
 
 mod common;
 
 use common::*;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
+
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// What `F_GETLK` (or `F_OFD_GETLK`) tells this process about byte `at` of `path`:
 /// (type, pid).
@@ -61,6 +71,7 @@ fn every_kind_of_lock_is_held_again_after_restore() {
     if !require_root("every_kind_of_lock_is_held_again_after_restore") {
         return;
     }
+    let _one = one_at_a_time();
     // --half-read: the fixture holds /proc/locks read up to its first line; the restore must
     // leave it there (in entries, not only bytes), or the fixture sees the list start over.
     let d = Daemon::start("locks", &["--dir", "{dir}", "--half-read"]);
@@ -87,6 +98,7 @@ fn a_lock_taken_by_another_process_meanwhile_fails_the_restore() {
     if !require_root("a_lock_taken_by_another_process_meanwhile_fails_the_restore") {
         return;
     }
+    let _one = one_at_a_time();
     let d = Daemon::start("locks", &["--dir", "{dir}"]);
     d.dump(1);
     let thief = std::fs::File::open(d.dir.path().join("flock_ex")).expect("flock_ex");
@@ -130,6 +142,7 @@ fn a_thread_waiting_for_a_lock_waits_again_and_gets_it() {
     if !require_root("a_thread_waiting_for_a_lock_waits_again_and_gets_it") {
         return;
     }
+    let _one = one_at_a_time();
     let dir = tempdir::Dir::new("lockwait");
     let wait = dir.path().join("wait");
     let holder = std::fs::OpenOptions::new()
@@ -154,7 +167,13 @@ fn a_thread_waiting_for_a_lock_waits_again_and_gets_it() {
         wait_for("the restored fixture to wait again", || waiting(d.pid));
     }
     drop(holder);
+    let verdict = d.dir.path().join("out");
     wait_for("the waiter to get the lock", || {
+        let v = std::fs::read_to_string(&verdict).unwrap_or_default();
+        assert!(
+            v.is_empty(),
+            "the fixture ended before it got the lock: {v}"
+        );
         getlk(&wait, 0, true) == (libc::F_WRLCK as i16, d.pid)
     });
     let v = assert_pass(&d.finish());
@@ -167,6 +186,7 @@ fn no_file_locks_and_leases_refuse_the_dump() {
     if !require_root("no_file_locks_and_leases_refuse_the_dump") {
         return;
     }
+    let _one = one_at_a_time();
     for (fixture, args, extra, needle) in [
         (
             "locks",
@@ -202,6 +222,7 @@ fn an_edited_lock_record_is_refused_before_anything_is_created() {
     if !require_root("an_edited_lock_record_is_refused_before_anything_is_created") {
         return;
     }
+    let _one = one_at_a_time();
     let d = Daemon::start("locks", &["--dir", "{dir}"]);
     d.dump(1);
     let files = d.image(1).join("files.img");

@@ -290,7 +290,10 @@ impl Daemon {
             .unwrap_or_else(|e| panic!("starting fixture {name}: {e}"));
         assert!(
             status.success(),
-            "fixture {name} did not get ready ({status})"
+            "fixture {name} did not get ready ({status}); its verdict: {}",
+            std::fs::read_to_string(dir.path().join("out"))
+                .unwrap_or_else(|_| "none written".into())
+                .trim()
         );
         let pid = std::fs::read_to_string(&pidfile)
             .ok()
