@@ -220,13 +220,7 @@ pub fn leave_running(sizes: &[u64], runs: usize, criu: Option<PathBuf>) -> Resul
             );
             Ok(())
         })();
-        kill(pid);
-        let _ = wait_until(
-            Duration::from_secs(60),
-            || gone(pid),
-            "the workload to be reaped",
-        );
-        let _ = std::fs::remove_dir_all(&dir);
+        end_workload(pid, &dir);
         result?;
     }
     Ok(())
@@ -557,6 +551,19 @@ pub fn freeze(thread_counts: &[usize], runs: usize) -> Result<()> {
     Ok(())
 }
 
+/// Kills the workload `pid` (if still there), waits until it is reaped and removes its work
+/// directory: the end of each size of a bench, whatever happened.
+fn end_workload(pid: i32, dir: &Path) {
+    // SAFETY: stopping our own workload.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let _ = wait_until(
+        Duration::from_secs(60),
+        || gone(pid),
+        "the workload to be reaped",
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// Once the workload `pid` (killed) is reaped: restores image `img` and has the restored
 /// process verify every word of its memory.
 fn restore_and_verify(
@@ -773,13 +780,7 @@ pub fn incremental(sizes: &[u64], runs: usize, criu: Option<PathBuf>) -> Result<
             );
             Ok(())
         })();
-        kill(pid);
-        let _ = wait_until(
-            Duration::from_secs(60),
-            || gone(pid),
-            "the workload to be reaped",
-        );
-        let _ = std::fs::remove_dir_all(&dir);
+        end_workload(pid, &dir);
         result?;
     }
     Ok(())
